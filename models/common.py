@@ -1,0 +1,392 @@
+"""Pieces shared by every model family: options, the `Family` record, norms, RoPE, attention, the loss.
+
+Family files (`models/llama.py`, ...) hold only what differs between architectures; everything here is
+written once. Tensor layout throughout: `[batch B, seq S, hidden H]`; attention runs as
+`[B, heads, S, head_dim]`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+class ModelError(ValueError):
+    """A model directory, config or checkpoint that we cannot use; the message says what and why."""
+
+
+@dataclass
+class ModelOptions:
+    """Training-time switches that do not change the weights.
+
+    use_grad_ckpt: recompute each block in backward (`torch.utils.checkpoint`, non-reentrant).
+    use_flash_attn: use `flash_attn.flash_attn_func` instead of PyTorch SDPA (GPU, fp16/bf16 only).
+    aux_max_z_loss_weight: weight of the `mean(max_logit²)` term added to the loss.
+    dtype: dtype the layers' parameters are created in.
+    """
+    use_grad_ckpt: bool = False
+    use_flash_attn: bool = False
+    aux_max_z_loss_weight: float = 0.0
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One row of a weight map: HF name pattern <-> (pipeline layer kind, local state_dict key pattern).
+
+    The first `{}` of `hf` is the transformer layer index (only for kind 'block'); any further `{}`
+    (e.g. an expert index) are carried over into `local` in order. `kind is None` marks an HF tensor
+    that is dropped on import (e.g. a stale `rotary_emb.inv_freq` buffer) and never written on export.
+    """
+    hf: str
+    kind: str | None
+    local: str | None = None
+
+
+@dataclass
+class Family:
+    """Everything the trainer and the converter need to know about one `model_type`.
+
+    read_config(hf_cfg) -> args: parse config.json (a dict) into the family's args dataclass; errors
+        are `ModelError`s naming the key.
+    build_layers(args, opts) -> list of DeepSpeed `LayerSpec`/`TiedLayerSpec`: Enter, Block x L, Exit
+        (+ a trailing tied-head spec with no file when embeddings are tied).
+    weight_map: tuple of `WeightRule`, the one table used by both conversion directions.
+    default_parts(num_stages, num_layers=None) -> logical layers per stage (sums to L+2).
+    layer_flops(args, seq_len) -> forward FLOPs per logical layer for one sequence (len L+2).
+    loss_fn(args, opts) -> callable(outputs, labels) used by the last pipeline stage.
+    num_layers(args) -> L, the number of transformer blocks.
+    tied(args) -> whether the LM head shares the embedding matrix.
+    tied_hf_names: HF names that duplicate the embedding when tied; dropped on import when present.
+    to_pp_hook / to_hf_hook (args, kind, tensors) -> tensors: optional split/fuse step applied to one
+        pipeline layer's local tensors after mapping from HF names / before mapping back to HF names.
+    """
+    model_type: str
+    read_config: Callable[[dict], Any]
+    build_layers: Callable[[Any, ModelOptions], list]
+    weight_map: tuple[WeightRule, ...]
+    default_parts: Callable[..., list[int]]
+    layer_flops: Callable[[Any, int], list[float]]
+    loss_fn: Callable[[Any, ModelOptions], Callable]
+    num_layers: Callable[[Any], int]
+    tied: Callable[[Any], bool]
+    tied_hf_names: tuple[str, ...] = ()
+    to_pp_hook: Callable[[Any, str, dict], dict] | None = None
+    to_hf_hook: Callable[[Any, str, dict], dict] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config helpers
+
+
+def cfg_get(cfg: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """`cfg[key]` checked against `kind`; missing without a default or wrongly typed -> ModelError."""
+    if key not in cfg or cfg[key] is None:
+        if default is ...:
+            raise ModelError(f"config.json: missing required key '{key}'")
+        return default
+    value = cfg[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ModelError(f"config.json: '{key}' must be {names}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline partitioning
+
+
+def balanced_parts(num_items: int, num_stages: int) -> list[int]:
+    """Split `num_items` logical layers over `num_stages` as evenly as possible.
+
+    Leftover layers go to the end stages first (first, last, second, second-to-last, ...): the first
+    stage's embedding is almost free, and the ends are where a user most often rebalances by hand.
+    Example: 34 layers (llama-7b: 32 blocks + Enter + Exit) over 8 stages -> [5, 4, 4, 4, 4, 4, 4, 5].
+    """
+    if num_stages < 1 or num_items < num_stages:
+        raise ModelError(f"cannot split {num_items} pipeline layers over {num_stages} stages")
+    base, extra = divmod(num_items, num_stages)
+    parts = [base] * num_stages
+    order = [i // 2 if i % 2 == 0 else num_stages - 1 - i // 2 for i in range(num_stages)]
+    for stage in order[:extra]:
+        parts[stage] += 1
+    return parts
+
+
+def parts_to_boundaries(parts: list[int], num_specs: int) -> list[int]:
+    """Turn per-stage logical layer counts into DeepSpeed's `PipelineModule.parts` boundaries.
+
+    `sum(parts)` is L+2 (one per layer file); with tied embeddings the spec list has one more entry
+    (the tied LM head, no file), which always joins the last stage together with Exit.
+    """
+    total = sum(parts)
+    if num_specs not in (total, total + 1):
+        raise ModelError(f"parts {parts} cover {total} layers but the model has {num_specs} layer specs")
+    bounds = [0]
+    for count in parts:
+        bounds.append(bounds[-1] + count)
+    bounds[-1] = num_specs
+    return bounds
+
+
+# ----------------------------------------------------------------------------------------------
+# Norm, RoPE, attention
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype, then times `weight` (HF llama order)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., H] -> [..., H] in x's dtype."""
+        input_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters. `scaling` is None or the llama-3.1 'llama3' parameters."""
+    head_dim: int
+    theta: float = 10000.0
+    scaling: dict | None = None
+
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def read_rope_config(cfg: dict, head_dim: int) -> RopeConfig:
+    """Read RoPE settings from config.json, in either layout.
+
+    Hub checkpoints: `rope_theta` (+ optional `rope_scaling` with `rope_type` or legacy `type`).
+    transformers >= 5 saves: `rope_parameters` holding `rope_theta`, `rope_type` and the scaling keys.
+    Types other than 'default' and 'llama3' are refused, so a model never silently trains with the
+    wrong positions.
+    """
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ModelError("config.json: 'rope_parameters'/'rope_scaling' must be objects")
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    theta = float(10000.0 if theta is None else theta)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelError(f"config.json: rope scaling type '{rope_type}' is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if rope_type == "default":
+        return RopeConfig(head_dim=head_dim, theta=theta)
+    params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    missing = [k for k in _LLAMA3_KEYS if params.get(k) is None]
+    if missing:
+        raise ModelError(f"config.json: rope scaling 'llama3' needs {', '.join(missing)}")
+    return RopeConfig(head_dim=head_dim, theta=theta, scaling={k: float(params[k]) for k in _LLAMA3_KEYS})
+
+
+def rope_inv_freq(rope: RopeConfig) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` in fp32 on CPU (explicit device: safe under meta init).
+
+    The 'llama3' branch reproduces transformers' `_compute_llama3_parameters`: long wavelengths are
+    divided by `factor`, short ones kept, the band in between interpolated smoothly.
+    """
+    dim = rope.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.scaling is None:
+        return inv_freq
+    factor = rope.scaling["factor"]
+    low_factor, high_factor = rope.scaling["low_freq_factor"], rope.scaling["high_freq_factor"]
+    old_context = rope.scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low_factor
+    high_freq_wavelen = old_context / high_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_factor) / (high_factor - low_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary:
+    """Computes RoPE cos/sin from position ids.
+
+    Holds `inv_freq` as a plain fp32 tensor, not a module buffer, so `module.half()`/`.bfloat16()`
+    (which DeepSpeed applies to the whole model) cannot degrade the angles.
+    """
+
+    def __init__(self, rope: RopeConfig):
+        self.inv_freq = rope_inv_freq(rope)
+        self._cached: dict[torch.device, torch.Tensor] = {}
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, S] int64 -> (cos, sin), each [B, 1, S, head_dim] in `dtype` (angles in fp32)."""
+        device = position_ids.device
+        if device not in self._cached:
+            self._cached[device] = self.inv_freq.to(device)
+        freqs = position_ids[..., None].to(torch.float32) * self._cached[device]  # (B, S, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, hd)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d]: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, hd], cos/sin [B, 1, S, hd] -> rotated x (half-split llama convention)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_attention_backend(opts: ModelOptions) -> None:
+    """Fail at build time, not on the first step, when flash attention is asked for but missing."""
+    if opts.use_flash_attn and not flash_attn_available():
+        raise ModelError("use_flash_attn: true but flash-attn is not installed")
+
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_flash_attn: bool) -> torch.Tensor:
+    """Causal self-attention without a materialised mask.
+
+    q [B, nh, S, hd], k/v [B, nkv, S, hd] with nh % nkv == 0 (query head j reads kv head j // (nh/nkv)).
+    Returns [B, S, nh, hd]. Right padding needs no mask: real tokens never attend to later positions.
+    """
+    if use_flash_attn:
+        from flash_attn import flash_attn_func
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and _SDPA_HAS_GQA:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2)
+
+
+def maybe_checkpoint(module: nn.Module, fn: Callable, *args: torch.Tensor, enabled: bool) -> Any:
+    """Run `fn(*args)`, recomputing it in backward when `enabled` and the module is training."""
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Enter / Exit pipeline layers
+
+
+class EmbeddingEnter(nn.Module):
+    """Enter layer: `(input_ids [B,S] int64, position_ids [B,S] int64)` -> `(hidden [B,S,H], position_ids)`.
+
+    `padding_idx` follows HF (its row gets no gradient), so gradients match `LlamaForCausalLM`.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, padding_idx: int | None, init_std: float,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx, dtype=dtype)
+        nn.init.normal_(self.embed_tokens.weight, std=init_std)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, position_ids = inputs
+        return self.embed_tokens(input_ids).contiguous(), position_ids.contiguous()
+
+
+class NormHeadExit(nn.Module):
+    """Exit layer: `(hidden [B,S,H], position_ids)` -> logits `[B,S,V]` (final RMSNorm + LM head).
+
+    With `vocab_size=None` (tied embeddings) there is no head: it returns the normalised hidden
+    `[B,S,H]` and the trailing tied spec (`tied_lm_head`) multiplies by the embedding matrix.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int | None, eps: float, init_std: float,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size, eps, dtype=dtype)
+        if vocab_size is not None:
+            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=dtype)
+            nn.init.normal_(self.lm_head.weight, std=init_std)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden = self.norm(inputs[0])
+        if hasattr(self, "lm_head"):
+            return self.lm_head(hidden)
+        return hidden
+
+
+def tied_lm_head(enter: EmbeddingEnter, hidden: torch.Tensor) -> torch.Tensor:
+    """`forward_fn` of the trailing tied spec: hidden [B,S,H] @ embed_tokens.weightᵀ -> logits [B,S,V]."""
+    return F.linear(hidden, enter.embed_tokens.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def split_labels(labels: torch.Tensor | tuple | list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`labels` or `(labels, scale)` -> (labels [B,S] int64, scale [1] float or None)."""
+    if isinstance(labels, (tuple, list)):
+        if len(labels) != 2:
+            raise ValueError(f"labels tuple must be (labels, scale), got {len(labels)} items")
+        return labels[0], labels[1]
+    return labels, None
+
+
+class CausalLMLoss:
+    """Last-stage loss: `scale * (mean CE + z_weight * mean max_logit²)` over trained tokens.
+
+    logits [B,S,V] (any dtype, upcast to fp32); labels [B,S] aligned with the inputs as in HF
+    (`-100` = ignore), shifted here so position t predicts token t+1. With `(labels, scale)` the scale
+    (float tensor [1]) multiplies the whole loss. A micro-batch with no trained token gives 0, not NaN.
+    """
+    __name__ = "causal_lm_loss"
+
+    def __init__(self, z_loss_weight: float = 0.0):
+        self.z_loss_weight = float(z_loss_weight)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | tuple) -> torch.Tensor:
+        labels, scale = split_labels(labels)
+        vocab = logits.shape[-1]
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(logits.device)
+        flat = logits.reshape(-1, vocab).float()  # (B*S, V)
+        trained = shifted != IGNORE_INDEX
+        count = trained.sum().clamp(min=1).to(torch.float32)
+        loss = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count
+        if self.z_loss_weight:
+            max_logit = flat.max(dim=-1).values  # (B*S,)
+            loss = loss + self.z_loss_weight * (max_logit.square() * trained).sum() / count
+        if scale is not None:
+            loss = loss * scale.to(device=loss.device, dtype=torch.float32).reshape(())
+        return loss
+
+
+def causal_lm_loss_fn(args: Any, opts: ModelOptions) -> CausalLMLoss:
+    """Family.loss_fn for plain decoder LMs (no MoE aux loss)."""
+    return CausalLMLoss(opts.aux_max_z_loss_weight)
