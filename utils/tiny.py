@@ -70,3 +70,20 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool =
     if tokenizer:
         train_tiny_tokenizer(out_dir, vocab_size=model.config.vocab_size)
     return model
+
+
+def main(argv=None) -> int:
+    """`python -m utils.tiny OUT_DIR`: write the quick start's tiny llama (random weights + tokenizer)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    make_tiny_llama(a.out_dir, seed=a.seed)
+    print(f"wrote a tiny random llama + tokenizer to {a.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""Pipeline-parallel training with DeepSpeed.
+
+    deepspeed train_ds.py --config configs/ds_config_pp.yml [--key.sub=value ...]
+
+YAML config -> the family's pipeline layer list -> DeepSpeed PipelineModule/PipelineEngine.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+from utils.config import ConfigError, TrainConfig, load_config, parse_overrides, resolve_batch
+from utils.metrics import log
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML with DeepSpeed keys and ours")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    args, rest = p.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
+def init_distributed():
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
+    deepspeed.init_distributed(dist_backend=backend)
+    device = torch.device(get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type != "cpu":
+        get_accelerator().set_device(device.index)
+    return device
+
+
+def check_world(cfg: TrainConfig, world: int) -> None:
+    pipe, data = cfg.dims
+    if pipe * data != world:
+        raise ConfigError(f"model_topo.process_topology.dims: {[pipe, data]} needs {pipe * data} processes, "
+                          f"but {world} were launched (set dims so that pipe x data = {world})")
+
+
+def param_groups(module: torch.nn.Module, no_wd_kws: list[str]) -> list[dict]:
+    """Two groups: with weight decay, and without for names matching any `optimizer.no_wd_kws` regex."""
+    pats = [re.compile(k) for k in no_wd_kws]
+    decay, no_decay = [], []
+    for name, prm in module.named_parameters():
+        if prm.requires_grad:
+            (no_decay if any(p.search(name) for p in pats) else decay).append(prm)
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def fill_scheduler_steps(ds: dict, total_steps: int) -> None:
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict):
+        params = sched.setdefault("params", {})
+        if sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR") and params.get("total_num_steps", "auto") == "auto":
+            params["total_num_steps"] = max(total_steps, 1)
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_path: cannot load a tokenizer from {cfg['model_path']}: {e}") from None
+
+
+def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
+    from utils.train_data import SyntheticDataset
+
+    if cfg["synthetic_data"]:
+        steps = cfg["max_steps"] or 10
+        return SyntheticDataset(steps * train_batch_size, cfg["max_seq_len"], vocab_size, cfg["seed"])
+    from data import SFTDataset
+
+    if not os.path.isfile(cfg["data_path"]):
+        raise ConfigError(f"data_path: file not found: {cfg['data_path']}")
+    return SFTDataset(cfg["data_path"], tokenizer, cfg["max_seq_len"])
+
+
+def local_layers(pipe_module):
+    """(global layer index, module) for every layer with weights on this stage, tied copies included
+    (a tied module is indexed by the first spec that uses it, where its weights are stored)."""
+    seen = set()
+    start = pipe_module._local_start
+    for local_idx, layer in enumerate(pipe_module.forward_funcs):
+        if isinstance(layer, torch.nn.Module):
+            seen.add(id(layer))
+            yield start + local_idx, layer
+    for key, module in pipe_module.tied_modules.items():
+        if id(module) not in seen:
+            yield next(i for i, s in enumerate(pipe_module._layer_specs) if getattr(s, "key", None) == key), module
+
+
+def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
+    """HF-style init (normal(0, initializer_range), norm scales 1, biases 0) seeded per global layer
+    index, so every partition of the same model starts from the same weights."""
+    std = float(hf_cfg.get("initializer_range", 0.02))
+    for idx, layer in local_layers(pipe_module):
+        torch.manual_seed(seed + idx)
+        for mod in layer.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(mod.weight, 0.0, std)
+            for name, prm in mod.named_parameters(recurse=False):
+                if name == "bias":
+                    torch.nn.init.zeros_(prm)
+                elif prm.ndim == 1:  # norm scales
+                    torch.nn.init.ones_(prm)
+
+
+def load_layer_weights(pipe_module, model_path: str) -> None:
+    """Load this stage's `layer_XX-model_states.pt` files (weights only, never pickled objects)."""
+    from models import read_layer_file
+
+    for idx, layer in local_layers(pipe_module):
+        layer.load_state_dict(read_layer_file(model_path, idx), strict=True)
+
+
+def main(argv=None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from utils.guard import BadStepsError
+
+    try:
+        return train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BadStepsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+def train(cfg: TrainConfig) -> int:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.pipe import PipeDataParallelTopology
+
+    import models
+    from data import DataError, pad_id_of
+    from utils import checkpoint as ckpt
+    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib
+    from utils.pipeline import PartitionedPipelineModule, describe_parts, resolve_parts, spec_bounds
+    from utils.guard import StepGuard
+    from utils.train_data import BatchPlan, PipeFeeder
+
+    # Everything a user can get wrong is checked before the first collective.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world(cfg, world)
+    num_stages, dp = cfg.dims
+    tbs, mbs, gas = resolve_batch(cfg.ds, dp)
+    try:
+        hf_cfg = models.read_hf_config(cfg["model_path"])
+        family = models.get_family(hf_cfg.get("model_type"))
+        margs = family.read_config(hf_cfg)
+    except (models.ModelError, FileNotFoundError) as e:
+        raise ConfigError(f"model_path: {e}") from None
+    opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
+                               aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]))
+    costs = family.layer_flops(margs, cfg["max_seq_len"])
+    parts = resolve_parts(cfg["model_topo.parts"], costs, num_stages)
+    if not cfg["from_scratch"]:
+        missing = [i for i in range(len(costs)) if not models.layer_file_exists(cfg["model_path"], i)]
+        if missing:
+            raise ConfigError(f"model_path: {cfg['model_path']} has no layer_{missing[0]:02d}-model_states.pt; "
+                              f"convert the HF model first (convert_model.py hg_to_pp) or set from_scratch: true")
+    tokenizer = load_tokenizer(cfg)
+    try:
+        dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    plan0 = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"])
+    if plan0.steps_per_epoch < 1:
+        raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
+                          f"{cfg['data_path']}; lower it or add data")
+    total_steps = plan0.steps_per_epoch * cfg["n_epoches"]
+    if cfg["max_steps"]:
+        total_steps = min(total_steps, cfg["max_steps"])
+    fill_scheduler_steps(cfg.ds, total_steps)
+
+    device = init_distributed()
+    rank = dist.get_rank()
+    specs = models.build_pipeline_layers(hf_cfg, opts)
+    topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
+    module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
+                                       loss_fn=family.loss_fn(opts), seed_layers=True, base_seed=cfg["seed"])
+    if rank == 0:
+        log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
+    if cfg["from_scratch"]:
+        init_from_scratch(module, hf_cfg, cfg["seed"])
+    elif not cfg["resume"] or ckpt.newest_complete(cfg["save_path"]) is None:
+        load_layer_weights(module, cfg["model_path"])
+    module.to(device)
+
+    engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds,
+                                           model_parameters=param_groups(module, cfg["optimizer.no_wd_kws"]))
+    stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
+    guard = None
+    if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(),
+                          cfg["max_bad_steps"])
+    is_reporter = engine.is_last_stage() and dp_rank == 0
+
+    start_step = 0
+    if cfg["resume"]:
+        tag = ckpt.newest_complete(cfg["save_path"])
+        if tag is not None:
+            info = ckpt.read_info(cfg["save_path"], tag)
+            if info.get("dims") != [num_stages, dp]:
+                raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
+                                  f"this run has {[num_stages, dp]}; resume with the same dims")
+            engine.load_checkpoint(cfg["save_path"], tag=tag)
+            start_step = int(info["step"])
+            log(f"resumed from {cfg['save_path']}/{tag} at step {start_step}", rank)
+        else:
+            log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+
+    feeder = None
+    if engine.is_first_stage() or engine.is_last_stage():
+        feeder = PipeFeeder(dataset, BatchPlan(len(dataset), tbs, mbs, gas, dp_rank, dp, cfg["seed"]),
+                            pad_id_of(tokenizer), cfg["max_seq_len"], cfg["num_workers"])
+
+    n_body = sum(p.numel() for p in module.parameters()) * 1  # this stage
+    counts = torch.tensor([float(n_body)], device=device)
+    dist.all_reduce(counts)  # all stages x dp replicas
+    n_params = int(counts.item()) // dp
+    embed_params = hf_cfg["vocab_size"] * hf_cfg.get("hidden_size", 0)
+    fpt = flops_per_token(n_params - embed_params, len(costs) - 2, hf_cfg.get("hidden_size", 0), cfg["max_seq_len"])
+
+    metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl")) if is_reporter else None
+    bar = None
+    if is_reporter:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"[rank {rank}] train", dynamic_ncols=True,
+                   file=sys.stderr)
+
+    def save(tag: str, step: int, epoch: int) -> None:
+        os.makedirs(cfg["save_path"], exist_ok=True)
+        engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False,
+                               client_state={"step": step, "epoch": epoch})
+        dist.barrier()
+        if rank == 0:
+            ckpt.copy_model_files(cfg["model_path"], os.path.join(cfg["save_path"], tag))
+            ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": [num_stages, dp],
+                                                        "samples": step * tbs})
+            removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
+            log(f"saved checkpoint {cfg['save_path']}/{tag} (step {step})"
+                + (f", pruned {', '.join(removed)}" if removed else ""), rank)
+        dist.barrier()
+
+    step = start_step
+    steps_per_epoch = plan0.steps_per_epoch
+    dropped = len(dataset) - steps_per_epoch * tbs
+    if rank == 0:
+        log(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch x {cfg['n_epoches']} epochs "
+            f"(global batch {tbs} = micro {mbs} x accum {gas} x dp {dp}; {dropped} samples/epoch left over); "
+            f"{total_steps} steps", rank)
+    world_devices = num_stages * dp
+    done = step >= total_steps
+    epoch = step // steps_per_epoch
+    while not done:
+        if feeder is not None:
+            feeder.start_epoch(epoch, step - epoch * steps_per_epoch)
+        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            t0 = time.perf_counter()
+            loss = engine.train_batch(data_iter=feeder)
+            dt = time.perf_counter() - t0
+            step += 1
+            if is_reporter:
+                loss_v = float(loss)
+                tokens = feeder.last_step_tokens * dp
+                row = {"step": step, "epoch": epoch, "loss": loss_v, "lr": engine.get_lr()[0],
+                       "grad_norm": _grad_norm(engine, guard), "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
+                       "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
+                       "tflops_per_gpu": fpt * tokens / dt / world_devices / 1e12, "step_time_s": dt,
+                       "peak_mem_gib": peak_mem_gib(device)}
+                metrics.write(row)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
+                                tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
+                bar.update(1)
+            if not math.isfinite(float(loss)) and rank == 0:
+                log(f"step {step}: loss is {float(loss)}; the optimizer step was skipped", rank)
+            if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total_steps:
+                save(f"global_step{step}", step, epoch)
+            if step >= total_steps:
+                done = True
+                break
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    save("checkpoint_final", step, epoch)
+    if metrics is not None:
+        metrics.close()
+    log(f"done: {step} steps, final checkpoint {cfg['save_path']}/checkpoint_final", rank)
+    return 0
+
+
+def _grad_norm(engine, guard) -> float | None:
+    norm = guard.last_norm if guard is not None else engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

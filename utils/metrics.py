@@ -1,0 +1,41 @@
+"""Throughput accounting, one JSON line per optimizer step, and rank-prefixed logging."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+
+
+def log(msg: str, rank: int | None = None) -> None:
+    """One line per event, prefixed with the global rank so interleaved ranks stay readable."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+
+def flops_per_token(num_params_no_embed: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·h·s (attention counted causal-unaware, as usual)."""
+    return 6.0 * num_params_no_embed + 12.0 * num_layers * hidden * seq_len
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsWriter:
+    """Appends to `save_path/metrics.jsonl` (never truncates, so a resumed run continues the file)."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
