@@ -1,0 +1,66 @@
+"""Convert between Hugging Face checkpoints and DeepSpeed pipeline layer files.
+
+    python convert_model.py hg_to_pp --input-path HF_DIR_OR_HUB_ID --save-path PP_DIR [--overwrite]
+    python convert_model.py pp_to_hg --input-path PP_OR_CHECKPOINT_DIR --save-path HF_DIR [--overwrite]
+                                     [--max-shard-size 5GB]
+    python convert_model.py verify --hf-path HF_DIR --pp-path PP_DIR
+
+The logic lives in `models/convert.py` and is driven by each family's weight map.
+User errors print one line `error: ...` and exit 2; `verify` exits 1 when the logits differ.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+VERIFY_TOLERANCE = 1e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_pp = sub.add_parser("hg_to_pp", help="HF checkpoint -> pipeline layer files")
+    to_pp.add_argument("--input-path", required=True, help="local HF model directory or hub id")
+    to_pp.add_argument("--save-path", required=True, help="output directory for layer_XX-model_states.pt")
+    to_pp.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
+
+    to_hf = sub.add_parser("pp_to_hg", help="pipeline layer files -> HF safetensors checkpoint")
+    to_hf.add_argument("--input-path", required=True, help="converted directory or training checkpoint")
+    to_hf.add_argument("--save-path", required=True, help="output HF model directory")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+
+    check = sub.add_parser("verify", help="compare HF and pipeline logits on random tokens (CPU fp32)")
+    check.add_argument("--hf-path", required=True, help="HF model directory")
+    check.add_argument("--pp-path", required=True, help="pipeline layer directory")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from models import convert
+
+    if args.command == "hg_to_pp":
+        convert.hg_to_pp(args.input_path, args.save_path, overwrite=args.overwrite)
+        return 0
+    if args.command == "pp_to_hg":
+        convert.pp_to_hg(args.input_path, args.save_path, overwrite=args.overwrite,
+                         max_shard_size=args.max_shard_size)
+        return 0
+    diff = convert.verify(args.hf_path, args.pp_path)
+    ok = diff <= VERIFY_TOLERANCE
+    print(f"max relative logit diff: {diff:.3e} ({'OK' if ok else 'FAIL'}, tolerance {VERIFY_TOLERANCE:g})")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as err:  # ModelError is a ValueError; FileNotFoundError an OSError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""HF checkpoint <-> pipeline layer files, driven only by a family's `weight_map` (plus optional hooks).
+
+Both directions stream: hg_to_pp reads one safetensors shard at a time and writes each layer file as
+soon as all its tensors have arrived; pp_to_hg reads one layer file at a time and flushes safetensors
+shards of at most `max_shard_size`. The expected tensors (names and shapes) come from building the
+layers from config.json on the meta device, so every source tensor must be consumed and every target
+filled, and a mismatch is an error naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .common import Family, ModelError, ModelOptions, WeightRule
+from .layout import (check_layer_tensors, check_no_extra_layers, layer_file_name, load_layer_file,
+                     read_hf_config, resolve_pp_dir)
+
+AUX_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                     "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template*",
+                     "*.py")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+KINDS = ("enter", "block", "exit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model description derived from config.json
+
+
+@dataclass
+class ModelInfo:
+    """A family, its parsed args, and per layer file the expected local tensors (name -> meta tensor)."""
+    family: Family
+    args: Any
+    hf_cfg: dict
+    layer_tensors: list[dict[str, torch.Tensor]]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.family.num_layers(self.args)
+
+    def kind_of(self, idx: int) -> tuple[str, int | None]:
+        """File index -> ('enter', None) | ('block', block index) | ('exit', None)."""
+        if idx == 0:
+            return "enter", None
+        if idx <= self.num_blocks:
+            return "block", idx - 1
+        return "exit", None
+
+
+def model_info(cfg_dir: str | Path) -> ModelInfo:
+    """Build every layer that owns a file on the meta device to learn its tensor names and shapes."""
+    from . import get_family
+
+    cfg = read_hf_config(cfg_dir)
+    family = get_family(cfg["model_type"])
+    args = family.read_config(cfg)
+    num_files = family.num_layers(args) + 2
+    with torch.device("meta"):
+        specs = family.build_layers(args, ModelOptions())
+        layer_tensors = [dict(spec.build().state_dict()) for spec in specs[:num_files]]
+    return ModelInfo(family, args, cfg, layer_tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight map, compiled
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile(re.escape(pattern).replace(r"\{\}", r"(\d+)"))
+
+
+class WeightMapper:
+    """Translate names both ways with one table of `WeightRule`s.
+
+    to_pp: HF name -> (kind, block index, local key), or None for a dropped tensor.
+    to_hf: (kind, block index, local key) -> HF name.
+    """
+
+    def __init__(self, rules: tuple[WeightRule, ...]):
+        self.rules = [(rule, _pattern_regex(rule.hf),
+                       _pattern_regex(rule.local) if rule.local is not None else None) for rule in rules]
+
+    def to_pp(self, hf_name: str) -> tuple[str, int | None, str] | None:
+        for rule, hf_re, _ in self.rules:
+            match = hf_re.fullmatch(hf_name)
+            if match is None:
+                continue
+            if rule.kind is None:
+                return None
+            groups = [int(g) for g in match.groups()]
+            block = groups.pop(0) if rule.kind == "block" else None
+            return rule.kind, block, rule.local.format(*groups)
+        raise ModelError(f"unexpected tensor '{hf_name}': no weight-map rule matches it")
+
+    def to_hf(self, kind: str, block: int | None, local: str) -> str:
+        for rule, _, local_re in self.rules:
+            if rule.kind != kind or local_re is None:
+                continue
+            match = local_re.fullmatch(local)
+            if match is not None:
+                extras = [int(g) for g in match.groups()]
+                return rule.hf.format(*([block] if kind == "block" else []), *extras)
+        raise ModelError(f"no weight-map rule for pipeline tensor '{local}' of a {kind} layer")
+
+
+def _identity_hook(args: Any, kind: str, tensors: dict) -> dict:
+    return tensors
+
+
+def _hook(family: Family, direction: str) -> Callable[[Any, str, dict], dict]:
+    hook = family.to_pp_hook if direction == "to_pp" else family.to_hf_hook
+    return hook or _identity_hook
+
+
+def layer_to_hf(info: ModelInfo, mapper: WeightMapper, idx: int,
+                local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local tensors of layer file `idx` -> {HF name: tensor} (also used on meta tensors for planning)."""
+    kind, block = info.kind_of(idx)
+    local = _hook(info.family, "to_hf")(info.args, kind, local)
+    return {mapper.to_hf(kind, block, key): tensor for key, tensor in local.items()}
+
+
+def layer_to_pp(info: ModelInfo, mapper: WeightMapper, idx: int,
+                hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{HF name: tensor} of layer file `idx` -> its local state_dict, checked against config.json."""
+    kind, block = info.kind_of(idx)
+    local = {}
+    for name, tensor in hf.items():
+        target = mapper.to_pp(name)
+        if target is None or target[:2] != (kind, block):
+            raise ModelError(f"tensor '{name}' does not belong to pipeline layer {idx}")
+        local[target[2]] = tensor
+    local = _hook(info.family, "to_pp")(info.args, kind, local)
+    check_layer_tensors(local, {k: v.shape for k, v in info.layer_tensors[idx].items()}, layer_file_name(idx))
+    return local
+
+
+@dataclass
+class HfPlan:
+    """Every HF tensor the config implies: name -> (layer file index, shape)."""
+    targets: dict[str, tuple[int, torch.Size]]
+    per_layer: list[set[str]]
+
+
+def plan_hf_tensors(info: ModelInfo, mapper: WeightMapper) -> HfPlan:
+    targets: dict[str, tuple[int, torch.Size]] = {}
+    per_layer = []
+    for idx, tensors in enumerate(info.layer_tensors):
+        names = layer_to_hf(info, mapper, idx, dict(tensors))
+        targets.update({name: (idx, t.shape) for name, t in names.items()})
+        per_layer.append(set(names))
+    return HfPlan(targets, per_layer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading HF checkpoints
+
+
+def _repo_id_like(path: str) -> bool:
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
+
+
+def resolve_hf_source(path: str | Path) -> Path:
+    """A local HF directory, or a hub id fetched with `huggingface_hub.snapshot_download`."""
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"input path {local} is not a directory")
+        return local
+    if not _repo_id_like(str(path)):
+        raise ModelError(f"input path {path} does not exist")
+    return _download(str(path))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = list(AUX_FILE_PATTERNS) + ["*.safetensors", SAFETENSORS_INDEX]
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not list(local.glob("*.safetensors")):
+            local = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin*"]))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: all reported in one line
+        first_line = (str(err).splitlines() or [""])[0]
+        raise ModelError(f"input path '{repo_id}' does not exist locally and could not be downloaded from the "
+                         f"Hugging Face hub ({type(err).__name__}: {first_line})") from None
+    return local
+
+
+def _index_files(src: Path, index_name: str) -> list[Path]:
+    data = json.loads((src / index_name).read_text())
+    files = sorted(set(data.get("weight_map", {}).values()))
+    for name in files:
+        if not (src / name).is_file():
+            raise ModelError(f"{index_name} lists {name}, which is missing from {src}")
+    return [src / name for name in files]
+
+
+def hf_weight_files(src: Path) -> list[Path]:
+    """Safetensors shards (via the index, or all `*.safetensors`), else `pytorch_model*.bin` files."""
+    if (src / SAFETENSORS_INDEX).is_file():
+        return _index_files(src, SAFETENSORS_INDEX)
+    found = sorted(src.glob("*.safetensors"))
+    if found:
+        return found
+    if (src / BIN_INDEX).is_file():
+        return _index_files(src, BIN_INDEX)
+    found = sorted(src.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise ModelError(f"no *.safetensors or pytorch_model*.bin weights in {src}")
+
+
+def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor, one file open at a time; a name seen twice is an error."""
+    from safetensors import safe_open
+
+    seen: set[str] = set()
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    yield _once(name, seen, path), handle.get_tensor(name)
+        else:
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            for name in list(state):
+                yield _once(name, seen, path), state.pop(name)
+            del state
+
+
+def _once(name: str, seen: set[str], path: Path) -> str:
+    if name in seen:
+        raise ModelError(f"tensor '{name}' appears twice (again in {path.name})")
+    seen.add(name)
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Output handling
+
+
+@contextmanager
+def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> Iterator[Path]:
+    """Yield a temp dir next to `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise ModelError(f"save path {target} exists and is not a directory")
+        if any(target.iterdir()) and not overwrite:
+            raise ModelError(f"save path {target} exists and is not empty (pass --overwrite to replace it)")
+    resolved = target.resolve()
+    for src in sources:
+        src = src.resolve()
+        if src == resolved or resolved in src.parents:
+            raise ModelError(f"save path {target} contains the input {src}; choose another save path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def copy_aux_files(src_dirs: list[Path], dst: Path) -> list[str]:
+    """Copy config, generation config, tokenizer and `*.py` files; the first directory wins a name clash."""
+    copied = []
+    for src in src_dirs:
+        for pattern in AUX_FILE_PATTERNS:
+            for path in sorted(src.glob(pattern)):
+                if path.is_file() and not (dst / path.name).exists():
+                    shutil.copy2(path, dst / path.name)
+                    copied.append(path.name)
+    return copied
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor owning exactly its storage, so `torch.save` never writes a larger shared buffer."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------
+# HF -> pipeline
+
+
+class _LayerCollector:
+    """Route HF tensors to layer files; `add` returns a layer index once all its tensors are in."""
+
+    def __init__(self, info: ModelInfo, mapper: WeightMapper):
+        self.info, self.mapper = info, mapper
+        self.plan = plan_hf_tensors(info, mapper)
+        self.pending: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.done: set[int] = set()
+        self.dropped: list[str] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> int | None:
+        if name not in self.plan.targets:
+            self._drop_or_fail(name)
+            return None
+        idx, shape = self.plan.targets[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ModelError(f"tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies {tuple(shape)}")
+        self.pending[idx][name] = tensor
+        return idx if len(self.pending[idx]) == len(self.plan.per_layer[idx]) else None
+
+    def _drop_or_fail(self, name: str) -> None:
+        family = self.info.family
+        if family.tied(self.info.args) and name in family.tied_hf_names:
+            self.dropped.append(name)
+            return
+        target = self.mapper.to_pp(name)
+        if target is not None:
+            raise ModelError(f"unexpected tensor '{name}': not part of the model described by config.json "
+                             f"({self.info.num_blocks} layers, tie_word_embeddings="
+                             f"{family.tied(self.info.args)})")
+        self.dropped.append(name)
+
+    def empty_layers(self) -> list[int]:
+        """Layers with no tensors at all (none for llama) never complete by arrival: write them upfront."""
+        return [idx for idx, names in enumerate(self.plan.per_layer) if not names]
+
+    def take(self, idx: int) -> dict[str, torch.Tensor]:
+        self.done.add(idx)
+        return layer_to_pp(self.info, self.mapper, idx, self.pending.pop(idx))
+
+    def check_complete(self) -> None:
+        for idx, names in enumerate(self.plan.per_layer):
+            if idx not in self.done:
+                missing = sorted(names - set(self.pending.get(idx, {})))
+                raise ModelError(f"missing tensor '{missing[0]}' in the HF checkpoint"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
+             log: Callable[[str], None] = print) -> Path:
+    """HF checkpoint (dir or hub id) -> `save_path/layer_XX-model_states.pt` + config/tokenizer files."""
+    src = resolve_hf_source(input_path)
+    info = model_info(src)
+    mapper = WeightMapper(info.family.weight_map)
+    files = hf_weight_files(src)
+    collector = _LayerCollector(info, mapper)
+    with staged_output(save_path, overwrite, [src]) as tmp:
+        for idx in collector.empty_layers():
+            torch.save(collector.take(idx), tmp / layer_file_name(idx))
+        for name, tensor in iter_hf_tensors(files):
+            idx = collector.add(name, tensor)
+            if idx is not None:
+                local = collector.take(idx)
+                torch.save({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
+        collector.check_complete()
+        copy_aux_files([src], tmp)
+    if collector.dropped:
+        log(f"dropped {len(collector.dropped)} tensor(s) not used by the pipeline: {', '.join(collector.dropped[:4])}"
+            + (" ..." if len(collector.dropped) > 4 else ""))
+    log(f"wrote {len(info.layer_tensors)} layer files to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
+    return Path(save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline -> HF
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' / '500MB' / '100KB' / '1GiB' / 12345 -> bytes (decimal units, like transformers)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if match is None:
+        raise ModelError(f"--max-shard-size: cannot parse '{size}' (examples: 5GB, 500MB)")
+    unit = (match.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    base = 1024 if "I" in unit else 1000
+    value = int(float(match.group(1)) * base ** power)
+    if value <= 0:
+        raise ModelError(f"--max-shard-size must be positive, got '{size}'")
+    return value
+
+
+class ShardWriter:
+    """Accumulate tensors and flush safetensors shards of at most `max_bytes` (a larger tensor gets its own)."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_bytes:
+            self.flush()
+        self.current[name] = tensor.contiguous()
+        self.current_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        save_file(self.current, str(self._part(len(self.shards))), metadata={"format": "pt"})
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def _part(self, i: int) -> Path:
+        return self.out_dir / f"model-{i + 1:05d}.safetensors.part"
+
+    def finish(self) -> int:
+        """Name the shards `model-0000i-of-0000N.safetensors` (+ index), or `model.safetensors` if one."""
+        self.flush()
+        if len(self.shards) == 1:
+            os.replace(self._part(0), self.out_dir / "model.safetensors")
+            return 1
+        total, weight_map = len(self.shards), {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self._part(i), self.out_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return total
+
+
+def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
+             max_shard_size: str | int = "5GB", log: Callable[[str], None] = print) -> Path:
+    """Pipeline layer files (converted dir or training checkpoint) -> sharded HF safetensors dir."""
+    max_bytes = parse_size(max_shard_size)
+    layer_dir, cfg_dirs = resolve_pp_dir(input_path)
+    cfg_dir = next((d for d in cfg_dirs if (d / "config.json").is_file()), None)
+    if cfg_dir is None:
+        raise ModelError(f"no config.json in {input_path}")
+    info = model_info(cfg_dir)
+    mapper = WeightMapper(info.family.weight_map)
+    check_no_extra_layers(layer_dir, len(info.layer_tensors))
+    with staged_output(save_path, overwrite, [layer_dir, *cfg_dirs]) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        for idx, expected in enumerate(info.layer_tensors):
+            path, state = load_layer_file(layer_dir, idx)
+            check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
+            for name, tensor in layer_to_hf(info, mapper, idx, state).items():
+                writer.add(name, tensor)
+            del state
+        num_shards = writer.finish()
+        copy_aux_files(cfg_dirs, tmp)
+    log(f"wrote {num_shards} safetensors shard(s) to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
+    return Path(save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verify
+
+
+def max_relative_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| / max |reference| (robust to logits near zero)."""
+    return ((ours.double() - reference.double()).abs().max() / reference.double().abs().max().clamp(min=1e-30)).item()
+
+
+def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: int = 32, seed: int = 0) -> float:
+    """Max relative logit difference of the HF model and `load_sequential` (CPU fp32, same random tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from .sequential import load_sequential
+
+    hf_dir = Path(hf_path)
+    if not hf_dir.is_dir():
+        raise ModelError(f"HF model directory {hf_dir} does not exist")
+    hf_cfg = read_hf_config(hf_dir)
+    ours = load_sequential(pp_path, torch.float32).eval()
+    remote = "auto_map" in hf_cfg
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=remote).eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, int(hf_cfg["vocab_size"]), (batch, seq_len), generator=generator)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids).logits
+        actual = ours(input_ids)
+    if actual.shape != expected.shape:
+        raise ModelError(f"logit shapes differ: pipeline {tuple(actual.shape)} vs HF {tuple(expected.shape)}")
+    return max_relative_diff(actual, expected)
