@@ -118,10 +118,14 @@ def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
 
 def load_layer_weights(pipe_module, model_path: str) -> None:
     """Load this stage's `layer_XX-model_states.pt` files (weights only, never pickled objects)."""
-    from models import read_layer_file
+    from models.layout import load_layer_file
 
     for idx, layer in local_layers(pipe_module):
-        layer.load_state_dict(read_layer_file(model_path, idx), strict=True)
+        path, state = load_layer_file(model_path, idx)
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"model_path: {path} does not match config.json: {str(e).splitlines()[0]}") from None
 
 
 def main(argv=None) -> int:
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
 def train(cfg: TrainConfig) -> int:
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.pipe import PipeDataParallelTopology
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import models
     from data import DataError, pad_id_of
@@ -172,15 +176,21 @@ def train(cfg: TrainConfig) -> int:
     costs = family.layer_flops(margs, cfg["max_seq_len"])
     parts = resolve_parts(cfg["model_topo.parts"], costs, num_stages)
     if not cfg["from_scratch"]:
-        missing = [i for i in range(len(costs)) if not models.layer_file_exists(cfg["model_path"], i)]
-        if missing:
-            raise ConfigError(f"model_path: {cfg['model_path']} has no layer_{missing[0]:02d}-model_states.pt; "
-                              f"convert the HF model first (convert_model.py hg_to_pp) or set from_scratch: true")
+        from models.layout import find_layer_file
+
+        try:
+            for i in range(len(costs)):
+                find_layer_file(cfg["model_path"], i)
+        except models.ModelError as e:
+            raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
+                              f"or set from_scratch: true") from None
     tokenizer = load_tokenizer(cfg)
     try:
         dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    except models.ModelError as e:
+        raise ConfigError(f"model_path: {e}") from None
     plan0 = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"])
     if plan0.steps_per_epoch < 1:
         raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
@@ -195,7 +205,7 @@ def train(cfg: TrainConfig) -> int:
     specs = models.build_pipeline_layers(hf_cfg, opts)
     topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
     module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
-                                       loss_fn=family.loss_fn(opts), seed_layers=True, base_seed=cfg["seed"])
+                                       loss_fn=family.loss_fn(margs, opts), seed_layers=True, base_seed=cfg["seed"])
     if rank == 0:
         log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
     if cfg["from_scratch"]:
