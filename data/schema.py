@@ -39,7 +39,7 @@ API_ANSWER_FIELDS = {"actions": REQUIRED, "ans": REQUIRED}
 ACTION_FIELDS: dict[str, tuple[Any, bool]] = {
     "inner_thought": (STRING, REQUIRED),
     "api_name": (STRING, REQUIRED),
-    "api_param": ((dict, str), REQUIRED),
+    "api_param": (None, REQUIRED),  # an object or a JSON string holding one: `parse_api_param`
     "api_res": (None, REQUIRED),  # any JSON value
 }
 
