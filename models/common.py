@@ -175,14 +175,15 @@ def read_rope_config(cfg: dict, head_dim: int) -> RopeConfig:
 
     Hub checkpoints: `rope_theta` (+ optional `rope_scaling` with `rope_type` or legacy `type`).
     transformers >= 5 saves: `rope_parameters` holding `rope_theta`, `rope_type` and the scaling keys.
+    As in transformers, a non-empty `rope_scaling` takes precedence over `rope_parameters`, and a
+    `rope_theta` inside the chosen dict over the top-level one.
     Types other than 'default' and 'llama3' are refused, so a model never silently trains with the
     wrong positions.
     """
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise ModelError("config.json: 'rope_parameters'/'rope_scaling' must be objects")
-    params = {**scaling, **params}
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ModelError("config.json: 'rope_parameters'/'rope_scaling' must be an object")
+    params = dict(params)
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     theta = float(10000.0 if theta is None else theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
