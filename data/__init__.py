@@ -1,6 +1,7 @@
 """Training data: load and validate sample files, render them to token ids with exact masking, batch them.
 
-The text format is specified in docs (data-format spec); the strings live in `data.templates`.
+The format follows the data-format spec (sample types, templates, masking, truncation, errors); the
+template strings live in `data.templates`, shared with the inference prompts.
 """
 from .dataset import SFTDataset, collate
 from .loading import load_samples, open_samples

@@ -81,14 +81,18 @@ def _sample_error(path: str, index: int, sample: Any, err: FieldError, line: int
     return DataError(f"{where}: {err}")
 
 
-def _read_text(path: str) -> str:
+def _open(path: str):
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a .json or .jsonl file") from None
+
+
+def _read_text(path: str) -> str:
+    with _open(path) as handle:
+        raw = handle.read()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -113,14 +117,8 @@ def _load_array(path: str) -> list:
 
 def _scan_jsonl(path: str) -> Iterator[tuple[int, int, dict]]:
     """Yield `(byte offset, line number, validated sample)` for every sample line of a .jsonl file."""
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file") from None
     index, offset = 0, 0
-    with handle:
+    with _open(path) as handle:
         for line_no, raw in enumerate(handle, 1):
             start, offset = offset, offset + len(raw)
             sample = _parse_line(path, raw, line_no, index)

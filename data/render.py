@@ -1,7 +1,9 @@
 """Turning one sample into token ids and labels, with exact token-level masking.
 
 Each template segment is tokenized on its own (`add_special_tokens=False`) and the pieces are
-concatenated, so a label is never shared between a masked and a trained span. The eos id is
+concatenated, so a label is never shared between a masked and a trained span. Tokenizers that mark the
+start of every text (SentencePiece's `▁`) encode later segments as mid-text pieces (`encode`), so no
+spurious space token appears at segment boundaries. The eos id is
 inserted where the template says `<eos>`; special-token text inside user strings (`</s>`,
 `<|im_end|>`) is split into ordinary tokens, so data cannot inject control tokens.
 
@@ -11,6 +13,7 @@ Labels are aligned with `input_ids` (not shifted): label[i] == input_ids[i] on t
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 from .schema import DataError, FieldError, validate_sample
@@ -39,8 +42,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     """
     from transformers import AutoTokenizer
 
-    name = os.fspath(name_or_path)
-    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") != 1
+    name = os.path.expanduser(os.fspath(name_or_path))
+    looks_local = os.path.isabs(name) or name.startswith(".") or name.count("/") > 1  # else maybe a hub id
     if looks_local and not os.path.isdir(name):
         raise DataError(f"{name}: tokenizer directory not found")
     try:
@@ -70,18 +73,76 @@ def pad_id_of(tokenizer) -> int:
     raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad, unk or eos token")
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of one piece of text, no bos/eos added, special-token text treated as plain text."""
-    if not text:
-        return []
+def _encode_raw(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def _segment_ids(tokenizer, segment: Segment, eos_id: int) -> list[int]:
-    ids = encode(tokenizer, segment.chunks[0])
+# Candidate texts to put before a mid-sample piece so the tokenizer does not see it as the start of a
+# text; a newline is a single byte-fallback token in LLaMA-style vocabularies, the others are rare enough
+# to have no merges with what follows. The first one that never merges with the probes is used.
+_ANCHORS = ("\n", "\u2603", "\u00a7", "\x00")
+_PROBES = ("###", "a", "A", "{", "\n", ".", " ", "1")
+_ANCHOR_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _strip_anchor(tokenizer, anchor: str, text: str, anchor_ids: list[int] | None = None) -> list[int] | None:
+    """Ids of `text` encoded after `anchor`, or None when anchor and text merged into shared tokens."""
+    if anchor_ids is None:
+        anchor_ids = _encode_raw(tokenizer, anchor)
+    ids = _encode_raw(tokenizer, anchor + text)
+    return ids[len(anchor_ids):] if ids[:len(anchor_ids)] == anchor_ids else None
+
+
+def _find_anchor(tokenizer) -> str | None:
+    """The anchor for mid-sample pieces, or None when the tokenizer encodes them exactly on their own.
+
+    SentencePiece-style tokenizers (LLaMA-2, Mistral, Baichuan, ChatGLM) mark the start of every text
+    they encode (a dummy-prefix `▁`), so tokenizing segments one by one would put a spurious space
+    token at every segment boundary, which whole-prompt tokenization at inference never produces.
+    Detected by behaviour: "a" encodes differently after an anchor than alone.
+    """
+    for anchor in _ANCHORS:
+        after = _strip_anchor(tokenizer, anchor, "a")
+        if after is not None:
+            if after == _encode_raw(tokenizer, "a"):
+                return None
+            break
+    for anchor in _ANCHORS:
+        if all(_strip_anchor(tokenizer, anchor, probe) is not None for probe in _PROBES):
+            return anchor
+    return None
+
+
+def mid_text_anchor(tokenizer) -> tuple[str, list[int]] | None:
+    """`_find_anchor` and the anchor's ids, computed once per tokenizer object."""
+    try:
+        return _ANCHOR_OF[tokenizer]
+    except KeyError:
+        anchor = _find_anchor(tokenizer)
+        found = _ANCHOR_OF[tokenizer] = None if anchor is None else (anchor, _encode_raw(tokenizer, anchor))
+        return found
+
+
+def encode(tokenizer, text: str, at_start: bool = True) -> list[int]:
+    """Token ids of one piece of text: no bos/eos added, special-token text treated as plain text.
+
+    `at_start=False` encodes the piece as it reads in the middle of a sample (see `_find_anchor`).
+    """
+    if not text:
+        return []
+    anchor = None if at_start else mid_text_anchor(tokenizer)
+    if anchor is not None:
+        ids = _strip_anchor(tokenizer, anchor[0], text, anchor[1])
+        if ids is not None:
+            return ids
+    return _encode_raw(tokenizer, text)
+
+
+def _segment_ids(tokenizer, segment: Segment, eos_id: int, at_start: bool) -> list[int]:
+    ids = encode(tokenizer, segment.chunks[0], at_start)
     for chunk in segment.chunks[1:]:
         ids.append(eos_id)
-        ids += encode(tokenizer, chunk)
+        ids += encode(tokenizer, chunk, at_start=False)
     return ids
 
 
@@ -105,7 +166,7 @@ def render_validated(sample: dict, tokenizer, max_seq_len: int | None = None) ->
     spans: list[tuple[int, int]] = []
     segments = segments_of(sample)
     for segment in segments:
-        ids = _segment_ids(tokenizer, segment, eos_id)
+        ids = _segment_ids(tokenizer, segment, eos_id, at_start=not input_ids)
         spans.append((len(input_ids), len(input_ids) + len(ids)))
         input_ids += ids
         labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)

@@ -55,6 +55,28 @@ def tok_nopad(tmp_path_factory):
     return data.load_tokenizer(out)
 
 
+@pytest.fixture(scope="session")
+def tok_metaspace(tmp_path_factory):
+    """A SentencePiece-style tokenizer (`▁` word marker prepended to every text, byte fallback), like LLaMA-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from utils.tiny import _CORPUS
+
+    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials.values()) + byte_tokens,
+                                  show_progress=False)
+    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    out = tmp_path_factory.mktemp("tokenizer_metaspace")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(out)
+    return data.load_tokenizer(out)
+
+
 def decode(tokenizer, ids) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -179,6 +201,16 @@ def test_render_matches_spec_text_and_masks_at_token_level(tok, name):
     assert "".join(text for text, _ in rendered.segments) == full_text
     assert trained_texts(tok, rendered) == trained
     assert [text for text, is_trained in rendered.segments if is_trained] == trained
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_sentencepiece_style_tokenizer_gets_no_spurious_space_between_segments(tok_metaspace, name):
+    """Segment-by-segment encoding must not add the tokenizer's start-of-text `▁` to every segment."""
+    sample, full_text, _ = EXPECTED[name]
+    rendered = render_sample(sample, tok_metaspace)
+    assert decode(tok_metaspace, rendered.input_ids) == full_text
+    first = tok_metaspace.convert_ids_to_tokens(rendered.input_ids[:1])[0]
+    assert first.startswith("\u2581")  # the sample's start is encoded as a text start, like a whole prompt
 
 
 def test_eos_is_the_single_eos_id(tok):
