@@ -7,7 +7,7 @@ written once. Tensor layout throughout: `[batch B, seq S, hidden H]`; attention 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -80,7 +80,6 @@ class Family:
     tied_hf_names: tuple[str, ...] = ()
     to_pp_hook: Callable[[Any, str, dict], dict] | None = None
     to_hf_hook: Callable[[Any, str, dict], dict] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------

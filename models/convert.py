@@ -234,10 +234,18 @@ def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in handle.keys():
                     yield _once(name, seen, path), handle.get_tensor(name)
         else:
-            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            state = _load_bin(path)
             for name in list(state):
                 yield _once(name, seen, path), state.pop(name)
             del state
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state_dict, memory-mapped when it is in the zip format (legacy files cannot be)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except RuntimeError:
+        return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _once(name: str, seen: set[str], path: Path) -> str:

@@ -96,8 +96,9 @@ def test_exported_model_loads_in_transformers_with_tokenizer(hf_dir, pp_dir, tmp
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, reference(ids).logits)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert tokenizer("Write a response").input_ids == AutoTokenizer.from_pretrained(hf_dir)("Write a response").input_ids
+    text = "Write a response"
+    exported_tok, reference_tok = AutoTokenizer.from_pretrained(tmp_path / "out"), AutoTokenizer.from_pretrained(hf_dir)
+    assert exported_tok(text).input_ids == reference_tok(text).input_ids
 
 
 def test_sharded_safetensors_input(tmp_path):

@@ -198,7 +198,8 @@ def test_spec_layout_untied_and_tied():
 
 
 def test_deepspeed_pipeline_module_saves_the_expected_layer_files(tmp_path, monkeypatch):
-    """One-process PipelineModule (gloo): files layer_00..layer_{L+1}, none for the tied head; they load back."""
+    """One-process PipelineModule (gloo): saves layer_00..layer_{L+1} (none for the tied head), which
+    load_sequential reads; and it loads converted files with its own `load_state_dir`."""
     import deepspeed
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -223,6 +224,13 @@ def test_deepspeed_pipeline_module_saves_the_expected_layer_files(tmp_path, monk
     position_ids = torch.arange(8).expand(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids), module((input_ids, position_ids)))
+
+    reference = make_tiny_llama(tmp_path / "hf", tokenizer=False, tie_word_embeddings=True)
+    hg_to_pp(tmp_path / "hf", tmp_path / "pp", log=lambda msg: None)
+    module.load_state_dir(str(tmp_path / "pp"), TorchCheckpointEngine())
+    with torch.no_grad():
+        torch.testing.assert_close(module((input_ids, position_ids)), reference(input_ids).logits,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_registry_and_parts():
