@@ -109,7 +109,8 @@ PRETRAIN = {"type": "pretrain", "text": "Cai Xukun (born August 2, 1998) is a Ch
 INSTRUCT = {"type": "instruct", "instruct": "Fill out the blank in the following sentence",
             "input": "Cai Xukun loves singing, dancing, rapping and ______", "output": "playing basketball"}
 
-INSTRUCT_NO_INPUT = {"type": "instruct", "instruct": "Write a poem about rain.", "output": "Rain is falling all around."}
+INSTRUCT_NO_INPUT = {"type": "instruct", "instruct": "Write a poem about rain.",
+                     "output": "Rain is falling all around."}
 
 INSTRUCT_BLANK_INPUT = dict(INSTRUCT_NO_INPUT, input="  ")
 
@@ -544,7 +545,8 @@ def test_json_syntax_error_names_line_and_column(tmp_path):
 def test_jsonl_syntax_error_names_line_and_column(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(GOOD_CONV) + '\n{"type": "pretrain" "text": "b"}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: line 2, column 21: invalid JSON: Expecting ',' delimiter \(sample 1\)"):
+    expected = r"broken\.jsonl: line 2, column 21: invalid JSON: Expecting ',' delimiter \(sample 1\)"
+    with pytest.raises(DataError, match=expected):
         load_samples(path)
 
 
