@@ -135,11 +135,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from models import ModelError
     from utils.guard import BadStepsError
 
     try:
         return train(cfg)
-    except ConfigError as e:
+    except (ConfigError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BadStepsError as e:
@@ -173,6 +174,10 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"model_path: {e}") from None
     opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
                                aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]))
+    try:
+        models.common.check_attention_backend(opts)
+    except models.ModelError as e:
+        raise ConfigError(str(e)) from None
     costs = family.layer_flops(margs, cfg["max_seq_len"])
     parts = resolve_parts(cfg["model_topo.parts"], costs, num_stages)
     if not cfg["from_scratch"]:
@@ -240,7 +245,8 @@ def train(cfg: TrainConfig) -> int:
     feeder = None
     if engine.is_first_stage() or engine.is_last_stage():
         feeder = PipeFeeder(dataset, BatchPlan(len(dataset), tbs, mbs, gas, dp_rank, dp, cfg["seed"]),
-                            pad_id_of(tokenizer), cfg["max_seq_len"], cfg["num_workers"])
+                            pad_id_of(tokenizer), cfg["max_seq_len"], cfg["num_workers"],
+                            sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None)
 
     n_body = sum(p.numel() for p in module.parameters()) * 1  # this stage
     counts = torch.tensor([float(n_body)], device=device)
@@ -315,6 +321,19 @@ def train(cfg: TrainConfig) -> int:
         metrics.close()
     log(f"done: {step} steps, final checkpoint {cfg['save_path']}/checkpoint_final", rank)
     return 0
+
+
+def _dp_summer(engine, device):
+    """Sum a [1] tensor over the data-parallel replicas of this stage (the global token count)."""
+    import torch.distributed as dist
+
+    group = engine.grid.get_data_parallel_group()
+
+    def summed(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        dist.all_reduce(t, group=group)
+        return t.cpu()
+    return summed
 
 
 def _grad_norm(engine, guard) -> float | None:

@@ -4,10 +4,11 @@ Order is a pure function of (seed, epoch, step), so resuming at step s replays n
 nothing: global batch s of an epoch is `perm[s*B:(s+1)*B]`, and data-parallel rank r takes the
 r-th contiguous slice of it, cut into micro-batches.
 
-The loss is a mean over the trained tokens of the whole global batch (per data-parallel rank), not
-a mean of per-micro-batch means: each micro-batch's labels travel with `scale = gas * n_i / N`,
-where `n_i` are its trained tokens and `N` those of all `gas` micro-batches. DeepSpeed averages the
-micro-batch losses over `gas`, which gives `sum(CE) / N`.
+The loss is a mean over the trained tokens of the whole global batch, not a mean of per-micro-batch
+means: each micro-batch's labels travel with `scale = gas * dp * n_i / N`, where `n_i` are its trained
+tokens and `N` those of the global batch (all micro-batches of all data-parallel ranks, summed by an
+all-reduce on the last stage). DeepSpeed averages the micro-batch losses over `gas` and the gradients
+over `dp`, which gives `sum(CE) / N` whatever the topology.
 """
 from __future__ import annotations
 
@@ -105,8 +106,10 @@ class PipeFeeder:
     Also records, per step, the samples, total tokens and trained tokens it fed (for throughput).
     """
 
-    def __init__(self, dataset: Dataset, plan: BatchPlan, pad_id: int, seq_len: int, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, plan: BatchPlan, pad_id: int, seq_len: int, num_workers: int = 0,
+                 sum_over_dp=None):
         self.dataset, self.plan = dataset, plan
+        self.sum_over_dp = sum_over_dp  # callable(float tensor [1]) -> summed over data-parallel ranks
         self.collate = _Collate(pad_id, seq_len)
         self.num_workers = num_workers
         self._it: Iterator | None = None
@@ -124,8 +127,11 @@ class PipeFeeder:
     def _load_step(self) -> None:
         micro = [next(self._it) for _ in range(self.plan.grad_accum)]
         counts = [trained_tokens(labels) for _, labels in micro]
-        total = max(sum(counts), 1)
-        gas = self.plan.grad_accum
+        total = torch.tensor([float(sum(counts))])
+        if self.sum_over_dp is not None:
+            total = self.sum_over_dp(total)
+        total = max(float(total), 1.0)
+        gas = self.plan.grad_accum * self.plan.dp_size
         self.last_step_trained = sum(counts)
         self.last_step_tokens = sum(int(inputs[0].numel()) for inputs, _ in micro)
         self._pending = [(inputs, (labels, torch.tensor([gas * n / total], dtype=torch.float32)))

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny models converted to the pipeline layout, and a DeepSpeed launcher on CPU ranks."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "examples" / "data" / "sample.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_bin() -> str:
+    local = Path(sys.executable).parent / "deepspeed"
+    return str(local) if local.exists() else shutil.which("deepspeed")
+
+
+def run_deepspeed(script: str, config: dict, tmp_path: Path, num_procs: int, *extra: str, timeout: int = 300):
+    """Launch `script` with DeepSpeed's own launcher on `num_procs` CPU ranks (gloo)."""
+    cfg_path = tmp_path / f"cfg_{free_port()}.yml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [deepspeed_bin(), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
+           str(ROOT / script), "--config", str(cfg_path), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, timeout: int = 120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pp(tmp_path_factory):
+    """(hf_dir, pp_dir) of a tiny random llama converted with convert_model.py hg_to_pp."""
+    from utils.tiny import make_tiny_llama
+
+    base = tmp_path_factory.mktemp("tiny_llama")
+    hf, pp = base / "hf", base / "pp"
+    make_tiny_llama(hf, seed=0)
+    res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(hf), "--save-path", str(pp))
+    assert res.returncode == 0, res.stderr
+    return hf, pp
+
+
+def train_config(pp_dir: Path, save_path: Path, dims=(2, 1), **overrides) -> dict:
+    cfg = {
+        "model_path": str(pp_dir), "save_path": str(save_path), "data_path": str(SAMPLE_DATA),
+        "max_seq_len": 256, "n_epoches": 1, "num_workers": 0, "seed": 7,
+        "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": list(dims)}, "parts": "auto"},
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 1, "steps_per_print": 1000,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.01}, "no_wd_kws": ["norm"]},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg

@@ -1,0 +1,101 @@
+"""Pipeline training end to end on 2 CPU ranks with DeepSpeed's launcher (gloo)."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, run_deepspeed, train_config
+
+
+def metrics(save_path):
+    return [json.loads(line) for line in (save_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_ok(res):
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tiny_llama_pp, tmp_path_factory):
+    _, pp = tiny_llama_pp
+    tmp = tmp_path_factory.mktemp("pp2")
+    cfg = train_config(pp, tmp / "out", dims=(2, 1), n_epoches=3)
+    res = run_deepspeed("train_ds.py", cfg, tmp, 2)
+    assert_ok(res)
+    return tmp / "out", res
+
+
+def test_two_stage_training_loss_falls_and_logs_every_step(two_stage_run):
+    out, res = two_stage_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) == 18  # 26 samples // 4 x 3
+    for key in ("epoch", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_gpu",
+                "step_time_s", "peak_mem_gib"):
+        assert all(r[key] is not None for r in rows), key
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.3, (first, last)
+    assert "partition [" in res.stderr
+
+
+def test_final_checkpoint_exports_to_hf_and_loads(two_stage_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = two_stage_run
+    final = out / "checkpoint_final"
+    assert (final / "COMPLETE").is_file() and (out / "latest").read_text() == "checkpoint_final"
+    res = run_cli("convert_model.py", "pp_to_hg", "--input-path", str(final), "--save-path", str(tmp_path / "hf"))
+    assert_ok(res)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("### Human: Hello \n", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    res = run_cli("convert_model.py", "verify", "--hf-path", str(tmp_path / "hf"), "--pp-path", str(final))
+    assert_ok(res)
+
+
+def test_two_stages_equal_one_process(tiny_llama_pp, tmp_path, two_stage_run):
+    """Same data, same weights: a 2-stage pipeline and a single process give the same losses."""
+    _, pp = tiny_llama_pp
+    cfg = train_config(pp, tmp_path / "one", dims=(1, 1), n_epoches=3, max_steps=5)
+    assert_ok(run_deepspeed("train_ds.py", cfg, tmp_path, 1))
+    one = [r["loss"] for r in metrics(tmp_path / "one")]
+    two = [r["loss"] for r in metrics(two_stage_run[0])][:5]
+    assert abs(one[0] - two[0]) <= 1e-5 * abs(one[0])
+    for a, b in zip(one[1:], two[1:]):
+        assert abs(a - b) <= 2e-3 * abs(a), (one, two)
+
+
+def test_data_parallel_and_explicit_parts_run(tiny_llama_pp, tmp_path):
+    _, pp = tiny_llama_pp
+    dp = train_config(pp, tmp_path / "dp", dims=(1, 2), max_steps=3)
+    assert_ok(run_deepspeed("train_ds.py", dp, tmp_path, 2))
+    assert len(metrics(tmp_path / "dp")) == 3
+    explicit = train_config(pp, tmp_path / "ex", dims=(2, 1), max_steps=3, **{"model_topo.parts": [2, 4]})
+    res = run_deepspeed("train_ds.py", explicit, tmp_path, 2)
+    assert_ok(res)
+    assert "partition [2, 4]" in res.stderr
+    # the 1-process run of the same data: the first loss agrees across topologies
+    ref = metrics(tmp_path / "ex")[0]["loss"]
+    assert abs(metrics(tmp_path / "dp")[0]["loss"] - ref) <= 1e-5 * abs(ref)
+
+
+@pytest.mark.parametrize("dims, overrides, words", [
+    ((2, 2), {}, ["dims", "needs 4 processes", "2 were launched"]),
+    ((2, 1), {"model_topo.parts": [1, 2]}, ["model_topo.parts", "sums to 3", "6 pipeline layers"]),
+    ((2, 1), {"train_batch_size": 5, "train_micro_batch_size_per_gpu": 2}, ["train_batch_size", "not divisible"]),
+    ((2, 1), {"data_path": "/nonexistent.json"}, ["data_path", "not found"]),
+    ((2, 1), {"use_flash_attn": True}, ["flash"]),
+    ((2, 1), {"bogus_key": 1}, ["unknown key 'bogus_key'"]),
+])
+def test_launch_errors_are_one_clear_line(tiny_llama_pp, tmp_path, dims, overrides, words):
+    _, pp = tiny_llama_pp
+    cfg = train_config(pp, tmp_path / "err", dims=dims, **overrides)
+    res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout
+    err = [line for line in (res.stderr + res.stdout).splitlines() if line.startswith("error:")]
+    assert err, res.stderr[-2000:]
+    for w in words:
+        assert w in err[0], err[0]
+    assert not (tmp_path / "err" / "checkpoint_final").exists()
