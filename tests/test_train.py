@@ -99,3 +99,11 @@ def test_launch_errors_are_one_clear_line(tiny_llama_pp, tmp_path, dims, overrid
     for w in words:
         assert w in err[0], err[0]
     assert not (tmp_path / "err" / "checkpoint_final").exists()
+
+
+def test_plot_draws_png(two_stage_run, tmp_path):
+    out, _ = two_stage_run
+    res = run_cli("-m", "utils.plot", str(out), "--out", str(tmp_path / "m.png"))
+    assert_ok(res)
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_cli("-m", "utils.plot", str(tmp_path / "nothing")).returncode == 2
