@@ -189,7 +189,7 @@ def train(cfg: TrainConfig) -> int:
         except models.ModelError as e:
             raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
                               f"or set from_scratch: true") from None
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
         dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
     except DataError as e:
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> int:
     feeder = None
     if engine.is_first_stage() or engine.is_last_stage():
         feeder = PipeFeeder(dataset, BatchPlan(len(dataset), tbs, mbs, gas, dp_rank, dp, cfg["seed"]),
-                            pad_id_of(tokenizer), cfg["max_seq_len"], cfg["num_workers"],
+                            pad_id_of(tokenizer) if tokenizer is not None else 0, cfg["max_seq_len"], cfg["num_workers"],
                             sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None)
 
     n_body = sum(p.numel() for p in module.parameters()) * 1  # this stage
@@ -316,10 +316,12 @@ def train(cfg: TrainConfig) -> int:
         epoch += 1
     if bar is not None:
         bar.close()
-    save("checkpoint_final", step, epoch)
+    if cfg["save_final"]:
+        save("checkpoint_final", step, epoch)
     if metrics is not None:
         metrics.close()
-    log(f"done: {step} steps, final checkpoint {cfg['save_path']}/checkpoint_final", rank)
+    log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"] else ""),
+        rank)
     return 0
 
 

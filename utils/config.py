@@ -39,6 +39,7 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "model_topo.process_topology.dims": ((list,), REQUIRED, "[pipeline stages, data-parallel replicas]; product = world size"),
     "model_topo.parts": ((list, str), "auto", "layers per stage summing to L+2, or 'auto'"),
     "save_interval": ((int,), 0, "checkpoint every N steps (0 = only the final one)"),
+    "save_final": ((bool,), True, "write checkpoint_final at the end (benchmarks turn it off)"),
     "keep_last_n": ((int,), 2, "periodic checkpoints kept (the newest complete one is never pruned)"),
     "max_bad_steps": ((int,), 5, "consecutive NaN/Inf steps tolerated before stopping (bf16/fp32)"),
     "resume": ((bool,), False, "continue from the newest complete checkpoint in save_path"),
