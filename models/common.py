@@ -7,8 +7,8 @@ written once. Tensor layout throughout: `[batch B, seq S, hidden H]`; attention 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -67,6 +67,11 @@ class Family:
     tied_hf_names: HF names that duplicate the embedding when tied; dropped on import when present.
     to_pp_hook / to_hf_hook (args, kind, tensors) -> tensors: optional split/fuse step applied to one
         pipeline layer's local tensors after mapping from HF names / before mapping back to HF names.
+    reference_model(hf_dir) -> fp32 transformers model with the same math, for `verify`; None means
+        `AutoModelForCausalLM` (families whose HF class needs remote code map onto a built-in class).
+    hf_formats: extra layouts `pp_to_hg --format NAME` can write instead of the family's own.
+    canonical_hf_name(name) -> name: optional respelling of checkpoint tensor names before the weight map
+        sees them (BLOOM hub files omit the `transformer.` prefix that transformers writes).
     """
     model_type: str
     read_config: Callable[[dict], Any]
@@ -80,6 +85,21 @@ class Family:
     tied_hf_names: tuple[str, ...] = ()
     to_pp_hook: Callable[[Any, str, dict], dict] | None = None
     to_hf_hook: Callable[[Any, str, dict], dict] | None = None
+    reference_model: Callable[[Any], nn.Module] | None = None
+    hf_formats: dict[str, HfFormat] = field(default_factory=dict)
+    canonical_hf_name: Callable[[str], str] | None = None
+
+
+@dataclass(frozen=True)
+class HfFormat:
+    """Another model_type's checkpoint layout that `pp_to_hg` can write (e.g. chatglm -> transformers' glm).
+
+    config(hf_cfg) -> the config.json dict to write in place of the source one.
+    tensors(args, hf_name, tensor) -> {name: tensor} in the other layout ({} drops the tensor); called per
+        tensor while streaming, so it may split one fused tensor into several but never needs two inputs.
+    """
+    config: Callable[[dict], dict]
+    tensors: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,3 +410,108 @@ class CausalLMLoss:
 def causal_lm_loss_fn(args: Any, opts: ModelOptions) -> CausalLMLoss:
     """Family.loss_fn for plain decoder LMs (no MoE aux loss)."""
     return CausalLMLoss(opts.aux_max_z_loss_weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces for families beyond llama: linear init, pair-interleaved partial RoPE, ALiBi, reference loading
+
+
+def make_linear(n_in: int, n_out: int, bias: bool, std: float, dtype: torch.dtype) -> nn.Linear:
+    """nn.Linear initialised as HF does: weight ~ N(0, std), bias 0."""
+    layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
+    nn.init.normal_(layer.weight, std=std)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class PairRotary(Rotary):
+    """RoPE over interleaved pairs (2i, 2i+1) of the first `rope.head_dim` dims of each head (GLM, ChatGLM).
+
+    `cos_sin` returns one angle per pair, `[B, 1, S, rope.head_dim // 2]`; see `apply_rope_pairs`.
+    """
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        if device not in self._cached:
+            self._cached[device] = self.inv_freq.to(device)
+        freqs = position_ids[..., None].to(torch.float32) * self._cached[device]  # (B, S, rot/2)
+        return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]
+
+
+def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, S, hd], cos/sin [B, 1, S, r] -> x with dims 0..2r-1 rotated by pairs, the rest unchanged.
+
+    Pair (x[2i], x[2i+1]) turns by angle i: (x0 cos - x1 sin, x1 cos + x0 sin), as ChatGLM's
+    `apply_rotary_pos_emb` and transformers' glm `rotate_half` interleaved variant.
+    """
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x0, x1 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, S, r) each
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes `[num_heads]` fp32 (BLOOM / Press et al.), any head count.
+
+    n = largest power of two <= heads: slopes (2^(-8/n))^k for k = 1..n; the remaining heads take every
+    other slope of the 2n sequence, (2^(-8/(2n)))^(1, 3, 5, ...). Same fp32 ops as transformers' bloom.
+    """
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device="cpu")
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32, device="cpu"))
+    if closest != num_heads:
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device="cpu")
+        remaining = min(closest, num_heads - closest)
+        extra = torch.pow(extra_base, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32, device="cpu"))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+def alibi_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                           position_ids: torch.Tensor, use_flash_attn: bool) -> torch.Tensor:
+    """Causal attention with ALiBi. q/k/v [B, nh, S, hd], slopes [nh] fp32, position_ids [B, S] -> [B, S, nh, hd].
+
+    Score(i, j) = q_i·k_j/√hd + slope·(pos_j − pos_i). HF bloom adds slope·pos_j only; the −slope·pos_i
+    term is constant along each softmax row, so the result is the same, but the relative form stays
+    small near the diagonal and keeps its precision when the bias is cast to bf16/fp16.
+    SDPA path: a float mask `[B, nh, S, S]` (causal −inf plus bias), built per call; flash-attn path:
+    `alibi_slopes`, which uses token indices (equal to positions for the right-padded batches we train on).
+    """
+    if use_flash_attn:
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                               alibi_slopes=slopes.to(device=q.device, dtype=torch.float32))
+    seq = q.shape[2]
+    pos = position_ids.to(torch.float32)
+    rel = pos[:, None, :] - pos[:, :, None]  # (B, S_q, S_k): key position - query position
+    bias = slopes.to(q.device)[None, :, None, None] * rel[:, None]  # (B, nh, S, S)
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    bias = bias.masked_fill(future, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2)
+
+
+def load_renamed_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> nn.Module:
+    """Copy `(name, tensor)` pairs into `model`'s state_dict entries of those names, one at a time.
+
+    Strict: an unknown name, a wrong shape, a name seen twice or a state entry left unfilled (other than
+    non-persistent buffers, which are not in the state_dict) raises ModelError. Used to build reference
+    models from checkpoints whose HF class needs remote code.
+    """
+    state = model.state_dict()
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in state or name in filled:
+                raise ModelError(f"reference model: unexpected or repeated tensor '{name}'")
+            if state[name].shape != tensor.shape:
+                raise ModelError(f"reference model: '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+            filled.add(name)
+    missing = sorted(set(state) - filled)
+    if missing:
+        raise ModelError(f"reference model: no tensor for '{missing[0]}'")
+    return model

@@ -375,8 +375,9 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
     with staged_output(save_path, overwrite, [src]) as tmp:
         for idx in collector.empty_layers():
             torch.save(collector.take(idx), tmp / layer_file_name(idx))
+        canonical = info.family.canonical_hf_name or (lambda name: name)
         for name, tensor in iter_hf_tensors(files):
-            idx = collector.add(name, tensor)
+            idx = collector.add(canonical(name), tensor)
             if idx is not None:
                 local = collector.take(idx)
                 torch.save({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
@@ -456,8 +457,13 @@ class ShardWriter:
 
 
 def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
-             max_shard_size: str | int = "5GB", log: Callable[[str], None] = print) -> Path:
-    """Pipeline layer files (converted dir or training checkpoint) -> sharded HF safetensors dir."""
+             max_shard_size: str | int = "5GB", log: Callable[[str], None] = print,
+             hf_format: str | None = None) -> Path:
+    """Pipeline layer files (converted dir or training checkpoint) -> sharded HF safetensors dir.
+
+    `hf_format` names one of the family's `hf_formats` (e.g. 'glm' for chatglm): tensors are renamed
+    and config.json replaced so the result is a checkpoint of that other model_type.
+    """
     max_bytes = parse_size(max_shard_size)
     layer_dir, cfg_dirs = resolve_pp_dir(input_path)
     cfg_dir = next((d for d in cfg_dirs if (d / "config.json").is_file()), None)
@@ -465,6 +471,13 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
         raise ModelError(f"no config.json in {input_path}")
     info = model_info(cfg_dir)
     mapper = WeightMapper(info.family.weight_map)
+    export = None
+    if hf_format is not None:
+        export = info.family.hf_formats.get(hf_format)
+        if export is None:
+            available = ", ".join(sorted(info.family.hf_formats)) or "none"
+            raise ModelError(f"--format {hf_format} is not available for model_type '{info.family.model_type}' "
+                             f"(available: {available})")
     check_no_extra_layers(layer_dir, len(info.layer_tensors))
     with staged_output(save_path, overwrite, [layer_dir, *cfg_dirs]) as tmp:
         writer = ShardWriter(tmp, max_bytes)
@@ -472,9 +485,12 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
             path, state = load_layer_file(layer_dir, idx)
             check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
             for name, tensor in layer_to_hf(info, mapper, idx, state).items():
-                writer.add(name, tensor)
+                for out_name, out in (export.tensors(info.args, name, tensor) if export else {name: tensor}).items():
+                    writer.add(out_name, out)
             del state
         num_shards = writer.finish()
+        if export is not None:
+            (tmp / "config.json").write_text(json.dumps(export.config(info.hf_cfg), indent=2) + "\n")
         copy_aux_files(cfg_dirs, tmp)
     log(f"wrote {num_shards} safetensors shard(s) to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
     return Path(save_path)
@@ -500,10 +516,17 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
         raise ModelError(f"HF model directory {hf_dir} does not exist")
     hf_cfg = read_hf_config(hf_dir)
     ours = load_sequential(pp_path, torch.float32).eval()
-    remote = "auto_map" in hf_cfg
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=remote).eval()
+    from . import REGISTRY
+
+    family = REGISTRY.get(hf_cfg["model_type"])
+    if family is not None and family.reference_model is not None:
+        reference = family.reference_model(hf_dir).float().eval()
+    else:
+        remote = "auto_map" in hf_cfg
+        reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                         trust_remote_code=remote).eval()
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, int(hf_cfg["vocab_size"]), (batch, seq_len), generator=generator)
+    input_ids = torch.randint(0, int(reference.config.vocab_size), (batch, seq_len), generator=generator)
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits
         actual = ours(input_ids)

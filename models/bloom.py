@@ -1,0 +1,228 @@
+"""BLOOM as DeepSpeed pipeline layers: Enter (embedding + LayerNorm), BloomBlock x L, Exit (ln_f [+ head]).
+
+What differs from llama: ALiBi instead of RoPE, a fused QKV projection interleaved per head, LayerNorms
+with bias (also right after the embedding), GELU (tanh) MLP with biases, and an LM head tied to the
+embedding (a trailing `TiedLayerSpec`, so the first and last stage share the matrix).
+Reference: transformers' `BloomForCausalLM`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, WeightRule, alibi_causal_attention,
+                     alibi_slopes, balanced_parts, causal_lm_loss_fn, cfg_get, check_attention_backend,
+                     make_linear, maybe_checkpoint, tied_lm_head)
+
+BLOOM_7B_LAYERS = 30
+
+
+@dataclass(frozen=True)
+class BloomArgs:
+    """The subset of a bloom config.json that determines the weights and the math."""
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    residual_post_layernorm: bool = False
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _first_key(cfg: dict, keys: tuple[str, ...], kind: type, default=...):
+    """BloomConfig accepts legacy names (`n_embed`, `n_layer`, `n_head`); hub configs use both spellings."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg_get(cfg, key, kind)
+    return cfg_get(cfg, keys[0], kind, default)
+
+
+def read_config(cfg: dict) -> BloomArgs:
+    """config.json dict -> BloomArgs; the hidden size must split evenly into heads."""
+    hidden = _first_key(cfg, ("hidden_size", "n_embed"), int)
+    heads = _first_key(cfg, ("n_head", "num_attention_heads"), int, 8)
+    if hidden % heads:
+        raise ModelError(f"config.json: hidden_size ({hidden}) must be a multiple of n_head ({heads})")
+    return BloomArgs(
+        vocab_size=cfg_get(cfg, "vocab_size", int),
+        hidden_size=hidden,
+        num_layers=_first_key(cfg, ("n_layer", "num_hidden_layers"), int),
+        num_heads=heads,
+        layer_norm_eps=float(cfg_get(cfg, "layer_norm_epsilon", (int, float), 1e-5)),
+        tie_word_embeddings=cfg_get(cfg, "tie_word_embeddings", bool, True),
+        residual_post_layernorm=cfg_get(cfg, "apply_residual_connection_post_layernorm", bool, False),
+        initializer_range=float(cfg_get(cfg, "initializer_range", (int, float), 0.02)),
+    )
+
+
+class BloomEnter(EmbeddingEnter):
+    """Enter: `(input_ids, position_ids)` -> `(LayerNorm(embedding(input_ids)) [B,S,H], position_ids)`.
+
+    Local names: `embed_tokens.weight` (no padding_idx, as in BLOOM), `norm.{weight,bias}`.
+    """
+
+    def __init__(self, args: BloomArgs, dtype: torch.dtype = torch.float32):
+        super().__init__(args.vocab_size, args.hidden_size, None, args.initializer_range, dtype)
+        self.norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps, dtype=dtype)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, position_ids = super().forward(inputs)
+        return self.norm(hidden), position_ids
+
+
+class BloomExit(nn.Module):
+    """Exit: `(hidden, position_ids)` -> logits `[B,S,V]`, or the normalised hidden `[B,S,H]` when tied
+    (the trailing tied spec then multiplies by the embedding). Local names `norm.*`, `lm_head.weight`."""
+
+    def __init__(self, args: BloomArgs, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps, dtype=dtype)
+        if not args.tie_word_embeddings:
+            self.lm_head = make_linear(args.hidden_size, args.vocab_size, False, args.initializer_range, dtype)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden = self.norm(inputs[0])
+        return self.lm_head(hidden) if hasattr(self, "lm_head") else hidden
+
+
+class BloomAttention(nn.Module):
+    """ALiBi self-attention; `query_key_value` output is interleaved per head: `[B, S, nh, (q|k|v), hd]`.
+
+    The slopes are a plain fp32 tensor (not a buffer) so DeepSpeed's `.half()` cannot round them.
+    """
+
+    def __init__(self, args: BloomArgs, use_flash_attn: bool, dtype: torch.dtype):
+        super().__init__()
+        h, std = args.hidden_size, args.initializer_range
+        self.num_heads, self.head_dim, self.use_flash_attn = args.num_heads, args.head_dim, use_flash_attn
+        self.query_key_value = make_linear(h, 3 * h, True, std, dtype)
+        self.dense = make_linear(h, h, True, std, dtype)
+        self.slopes = alibi_slopes(args.num_heads)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x [B,S,H], position_ids [B,S] -> [B,S,H]."""
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # (B, nh, S, hd) each
+        out = alibi_causal_attention(q, k, v, self.slopes, position_ids, self.use_flash_attn)  # (B, S, nh, hd)
+        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class BloomMLP(nn.Module):
+    """`dense_4h_to_h(gelu_tanh(dense_h_to_4h x))`, both with bias, [B,S,H] -> [B,S,H]."""
+
+    def __init__(self, args: BloomArgs, dtype: torch.dtype):
+        super().__init__()
+        h, std = args.hidden_size, args.initializer_range
+        self.dense_h_to_4h = make_linear(h, 4 * h, True, std, dtype)
+        self.dense_4h_to_h = make_linear(4 * h, h, True, std, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class BloomBlock(nn.Module):
+    """Block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`; names mirror HF's `h.{i}.*`.
+
+    `apply_residual_connection_post_layernorm` (false in released BLOOMs) adds the normed input instead.
+    """
+
+    def __init__(self, args: BloomArgs, opts: ModelOptions):
+        super().__init__()
+        h, eps = args.hidden_size, args.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=opts.dtype)
+        self.self_attention = BloomAttention(args, opts.use_flash_attn, opts.dtype)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=opts.dtype)
+        self.mlp = BloomMLP(args, opts.dtype)
+        self.residual_post_layernorm = args.residual_post_layernorm
+        self.use_grad_ckpt = opts.use_grad_ckpt
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, position_ids = inputs
+        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
+        return hidden, position_ids
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        normed = self.input_layernorm(hidden)
+        residual = normed if self.residual_post_layernorm else hidden
+        hidden = residual + self.self_attention(normed, position_ids)
+        normed = self.post_attention_layernorm(hidden)
+        residual = normed if self.residual_post_layernorm else hidden
+        return residual + self.mlp(normed)
+
+
+def build_layers(args: BloomArgs, opts: ModelOptions) -> list:
+    """Enter, BloomBlock x L, Exit; tied (the released models): a trailing head spec sharing key 'embed'."""
+    check_attention_backend(opts)
+    blocks = [LayerSpec(BloomBlock, args, opts) for _ in range(args.num_layers)]
+    exit_spec = LayerSpec(BloomExit, args, opts.dtype)
+    if not args.tie_word_embeddings:
+        return [LayerSpec(BloomEnter, args, opts.dtype), *blocks, exit_spec]
+    return [TiedLayerSpec("embed", BloomEnter, args, opts.dtype, tied_weight_attr="embed_tokens.weight"),
+            *blocks, exit_spec,
+            TiedLayerSpec("embed", BloomEnter, args, opts.dtype, forward_fn=tied_lm_head,
+                          tied_weight_attr="embed_tokens.weight")]
+
+
+def layer_flops(args: BloomArgs, seq_len: int) -> list[float]:
+    """Forward FLOPs per logical layer for one sequence: [Enter, Block x L, Exit].
+
+    Block: 2·(QKV 3H² + dense H² + MLP 8H²) per token plus causal attention 2·S·H. Exit: LayerNorm and the
+    vocabulary head 2·H·V (BLOOM's 250880-token head costs about five blocks). Enter: the LayerNorm only.
+    """
+    h = args.hidden_size
+    block = seq_len * (2.0 * 12 * h * h + 2.0 * seq_len * h)
+    return [seq_len * 5.0 * h] + [block] * args.num_layers + [seq_len * (5.0 * h + 2.0 * h * args.vocab_size)]
+
+
+def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
+    """Enter and Exit alone on the end stages, blocks balanced in between.
+
+    BLOOM's vocabulary (250880) makes the embedding (first stage) and the tied head (last stage) each as
+    large as ~5 blocks of bloom-7b1, in memory and, for the head, in compute: 30 layers on 8 stages ->
+    [1, 5, 5, 5, 5, 5, 5, 1]. Too few stages or blocks for that: plain balanced split of L+2.
+    """
+    layers = BLOOM_7B_LAYERS if num_layers is None else num_layers
+    if num_stages < 3 or layers < num_stages - 2:
+        return balanced_parts(layers + 2, num_stages)
+    return [1, *balanced_parts(layers, num_stages - 2), 1]
+
+
+BLOOM_WEIGHT_MAP = (
+    WeightRule("transformer.word_embeddings.weight", "enter", "embed_tokens.weight"),
+    WeightRule("transformer.word_embeddings_layernorm.weight", "enter", "norm.weight"),
+    WeightRule("transformer.word_embeddings_layernorm.bias", "enter", "norm.bias"),
+    *(WeightRule(f"transformer.h.{{}}.{name}", "block", name) for name in (
+        "input_layernorm.weight", "input_layernorm.bias",
+        "self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
+        "self_attention.dense.weight", "self_attention.dense.bias",
+        "post_attention_layernorm.weight", "post_attention_layernorm.bias",
+        "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+        "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")),
+    WeightRule("transformer.ln_f.weight", "exit", "norm.weight"),
+    WeightRule("transformer.ln_f.bias", "exit", "norm.bias"),
+    WeightRule("lm_head.weight", "exit", "lm_head.weight"),
+)
+
+
+FAMILY = Family(
+    model_type="bloom",
+    read_config=read_config,
+    build_layers=build_layers,
+    weight_map=BLOOM_WEIGHT_MAP,
+    default_parts=default_parts,
+    layer_flops=layer_flops,
+    loss_fn=causal_lm_loss_fn,
+    num_layers=lambda args: args.num_layers,
+    tied=lambda args: args.tie_word_embeddings,
+    tied_hf_names=("lm_head.weight",),
+)
