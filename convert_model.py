@@ -2,7 +2,7 @@
 
     python convert_model.py hg_to_pp --input-path HF_DIR_OR_HUB_ID --save-path PP_DIR [--overwrite]
     python convert_model.py pp_to_hg --input-path PP_OR_CHECKPOINT_DIR --save-path HF_DIR [--overwrite]
-                                     [--max-shard-size 5GB]
+                                     [--max-shard-size 5GB] [--format glm]
     python convert_model.py verify --hf-path HF_DIR --pp-path PP_DIR
 
 The logic lives in `models/convert.py` and is driven by each family's weight map.
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--save-path", required=True, help="output HF model directory")
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    to_hf.add_argument("--format", default=None, dest="hf_format",
+                       help="write another model_type's layout instead (chatglm: 'glm', transformers' native class)")
 
     check = sub.add_parser("verify", help="compare HF and pipeline logits on random tokens (CPU fp32)")
     check.add_argument("--hf-path", required=True, help="HF model directory")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pp_to_hg":
         convert.pp_to_hg(args.input_path, args.save_path, overwrite=args.overwrite,
-                         max_shard_size=args.max_shard_size)
+                         max_shard_size=args.max_shard_size, hf_format=args.hf_format)
         return 0
     diff = convert.verify(args.hf_path, args.pp_path)
     ok = diff <= VERIFY_TOLERANCE

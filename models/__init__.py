@@ -4,6 +4,9 @@ Adding a family = one new file defining a `Family` plus one line in `REGISTRY`.
 """
 from __future__ import annotations
 
+from .baichuan import FAMILY as BAICHUAN
+from .bloom import FAMILY as BLOOM
+from .chatglm import FAMILY as CHATGLM
 from .common import Family, ModelError, ModelOptions, parts_to_boundaries
 from .layout import read_hf_config
 from .llama import FAMILY as LLAMA
@@ -11,6 +14,9 @@ from .sequential import SequentialModel, load_sequential
 
 REGISTRY: dict[str, Family] = {
     LLAMA.model_type: LLAMA,
+    BLOOM.model_type: BLOOM,
+    BAICHUAN.model_type: BAICHUAN,
+    CHATGLM.model_type: CHATGLM,
 }
 
 

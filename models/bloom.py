@@ -214,6 +214,11 @@ BLOOM_WEIGHT_MAP = (
 )
 
 
+def canonical_hf_name(name: str) -> str:
+    """BigScience hub files were saved from `BloomModel` and lack the `transformer.` prefix; add it."""
+    return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+
+
 FAMILY = Family(
     model_type="bloom",
     read_config=read_config,
@@ -225,4 +230,5 @@ FAMILY = Family(
     num_layers=lambda args: args.num_layers,
     tied=lambda args: args.tie_word_embeddings,
     tied_hf_names=("lm_head.weight",),
+    canonical_hf_name=canonical_hf_name,
 )
