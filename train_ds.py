@@ -158,7 +158,7 @@ def train(cfg: TrainConfig) -> int:
     from utils import checkpoint as ckpt
     from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib
     from utils.pipeline import PartitionedPipelineModule, describe_parts, resolve_parts, spec_bounds
-    from utils.guard import StepGuard
+    from utils.guard import BadStepCounter, StepGuard
     from utils.train_data import BatchPlan, PipeFeeder
 
     # Everything a user can get wrong is checked before the first collective.
@@ -224,8 +224,8 @@ def train(cfg: TrainConfig) -> int:
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     guard = None
     if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(),
-                          cfg["max_bad_steps"])
+        guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group())
+    bad_steps = BadStepCounter(cfg["max_bad_steps"])
     is_reporter = engine.is_last_stage() and dp_rank == 0
 
     start_step = 0
@@ -294,20 +294,19 @@ def train(cfg: TrainConfig) -> int:
             loss = engine.train_batch(data_iter=feeder)
             dt = time.perf_counter() - t0
             step += 1
+            norm = _grad_norm(engine, guard)
+            skipped = not engine.fp16_enabled() and norm is not None and not math.isfinite(norm)
+            if skipped and rank == 0:
+                log(f"step {step}: loss {float(loss)}, gradient norm {norm}: optimizer step skipped", rank)
             if is_reporter:
-                loss_v = float(loss)
-                tokens = feeder.last_step_tokens * dp
-                row = {"step": step, "epoch": epoch, "loss": loss_v, "lr": engine.get_lr()[0],
-                       "grad_norm": _grad_norm(engine, guard), "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
-                       "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
-                       "tflops_per_gpu": fpt * tokens / dt / world_devices / 1e12, "step_time_s": dt,
-                       "peak_mem_gib": peak_mem_gib(device)}
+                row = step_row(step, epoch, float(loss), engine.get_lr()[0], norm, skipped, dt, feeder, tbs, dp,
+                               fpt / world_devices, peak_mem_gib(device))
                 metrics.write(row)
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
                                 tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
                 bar.update(1)
-            if not math.isfinite(float(loss)) and rank == 0:
-                log(f"step {step}: loss is {float(loss)}; the optimizer step was skipped", rank)
+            if not engine.fp16_enabled():
+                bad_steps.update(step, norm)
             if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total_steps:
                 save(f"global_step{step}", step, epoch)
             if step >= total_steps:
@@ -323,6 +322,17 @@ def train(cfg: TrainConfig) -> int:
     log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"] else ""),
         rank)
     return 0
+
+
+def step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, tbs, dp, flops_per_token_per_gpu, peak_gib) -> dict:
+    """One metrics.jsonl line. Token counts are this replica's times `dp` (replicas see equal shapes)."""
+    tokens = feeder.last_step_tokens * dp
+    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "skipped": skipped,
+            "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
+            "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
+            "tflops_per_gpu": flops_per_token_per_gpu * tokens / dt / 1e12, "step_time_s": dt,
+            "peak_mem_gib": peak_gib}
 
 
 def _dp_summer(engine, device):

@@ -74,3 +74,25 @@ def test_resume_refuses_a_different_topology(tiny_llama_pp, tmp_path):
     res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
     assert res.returncode == 2
     assert "resume" in res.stderr and "dims [2, 1]" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_nan_weights_are_never_trained_and_stop_the_run(tiny_llama_pp, tmp_path):
+    """A NaN in the weights makes every gradient NaN: each step is skipped, then the run stops."""
+    import shutil
+
+    import torch
+
+    _, pp = tiny_llama_pp
+    bad = tmp_path / "bad_pp"
+    shutil.copytree(pp, bad)
+    state = torch.load(bad / "layer_02-model_states.pt", weights_only=True)
+    state["mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(state, bad / "layer_02-model_states.pt")
+    cfg = train_config(bad, tmp_path / "o", max_bad_steps=2)
+    res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "3 consecutive steps with a non-finite gradient norm (max_bad_steps: 2)" in res.stderr
+    _, rows = losses_by_step(tmp_path / "o")
+    assert [r["skipped"] for r in rows] == [True, True, True]
+    assert not (tmp_path / "o" / "checkpoint_final").exists()

@@ -1,7 +1,9 @@
 """Never train on NaN: measure the global gradient norm before every optimizer step, skip bad steps.
 
 DeepSpeed's fp16 path has its own loss scaler (overflow -> skipped step, smaller scale); for bf16 and
-fp32 nothing stops a NaN/Inf gradient from reaching the weights, so we wrap the optimizer's `step`.
+DeepSpeed's bf16 optimizer skips a step whose gradient norm is not finite; for fp32 nothing stops a
+NaN/Inf gradient from reaching the weights, so we wrap the optimizer's `step`. `BadStepCounter`
+stops the run after `max_bad_steps` consecutive skipped steps in both cases.
 """
 from __future__ import annotations
 
@@ -17,17 +19,14 @@ class BadStepsError(RuntimeError):
 
 class StepGuard:
     """Wraps `optimizer.step`: computes the gradient 2-norm over all pipeline stages (the data-parallel
-    replicas hold identical gradients after the all-reduce), skips the step when it is not finite and
-    raises `BadStepsError` after `max_bad_steps` consecutive skipped steps."""
+    replicas hold identical gradients after the all-reduce) and skips the step when it is not finite."""
 
-    def __init__(self, optimizer, params, pipe_group, max_bad_steps: int):
+    def __init__(self, optimizer, params, pipe_group):
         self.params = [p for p in params if p.requires_grad and not getattr(p, "ds_pipe_replicated", False)]
-        self.pipe_group, self.max_bad_steps = pipe_group, max_bad_steps
+        self.pipe_group = pipe_group
         self.optimizer = optimizer
         self.inner_step = optimizer.step
         self.last_norm: float | None = None
-        self.bad_in_a_row = 0
-        self.skipped = 0
         optimizer.step = self.step
 
     def grad_norm(self) -> float:
@@ -42,12 +41,26 @@ class StepGuard:
     def step(self, *args, **kwargs):
         self.last_norm = self.grad_norm()
         if math.isfinite(self.last_norm):
-            self.bad_in_a_row = 0
             return self.inner_step(*args, **kwargs)
-        self.bad_in_a_row += 1
-        self.skipped += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_in_a_row > self.max_bad_steps:
-            raise BadStepsError(f"{self.bad_in_a_row} consecutive steps with a non-finite gradient norm "
-                                f"(max_bad_steps: {self.max_bad_steps}); stopping without applying them")
-        return None
+        return None  # DeepSpeed zeroes the gradients after every step, applied or not
+
+
+class BadStepCounter:
+    """Counts consecutive steps whose gradient norm was not finite (and so were skipped)."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.in_a_row = 0
+        self.total = 0
+
+    def update(self, step: int, grad_norm: float | None) -> bool:
+        """True when this step was bad; raises BadStepsError past the limit."""
+        if grad_norm is None or math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.max_bad_steps:
+            raise BadStepsError(f"step {step}: {self.in_a_row} consecutive steps with a non-finite gradient "
+                                f"norm (max_bad_steps: {self.max_bad_steps}); stopped, none of them was applied")
+        return True
