@@ -294,7 +294,8 @@ def reference_model(hf_dir: str | Path) -> nn.Module:
 
     cfg = read_hf_config(hf_dir)
     args = read_config(cfg)
-    config = GlmConfig(**{k: v for k, v in glm_config(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")})
+    skip = ("architectures", "model_type", "torch_dtype")
+    config = GlmConfig(**{k: v for k, v in glm_config(cfg).items() if k not in skip})
     model = GlmForCausalLM(config).float()
     pairs = ((new, t) for name, tensor in iter_hf_tensors(hf_weight_files(Path(hf_dir)))
              for new, t in to_glm_tensors(args, name, tensor).items())
