@@ -191,7 +191,7 @@ def train(cfg: TrainConfig) -> int:
                               f"or set from_scratch: true") from None
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
-        dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
+        dataset = build_dataset(cfg, tokenizer, margs.vocab_size, tbs)
     except DataError as e:
         raise ConfigError(str(e)) from None
     except models.ModelError as e:
@@ -252,8 +252,8 @@ def train(cfg: TrainConfig) -> int:
     counts = torch.tensor([float(n_body)], device=device)
     dist.all_reduce(counts)  # all stages x dp replicas
     n_params = int(counts.item()) // dp
-    embed_params = hf_cfg["vocab_size"] * hf_cfg.get("hidden_size", 0)
-    fpt = flops_per_token(n_params - embed_params, len(costs) - 2, hf_cfg.get("hidden_size", 0), cfg["max_seq_len"])
+    embed_params = margs.vocab_size * margs.hidden_size
+    fpt = flops_per_token(n_params - embed_params, margs.num_layers, margs.hidden_size, cfg["max_seq_len"])
 
     metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl")) if is_reporter else None
     bar = None

@@ -234,7 +234,11 @@ def test_deepspeed_pipeline_module_saves_the_expected_layer_files(tmp_path, monk
 
 
 def test_registry_and_parts():
-    with pytest.raises(ModelError, match=r"unsupported model_type 'gpt2' \(supported: llama\)"):
+    from models import REGISTRY
+
+    supported = ", ".join(sorted(REGISTRY))
+    assert "llama" in REGISTRY
+    with pytest.raises(ModelError, match=rf"unsupported model_type 'gpt2' \(supported: {supported}\)"):
         get_family("gpt2")
     family = get_family("llama")
     assert family.default_parts(8) == [5, 4, 4, 4, 4, 4, 4, 5]
