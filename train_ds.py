@@ -209,8 +209,10 @@ def train(cfg: TrainConfig) -> int:
     rank = dist.get_rank()
     specs = models.build_pipeline_layers(hf_cfg, opts)
     topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
-    module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
-                                       loss_fn=family.loss_fn(margs, opts), seed_layers=True, base_seed=cfg["seed"])
+    with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
+        module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
+                                           loss_fn=family.loss_fn(margs, opts), seed_layers=True,
+                                           base_seed=cfg["seed"])
     if rank == 0:
         log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
     if cfg["from_scratch"]:
