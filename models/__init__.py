@@ -10,6 +10,7 @@ from .chatglm import FAMILY as CHATGLM
 from .common import Family, ModelError, ModelOptions, parts_to_boundaries
 from .layout import read_hf_config
 from .llama import FAMILY as LLAMA
+from .mixtral import FAMILY as MIXTRAL
 from .sequential import SequentialModel, load_sequential
 
 REGISTRY: dict[str, Family] = {
@@ -17,6 +18,7 @@ REGISTRY: dict[str, Family] = {
     BLOOM.model_type: BLOOM,
     BAICHUAN.model_type: BAICHUAN,
     CHATGLM.model_type: CHATGLM,
+    MIXTRAL.model_type: MIXTRAL,
 }
 
 

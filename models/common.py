@@ -72,6 +72,9 @@ class Family:
     hf_formats: extra layouts `pp_to_hg --format NAME` can write instead of the family's own.
     canonical_hf_name(name) -> name: optional respelling of checkpoint tensor names before the weight map
         sees them (BLOOM hub files omit the `transformer.` prefix that transformers writes).
+    from_hf_tensor(args, hf_name, tensor) -> {hf_name: tensor}: optional per-tensor rewrite of another
+        layout of the same weights into the names of `weight_map`, applied on import after
+        `canonical_hf_name` (mixtral: transformers 5's fused `experts.gate_up_proj` -> per-expert w1/w3).
     """
     model_type: str
     read_config: Callable[[dict], Any]
@@ -88,6 +91,7 @@ class Family:
     reference_model: Callable[[Any], nn.Module] | None = None
     hf_formats: dict[str, HfFormat] = field(default_factory=dict)
     canonical_hf_name: Callable[[str], str] | None = None
+    from_hf_tensor: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -364,6 +364,22 @@ class _LayerCollector:
                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
+def canonical_hf_tensors(info: ModelInfo, tensors: Iterator[tuple[str, torch.Tensor]]
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors under the weight map's names: the family's `canonical_hf_name` respelling, then its
+    `from_hf_tensor` rewrite (which may split one tensor into several). A name produced twice is an error."""
+    canonical = info.family.canonical_hf_name or (lambda name: name)
+    rewrite = info.family.from_hf_tensor
+    seen: set[str] = set()
+    for name, tensor in tensors:
+        parts = rewrite(info.args, canonical(name), tensor) if rewrite else {canonical(name): tensor}
+        for part_name, part in parts.items():
+            if part_name in seen:
+                raise ModelError(f"tensor '{part_name}' appears twice in the checkpoint (last from '{name}')")
+            seen.add(part_name)
+            yield part_name, part
+
+
 def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
              log: Callable[[str], None] = print) -> Path:
     """HF checkpoint (dir or hub id) -> `save_path/layer_XX-model_states.pt` + config/tokenizer files."""
@@ -375,9 +391,8 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
     with staged_output(save_path, overwrite, [src]) as tmp:
         for idx in collector.empty_layers():
             torch.save(collector.take(idx), tmp / layer_file_name(idx))
-        canonical = info.family.canonical_hf_name or (lambda name: name)
-        for name, tensor in iter_hf_tensors(files):
-            idx = collector.add(canonical(name), tensor)
+        for name, tensor in canonical_hf_tensors(info, iter_hf_tensors(files)):
+            idx = collector.add(name, tensor)
             if idx is not None:
                 local = collector.take(idx)
                 torch.save({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
@@ -530,6 +545,8 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits
         actual = ours(input_ids)
+    if isinstance(actual, tuple):  # last layers that also return side outputs (MoE router statistics)
+        actual = actual[0]
     if actual.shape != expected.shape:
         raise ModelError(f"logit shapes differ: pipeline {tuple(actual.shape)} vs HF {tuple(expected.shape)}")
     return max_relative_diff(actual, expected)

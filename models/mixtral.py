@@ -1,0 +1,480 @@
+"""Mixtral (sparse mixture of experts) as DeepSpeed pipeline layers: Enter, MixtralBlock x L, Exit.
+
+Attention, norms and RoPE are llama's. What differs is the feed-forward (a router choosing the top-k of E
+SwiGLU experts per token) and the load-balancing loss, whose inputs live on every pipeline stage.
+
+The tuple that crosses stage boundaries (fixed shapes, as DeepSpeed needs):
+
+    hidden       [B, S, H]     compute dtype
+    position_ids [B, S]        int64
+    router_probs [B, S, E]     fp32, per token the sum over the blocks run so far of the router softmax
+    routes       [B, S, L, k]  uint8 (int32 if E > 254), the top-k expert ids of every block; E = not yet run
+
+`router_probs` is a float tensor, so DeepSpeed marks it as requiring grad on the receiving stage and sends
+its gradient back: the load-balancing gradient reaches the routers of every stage. `routes` is an integer
+tensor: no gradient (top-k is not differentiable, as in transformers) and cheap (L·k bytes per token).
+The loss needs nothing else: the Switch/transformers aux loss `E · Σ_e f_e·P_e` over all (layer, token)
+rows is a function of per-expert sums, and summing per token first (over layers) and over non-padding
+tokens last is the same sum. Keeping the statistics per token (instead of per micro-batch) lets the last
+stage decide which tokens are padding from the labels, which only it has; see `valid_tokens`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit,
+                     RMSNorm, RopeConfig, Rotary, WeightRule, balanced_parts, cfg_get, check_attention_backend,
+                     make_linear, maybe_checkpoint, read_rope_config, split_labels)
+from .llama import LlamaAttention
+
+MIXTRAL_8X7B_LAYERS = 32
+DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
+
+
+@dataclass(frozen=True)
+class MixtralArgs:
+    """The subset of a mixtral config.json that determines the weights and the math.
+
+    The attention fields carry llama's names, so `LlamaAttention` is used as is.
+    """
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    num_experts: int
+    top_k: int
+    router_aux_loss_coef: float
+    router_jitter_noise: float = 0.0
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    attention_bias: bool = False
+
+
+def read_config(cfg: dict) -> MixtralArgs:
+    """config.json dict -> MixtralArgs; refuses settings this implementation does not compute."""
+    hidden = cfg_get(cfg, "hidden_size", int)
+    heads = cfg_get(cfg, "num_attention_heads", int)
+    kv_heads = cfg_get(cfg, "num_key_value_heads", int, heads)
+    head_dim = cfg_get(cfg, "head_dim", int, hidden // heads)
+    if heads % kv_heads:
+        raise ModelError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
+    act = cfg_get(cfg, "hidden_act", str, "silu")
+    if act != "silu":
+        raise ModelError(f"config.json: hidden_act '{act}' is not supported for mixtral (supported: silu)")
+    dropout = float(cfg_get(cfg, "attention_dropout", (int, float), 0.0))
+    if dropout:
+        raise ModelError(f"config.json: attention_dropout {dropout} is not supported (only 0.0)")
+    experts = cfg_get(cfg, "num_local_experts", int, 8)
+    top_k = cfg_get(cfg, "num_experts_per_tok", int, 2)
+    if not 1 <= top_k <= experts:
+        raise ModelError(f"config.json: num_experts_per_tok ({top_k}) must be between 1 and "
+                         f"num_local_experts ({experts})")
+    window = cfg_get(cfg, "sliding_window", int, None)
+    rope_cfg = dict(cfg)
+    if rope_cfg.get("rope_theta") is None:
+        rope_cfg["rope_theta"] = DEFAULT_ROPE_THETA
+    pad = cfg_get(cfg, "pad_token_id", int, None)
+    vocab = cfg_get(cfg, "vocab_size", int)
+    return MixtralArgs(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=cfg_get(cfg, "intermediate_size", int),
+        num_layers=cfg_get(cfg, "num_hidden_layers", int),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg_get(cfg, "rms_norm_eps", (int, float), 1e-5)),
+        rope=read_rope_config(rope_cfg, head_dim),
+        num_experts=experts,
+        top_k=top_k,
+        router_aux_loss_coef=float(cfg_get(cfg, "router_aux_loss_coef", (int, float), 0.001)),
+        router_jitter_noise=float(cfg_get(cfg, "router_jitter_noise", (int, float), 0.0)),
+        sliding_window=window,
+        tie_word_embeddings=cfg_get(cfg, "tie_word_embeddings", bool, False),
+        pad_token_id=pad if pad is not None and 0 <= pad < vocab else None,
+        initializer_range=float(cfg_get(cfg, "initializer_range", (int, float), 0.02)),
+    )
+
+
+def routes_dtype(num_experts: int) -> torch.dtype:
+    """Smallest dtype NCCL and gloo both send that holds expert ids 0..E (E = the 'not routed' mark)."""
+    return torch.uint8 if num_experts < 255 else torch.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert with the hub's names: `w2(silu(w1 x) * w3 x)`, [N, H] -> [N, H]."""
+
+    def __init__(self, args: MixtralArgs, dtype: torch.dtype):
+        super().__init__()
+        h, f, std = args.hidden_size, args.intermediate_size, args.initializer_range
+        self.w1 = make_linear(h, f, False, std, dtype)
+        self.w2 = make_linear(f, h, False, std, dtype)
+        self.w3 = make_linear(h, f, False, std, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoe(nn.Module):
+    """`block_sparse_moe`: router `gate` (E x H, no bias) and E experts; each token goes to its top-k experts.
+
+    Router as Mixtral: softmax over all E logits in fp32, top-k, the k weights renormalised to sum 1.
+    With `router_jitter_noise` > 0 the input is multiplied by U(1-j, 1+j) noise in training (before both
+    the router and the experts, as transformers does).
+    Experts run on their tokens only: the (token, slot) pairs are sorted by expert id, gathered with one
+    `index_select`, each expert runs one matmul chain over its contiguous slice, and the weighted results
+    are summed back per token with one `index_add_`. Every expert is called (possibly on 0 rows), so every
+    expert weight gets a gradient tensor each step, zeros when it received no token.
+    """
+
+    def __init__(self, args: MixtralArgs, dtype: torch.dtype):
+        super().__init__()
+        self.num_experts, self.top_k, self.jitter = args.num_experts, args.top_k, args.router_jitter_noise
+        self.gate = make_linear(args.hidden_size, args.num_experts, False, args.initializer_range, dtype)
+        self.experts = nn.ModuleList(Expert(args, dtype) for _ in range(args.num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (probs [T, E] fp32, top-k weights [T, k] fp32 summing to 1, top-k ids [T, k] int64)."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        return probs, weights / weights.sum(dim=-1, keepdim=True), ids
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> (out [B, S, H], router probs [B·S, E] fp32, top-k expert ids [B·S, k])."""
+        shape = x.shape
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        flat = x.reshape(-1, shape[-1])  # (T, H)
+        probs, weights, ids = self.route(flat)
+        flat_ids = ids.reshape(-1)  # (T·k,), slot a = token a // k
+        order = torch.argsort(flat_ids, stable=True)
+        token = order // self.top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        chunks = flat.index_select(0, token).split(counts)
+        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (T·k, H), by expert
+        out = (out * weights.reshape(-1).index_select(0, order)[:, None]).to(flat.dtype)
+        return torch.zeros_like(flat).index_add_(0, token, out).view(shape), probs, ids
+
+
+class MixtralEnter(EmbeddingEnter):
+    """Enter layer: `(input_ids, position_ids)` -> `(hidden, position_ids, router_probs 0, routes 'none')`.
+
+    `router_probs` starts as a leaf that requires grad (when grad is on): a first stage holding only this
+    layer must still send a tensor DeepSpeed can call `backward` on.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, padding_idx: int | None, init_std: float,
+                 num_layers: int, num_experts: int, top_k: int, dtype: torch.dtype = torch.float32):
+        super().__init__(vocab_size, hidden_size, padding_idx, init_std, dtype)
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        hidden, position_ids = super().forward(inputs)
+        b, s = position_ids.shape
+        probs = torch.zeros(b, s, self.num_experts, dtype=torch.float32, device=hidden.device,
+                            requires_grad=torch.is_grad_enabled())
+        routes = torch.full((b, s, self.num_layers, self.top_k), self.num_experts,
+                            dtype=routes_dtype(self.num_experts), device=hidden.device)
+        return hidden, position_ids, probs, routes
+
+
+class MixtralExit(NormHeadExit):
+    """Exit layer: `(hidden, position_ids, router_probs, routes)` -> `(logits [B,S,V], router_probs, routes)`.
+
+    Tied embeddings: returns the normalised hidden instead of logits, for `tied_moe_lm_head`.
+    """
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return super().forward(inputs), inputs[2], inputs[3]
+
+
+def tied_moe_lm_head(enter: MixtralEnter, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`forward_fn` of the trailing tied spec: (hidden, probs, routes) -> (hidden @ embed_tokensᵀ, probs, routes)."""
+    return F.linear(inputs[0], enter.embed_tokens.weight), *inputs[1:]
+
+
+class MixtralBlock(nn.Module):
+    """Block layer `layer_idx`: `(hidden, position_ids, router_probs, routes)` -> the same, updated.
+
+    Attention as llama (RoPE from `position_ids`, causal, no mask for right padding), then the sparse MoE.
+    Adds this block's router softmax to `router_probs` and writes its top-k ids into `routes[:, :, layer_idx]`.
+    With `use_grad_ckpt` the block is recomputed in backward (same jitter noise: the RNG state is replayed).
+    """
+
+    def __init__(self, args: MixtralArgs, opts: ModelOptions, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.sliding_window = layer_idx, args.sliding_window
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
+        self.self_attn = LlamaAttention(args, opts.use_flash_attn, opts.dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
+        self.block_sparse_moe = SparseMoe(args, opts.dtype)
+        self.rotary = Rotary(args.rope)
+        self.use_grad_ckpt = opts.use_grad_ckpt
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, position_ids, probs_sum, routes = inputs
+        b, s, _ = hidden.shape
+        if self.sliding_window is not None and s > self.sliding_window:
+            raise ModelError(f"sequence length {s} exceeds config.json's sliding_window {self.sliding_window}; "
+                             "sliding-window attention is not implemented (lower max_seq_len)")
+        hidden, probs, ids = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
+        probs_sum = probs_sum + probs.view(b, s, -1)
+        routes = routes.clone()
+        routes[:, :, self.layer_idx] = ids.view(b, s, -1).to(routes.dtype)
+        return hidden, position_ids, probs_sum, routes
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cos, sin = self.rotary.cos_sin(position_ids, hidden.dtype)
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        moe_out, probs, ids = self.block_sparse_moe(self.post_attention_layernorm(hidden))
+        return hidden + moe_out, probs, ids
+
+
+def build_layers(args: MixtralArgs, opts: ModelOptions) -> list:
+    """Spec list: MixtralEnter, MixtralBlock x L, MixtralExit (+ a trailing tied head sharing key 'embed')."""
+    check_attention_backend(opts)
+    enter_args = (args.vocab_size, args.hidden_size, args.pad_token_id, args.initializer_range, args.num_layers,
+                  args.num_experts, args.top_k, opts.dtype)
+    blocks = [LayerSpec(MixtralBlock, args, opts, i) for i in range(args.num_layers)]
+    head_vocab = None if args.tie_word_embeddings else args.vocab_size
+    exit_spec = LayerSpec(MixtralExit, args.hidden_size, head_vocab, args.rms_norm_eps, args.initializer_range,
+                          opts.dtype)
+    if not args.tie_word_embeddings:
+        return [LayerSpec(MixtralEnter, *enter_args), *blocks, exit_spec]
+    return [TiedLayerSpec("embed", MixtralEnter, *enter_args, tied_weight_attr="embed_tokens.weight"),
+            *blocks, exit_spec,
+            TiedLayerSpec("embed", MixtralEnter, *enter_args, forward_fn=tied_moe_lm_head,
+                          tied_weight_attr="embed_tokens.weight")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def valid_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B, S] -> bool [B, S]: the tokens the load-balancing loss counts (transformers' attention_mask).
+
+    Our batches are right-padded and padding is labelled -100, so a row's real tokens end at its last
+    trained label; everything after it is padding. Neither input_ids (pad may equal eos) nor position_ids
+    (they keep counting through padding) can tell. Consequences, by design: a row with no trained token
+    counts no token, and untrained tokens after a row's last trained one (a sample cut inside an untrained
+    segment) are excluded like padding. Rows that are trained up to their end count every position.
+    """
+    positions = torch.arange(labels.shape[-1], device=labels.device)
+    last = torch.where(labels != IGNORE_INDEX, positions, -1).max(dim=-1, keepdim=True).values  # (B, 1), -1: none
+    return positions <= last
+
+
+def load_balancing_loss(router_probs: torch.Tensor, routes: torch.Tensor,
+                        valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch-style aux loss over the (layer, token) rows of non-padding tokens, as transformers computes it.
+
+    router_probs [B,S,E] fp32 (sum over layers of the router softmax), routes [B,S,L,k] (top-k ids per layer,
+    E = not run), valid [B,S] bool. With R = L · (non-padding tokens), f_e = (top-k assignments to e) / R
+    and P_e = (router probability mass of e) / R, returns `(E · Σ_e f_e·P_e, counts [L, E])`, where counts
+    are the per-layer top-k assignments (detached). The gradient flows through P only. No row -> 0.
+    """
+    b, s, num_layers, k = routes.shape
+    num_experts = router_probs.shape[-1]
+    v = valid.to(torch.float32)
+    slots = routes.long() + (num_experts + 1) * torch.arange(num_layers, device=routes.device)[:, None]
+    weights = v[:, :, None, None].expand(b, s, num_layers, k)
+    counts = torch.zeros(num_layers * (num_experts + 1), dtype=torch.float32, device=routes.device)
+    counts = counts.scatter_add_(0, slots.reshape(-1), weights.reshape(-1)).view(num_layers, -1)[:, :num_experts]
+    rows = (v.sum() * num_layers).clamp(min=1.0)
+    prob_mass = (router_probs * v[..., None]).sum(dim=(0, 1))  # (E,)
+    aux = num_experts * torch.sum(counts.sum(dim=0) / rows * (prob_mass / rows))
+    return aux, counts
+
+
+class MoeCausalLMLoss:
+    """Last-stage loss: `scale · CE (+ z-loss) + router_aux_loss_coef · aux`.
+
+    outputs = `(logits [B,S,V], router_probs, routes)` from `MixtralExit`; labels [B,S] or `(labels, scale)`.
+    The CE part is `CausalLMLoss` (mean over trained tokens, times the global-batch scale). The aux part is
+    computed per micro-batch over its non-padding tokens (`valid_tokens`) and is not multiplied by the token
+    scale: DeepSpeed's averaging then trains the mean of the micro-batch aux losses with weight `coef`, which
+    is what transformers does per forward. It is always computed (coef 0 included), so `router_probs` gets
+    a gradient tensor, which DeepSpeed requires of every float tensor it received.
+
+    For logging, every call also adds the detached aux loss and the per-layer expert counts to totals that
+    `expert_load_metrics` reads and resets.
+    """
+    __name__ = "moe_causal_lm_loss"
+
+    def __init__(self, router_aux_loss_coef: float, z_loss_weight: float = 0.0):
+        self.coef = float(router_aux_loss_coef)
+        self.ce = CausalLMLoss(z_loss_weight)
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        self.aux_total = 0.0
+        self.calls = 0
+        self.expert_counts: torch.Tensor | None = None  # (L, E) top-k assignments of non-padding tokens
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...], labels) -> torch.Tensor:
+        logits, router_probs, routes = outputs
+        token_labels, _ = split_labels(labels)
+        token_labels = token_labels.to(logits.device)
+        aux, counts = load_balancing_loss(router_probs, routes, valid_tokens(token_labels))
+        self._record(aux, counts)
+        return self.ce(logits, labels) + self.coef * aux
+
+    def _record(self, aux: torch.Tensor, counts: torch.Tensor) -> None:
+        self.aux_total = aux.detach() + self.aux_total
+        self.calls += 1
+        counts = counts.detach()
+        self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
+
+
+def moe_loss_fn(args: MixtralArgs, opts: ModelOptions) -> MoeCausalLMLoss:
+    return MoeCausalLMLoss(args.router_aux_loss_coef, opts.aux_max_z_loss_weight)
+
+
+def expert_load_metrics(loss_fn, reset: bool = True) -> dict:
+    """Router health since the last call, from the last stage's loss object; {} for non-MoE losses.
+
+    Keys: `moe_aux_loss` (mean of the micro-batches' aux loss before `coef`; k at perfect balance, up to
+    E·k when one expert takes everything), `expert_load_min` / `expert_load_max` (per block, the smallest / largest
+    share of that block's top-k assignments of non-padding tokens taken by one expert; balanced = 1/E).
+    Counts cover this data-parallel replica's micro-batches only. Call it on every last-stage rank after
+    each `train_batch` (it resets the totals), and log it from the reporting rank.
+    """
+    if not isinstance(loss_fn, MoeCausalLMLoss) or not loss_fn.calls:
+        return {}
+    counts = loss_fn.expert_counts.double().cpu()
+    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)
+    row = {"moe_aux_loss": float(loss_fn.aux_total) / loss_fn.calls,
+           "expert_load_min": [round(x, 5) for x in share.min(dim=1).values.tolist()],
+           "expert_load_max": [round(x, 5) for x in share.max(dim=1).values.tolist()]}
+    if reset:
+        loss_fn.reset_metrics()
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost model, partitioning, weight map
+
+
+def layer_flops(args: MixtralArgs, seq_len: int) -> list[float]:
+    """Forward FLOPs of one sequence per logical layer: [Enter, Block x L, Exit] (len L+2).
+
+    Block: attention projections and causal attention as llama, the router (H·E), and the top-k experts
+    each token runs (k · 3·H·F); the E-k idle experts cost nothing. Exit: RMSNorm + the vocabulary head.
+    """
+    h, hd = args.hidden_size, args.head_dim
+    q_dim, kv_dim = args.num_heads * hd, args.num_kv_heads * hd
+    active = h * q_dim * 2 + h * kv_dim * 2 + h * args.num_experts + args.top_k * 3 * h * args.intermediate_size
+    block = seq_len * (2.0 * active + 2.0 * seq_len * q_dim)
+    exit_cost = seq_len * (4.0 * h + 2.0 * h * args.vocab_size)
+    return [0.0] + [block] * args.num_layers + [exit_cost]
+
+
+def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
+    """Logical layers per stage; L defaults to mixtral-8x7b's 32: 8 stages -> [5,4,4,4,4,4,4,5]."""
+    return balanced_parts((MIXTRAL_8X7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
+
+
+# The hub layout (transformers 4.x files; what transformers 5 `save_pretrained` writes too) is the one table.
+MIXTRAL_WEIGHT_MAP = (
+    WeightRule("model.embed_tokens.weight", "enter", "embed_tokens.weight"),
+    WeightRule("model.layers.{}.input_layernorm.weight", "block", "input_layernorm.weight"),
+    WeightRule("model.layers.{}.self_attn.q_proj.weight", "block", "self_attn.q_proj.weight"),
+    WeightRule("model.layers.{}.self_attn.k_proj.weight", "block", "self_attn.k_proj.weight"),
+    WeightRule("model.layers.{}.self_attn.v_proj.weight", "block", "self_attn.v_proj.weight"),
+    WeightRule("model.layers.{}.self_attn.o_proj.weight", "block", "self_attn.o_proj.weight"),
+    WeightRule("model.layers.{}.self_attn.rotary_emb.inv_freq", None),
+    WeightRule("model.layers.{}.post_attention_layernorm.weight", "block", "post_attention_layernorm.weight"),
+    WeightRule("model.layers.{}.block_sparse_moe.gate.weight", "block", "block_sparse_moe.gate.weight"),
+    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w1.weight", "block",
+               "block_sparse_moe.experts.{}.w1.weight"),
+    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w2.weight", "block",
+               "block_sparse_moe.experts.{}.w2.weight"),
+    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w3.weight", "block",
+               "block_sparse_moe.experts.{}.w3.weight"),
+    WeightRule("model.norm.weight", "exit", "norm.weight"),
+    WeightRule("lm_head.weight", "exit", "lm_head.weight"),
+)
+
+_V5_MOE = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
+
+
+def from_v5_layout(args: MixtralArgs, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of a transformers-5 in-memory layout checkpoint -> the hub names of `MIXTRAL_WEIGHT_MAP`.
+
+    `mlp.gate.weight` -> `block_sparse_moe.gate.weight`; `mlp.experts.gate_up_proj` [E, 2F, H] -> per
+    expert `w1` = rows [:F] (the gate) and `w3` = rows [F:]; `mlp.experts.down_proj` [E, H, F] -> per expert
+    `w2`. Slices are views: the converter clones each into its own storage when it writes the layer file.
+    Any other name passes through unchanged.
+    """
+    match = _V5_MOE.fullmatch(name)
+    if match is None:
+        return {name: tensor}
+    layer, what = match.groups()
+    prefix = f"model.layers.{layer}.block_sparse_moe"
+    if what == "gate.weight":
+        return {f"{prefix}.gate.weight": tensor}
+    e, h, f = args.num_experts, args.hidden_size, args.intermediate_size
+    expected = (e, 2 * f, h) if what == "experts.gate_up_proj" else (e, h, f)
+    if tuple(tensor.shape) != expected:
+        raise ModelError(f"tensor '{name}' has shape {tuple(tensor.shape)}, config.json implies {expected}")
+    if what == "experts.down_proj":
+        return {f"{prefix}.experts.{i}.w2.weight": tensor[i] for i in range(e)}
+    out = {}
+    for i in range(e):
+        out[f"{prefix}.experts.{i}.w1.weight"] = tensor[i, :f]
+        out[f"{prefix}.experts.{i}.w3.weight"] = tensor[i, f:]
+    return out
+
+
+def debug_config(**overrides) -> dict:
+    """config.json of a tiny random mixtral (4 experts, top-2) for tests and CPU runs."""
+    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+           "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02,
+           "router_jitter_noise": 0.0, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 512,
+           "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+           "pad_token_id": 3, "hidden_act": "silu", "initializer_range": 0.02}
+    cfg.update(overrides)
+    return cfg
+
+
+def num_layers(args: MixtralArgs) -> int:
+    return args.num_layers
+
+
+def is_tied(args: MixtralArgs) -> bool:
+    return args.tie_word_embeddings
+
+
+FAMILY = Family(
+    model_type="mixtral",
+    read_config=read_config,
+    build_layers=build_layers,
+    weight_map=MIXTRAL_WEIGHT_MAP,
+    default_parts=default_parts,
+    layer_flops=layer_flops,
+    loss_fn=moe_loss_fn,
+    num_layers=num_layers,
+    tied=is_tied,
+    tied_hf_names=("lm_head.weight",),
+    from_hf_tensor=from_v5_layout,
+)
