@@ -158,6 +158,7 @@ def train(cfg: TrainConfig) -> int:
     from utils import checkpoint as ckpt
     from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib
     from utils.pipeline import PartitionedPipelineModule, describe_parts, resolve_parts, spec_bounds
+    from models.mixtral import expert_load_metrics
     from utils.guard import BadStepCounter, StepGuard
     from utils.train_data import BatchPlan, PipeFeeder
 
@@ -209,9 +210,10 @@ def train(cfg: TrainConfig) -> int:
     rank = dist.get_rank()
     specs = models.build_pipeline_layers(hf_cfg, opts)
     topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
+    loss_fn = family.loss_fn(margs, opts)
     with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
         module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
-                                           loss_fn=family.loss_fn(margs, opts), seed_layers=True,
+                                           loss_fn=loss_fn, seed_layers=True,
                                            base_seed=cfg["seed"])
     if rank == 0:
         log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
@@ -250,12 +252,10 @@ def train(cfg: TrainConfig) -> int:
                             pad_id_of(tokenizer) if tokenizer is not None else 0, cfg["max_seq_len"], cfg["num_workers"],
                             sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None)
 
-    n_body = sum(p.numel() for p in module.parameters()) * 1  # this stage
-    counts = torch.tensor([float(n_body)], device=device)
-    dist.all_reduce(counts)  # all stages x dp replicas
-    n_params = int(counts.item()) // dp
-    embed_params = margs.vocab_size * margs.hidden_size
-    fpt = flops_per_token(n_params - embed_params, margs.num_layers, margs.hidden_size, cfg["max_seq_len"])
+    # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
+    # cost model at seq 1 where attention is negligible; attention is added causal-unaware as usual.
+    active_params = sum(family.layer_flops(margs, 1)) / 2
+    fpt = flops_per_token(active_params, margs.num_layers, margs.hidden_size, cfg["max_seq_len"])
 
     metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl")) if is_reporter else None
     bar = None
@@ -295,6 +295,7 @@ def train(cfg: TrainConfig) -> int:
             t0 = time.perf_counter()
             loss = engine.train_batch(data_iter=feeder)
             dt = time.perf_counter() - t0
+            moe = expert_load_metrics(loss_fn) if engine.is_last_stage() else {}
             step += 1
             norm = _grad_norm(engine, guard)
             skipped = not engine.fp16_enabled() and norm is not None and not math.isfinite(norm)
@@ -303,6 +304,7 @@ def train(cfg: TrainConfig) -> int:
             if is_reporter:
                 row = step_row(step, epoch, float(loss), engine.get_lr()[0], norm, skipped, dt, feeder, tbs, dp,
                                fpt / world_devices, peak_mem_gib(device))
+                row.update(moe)
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
                                 tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")

@@ -7,11 +7,13 @@ import pytest
 
 from tests.conftest import run_cli, run_deepspeed, train_config
 from tests.test_families import make_baichuan, make_bloom, make_chatglm
+from tests.test_mixtral import make_tiny_mixtral
 
 MAKERS = {
     "bloom_tied": lambda out: make_bloom(out, n_head=4, tied=True, hub_names=False),
     "baichuan": make_baichuan,
     "chatglm": lambda out: make_chatglm(out, groups=2, qkv_bias=True, rope_ratio=1.0),
+    "mixtral": make_tiny_mixtral,
 }
 
 
@@ -37,3 +39,6 @@ def test_family_trains_in_two_stages_like_one_process(family, tmp_path):
     assert len(two) == 4 and abs(two[0] - one[0]) <= 1e-5 * abs(one[0]), (two, one)
     for a, b in zip(two[1:], one[1:]):
         assert abs(a - b) <= 2e-3 * abs(b), (two, one)
+    if family == "mixtral":  # expert load reaches the metrics
+        row = json.loads((tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()[0])
+        assert len(row["expert_load_min"]) == len(row["expert_load_max"]) > 0 and row["moe_aux_loss"] > 0

@@ -16,7 +16,7 @@ def log(msg: str, rank: int | None = None) -> None:
     print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
-def flops_per_token(num_params_no_embed: int, num_layers: int, hidden: int, seq_len: int) -> float:
+def flops_per_token(num_params_no_embed: float, num_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·h·s (attention counted causal-unaware, as usual)."""
     return 6.0 * num_params_no_embed + 12.0 * num_layers * hidden * seq_len
 
