@@ -1,0 +1,511 @@
+"""Data-parallel training of a whole HF causal LM under DeepSpeed ZeRO (stage 3 by default).
+
+    deepspeed train_ds_zero.py --config configs/ds_config_zero.yml [--key.sub=value ...]
+
+The peer of train_ds.py: the same YAML keys (utils.config), the same data order and per-token loss
+normalisation (utils.train_data), the same metrics.jsonl rows, tqdm bar, checkpoints with COMPLETE
+markers and resume. Differences: `model_path` is an HF directory (or any dir with config.json and a
+tokenizer when `from_scratch`), every rank is a data-parallel replica (`model_topo` is ignored), and
+`save_path/checkpoint_final` also holds an HF export (safetensors + tokenizer) next to DeepSpeed's files.
+
+The model is built under `deepspeed.zero.Init` (through transformers' DeepSpeed integration), so a 7B
+model never materialises on one rank. ZeRO++ (`zero_quantized_weights`, `zero_hpz_partition_size`,
+`zero_quantized_gradients`) and offload keys inside `zero_optimization` are passed to DeepSpeed as given.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from train_ds import build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, parse_args
+from utils.config import ConfigError, TrainConfig, load_config, resolve_batch
+from utils.metrics import log
+
+TRAINER = "zero"
+HF_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+                      "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks made before any process group exists
+
+
+def zero_stage(ds: dict) -> int:
+    """Default `zero_optimization.stage` to 3 and return it."""
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization: expected a mapping, got {zero!r}")
+    return int(zero.setdefault("stage", 3))
+
+
+def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
+    if list(cfg.dims) != [1, world] and rank == 0:
+        log(f"model_topo.process_topology.dims {list(cfg.dims)} ignored: ZeRO runs all {world} ranks as "
+            f"data-parallel replicas (dims [1, {world}])", rank)
+
+
+def has_hf_weights(model_dir: str) -> bool:
+    return any(glob.glob(os.path.join(model_dir, pat)) for pat in HF_WEIGHT_PATTERNS)
+
+
+def read_model_config(cfg: TrainConfig, resuming: bool) -> dict:
+    """config.json of `model_path` as a dict; refuses a pipeline dir without HF weights."""
+    path = os.path.join(cfg["model_path"], "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model_path: no config.json in {cfg['model_path']}")
+    with open(path) as f:
+        hf_cfg = json.load(f)
+    if not (cfg["from_scratch"] or resuming or has_hf_weights(cfg["model_path"])):
+        hint = (" (it looks like a pipeline dir: convert it with convert_model.py pp_to_hg)"
+                if glob.glob(os.path.join(cfg["model_path"], "layer_*-model_states.pt")) else "")
+        raise ConfigError(f"model_path: {cfg['model_path']} holds no HF weights (model.safetensors or "
+                          f"pytorch_model.bin){hint}; or set from_scratch: true")
+    return hf_cfg
+
+
+def attn_implementation(cfg: TrainConfig) -> str:
+    if not cfg["use_flash_attn"]:
+        return "sdpa"
+    from models.common import flash_attn_available
+
+    if not flash_attn_available():
+        raise ConfigError("use_flash_attn: true but flash-attn is not installed")
+    return "flash_attention_2"
+
+
+def model_dtype(ds: dict) -> torch.dtype:
+    if (ds.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def resume_tag(cfg: TrainConfig) -> str | None:
+    from utils import checkpoint as ckpt
+
+    return ckpt.newest_complete(cfg["save_path"]) if cfg["resume"] else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Model under zero.Init
+
+
+class _ZeroConfigRef:
+    """What transformers reads from `HfDeepSpeedConfig` (`.config`, `.is_zero3()`), for hosts without
+    `accelerate`, which transformers' own class needs; registered the same way (a weak reference)."""
+
+    def __init__(self, ds: dict):
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+        self.config = ds
+        set_hf_deepspeed_config(self)
+
+    def is_zero3(self) -> bool:
+        return int(self.config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def hf_deepspeed_config(ds: dict):
+    """Tell transformers about the DeepSpeed config so `from_pretrained`/`from_config` partition the
+    model while building it (ZeRO-3). Keep the returned object alive until the model is built."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(ds)
+    return _ZeroConfigRef(ds)
+
+
+def build_model(cfg: TrainConfig, ds: dict, from_weights: bool):
+    """The HF model, partitioned at construction under ZeRO-3; weights from `model_path` if `from_weights`,
+    else HF's random init (seeded by `seed`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(attn_implementation=attn_implementation(cfg), dtype=model_dtype(ds),
+                  trust_remote_code=cfg["trust_remote_code"])
+    keep_alive = hf_deepspeed_config(ds)
+    torch.manual_seed(cfg["seed"])
+    try:
+        if from_weights:
+            model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], **kwargs)
+        else:
+            hf_config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_path: cannot build a causal LM from {cfg['model_path']}: {e}") from None
+    del keep_alive
+    if cfg["use_grad_ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def count_params(model) -> int:
+    """All parameters (ZeRO-3 partitioned ones by their full size), shared ones once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
+
+
+def model_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:
+    """6N + 12·L·h·s with N = all parameters except the input embedding (a tied head still counts)."""
+    from utils.metrics import flops_per_token
+
+    hidden = int(hf_cfg.get("hidden_size", 0))
+    embed = int(hf_cfg["vocab_size"]) * hidden
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    n_no_embed = count_params(model) - (0 if tied else embed)
+    return flops_per_token(n_no_embed, int(hf_cfg.get("num_hidden_layers", 0)), hidden, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def micro_batch_loss(engine, loss_fn, batch, device) -> torch.Tensor:
+    """Forward one micro-batch from PipeFeeder, `((ids, pos), (labels, scale))`, and return its scaled loss."""
+    (ids, pos), labels = batch
+    out = engine(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False)
+    return loss_fn(out.logits, labels)
+
+
+def train_step(engine, feeder, loss_fn, gas: int, device) -> torch.Tensor:
+    """`gas` forward/backward passes and one optimizer step; returns this rank's mean micro-batch loss.
+
+    Each micro-batch loss carries `scale = gas * dp * n_i / N`; DeepSpeed divides by `gas` in backward and
+    averages gradients over the replicas, so the gradient is that of `sum(CE) / N` over the global batch.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for _ in range(gas):
+        loss = micro_batch_loss(engine, loss_fn, next(feeder), device)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float()
+    return total / gas
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+class BadStepCounter:
+    """DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite; stop after
+    `max_bad_steps` such steps in a row (the pipeline trainer's StepGuard policy)."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_a_row = 0
+
+    def update(self, grad_norm: float | None) -> bool:
+        """True when this step was skipped; raises BadStepsError past the limit."""
+        from utils.guard import BadStepsError
+
+        if grad_norm is None or math.isfinite(grad_norm):
+            self.bad_in_a_row = 0
+            return False
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row > self.max_bad_steps:
+            raise BadStepsError(f"{self.bad_in_a_row} consecutive steps with a non-finite gradient norm "
+                                f"(max_bad_steps: {self.max_bad_steps}); stopping without applying them")
+        return True
+
+
+def grad_norm_of(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the HF export
+
+
+def gather_state_dict(module: torch.nn.Module) -> dict | None:
+    """Full weights on rank 0 (CPU), gathered one module at a time; None on other ranks. Every rank must
+    call it. Parameters that ZeRO does not partition (stages 0-2) are read as they are."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    state: dict | None = {} if rank == 0 else None
+    first_key: dict[int, str] = {}
+
+    def visit(mod: torch.nn.Module, prefix: str) -> None:
+        with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=None):
+            if state is not None:
+                for name, prm in mod.named_parameters(recurse=False):
+                    key = first_key.setdefault(id(prm), prefix + name)
+                    state[prefix + name] = state[key] if key != prefix + name else prm.detach().cpu().clone()
+                for name, buf in mod.named_buffers(recurse=False):
+                    if buf is not None and name not in mod._non_persistent_buffers_set:
+                        state[prefix + name] = buf.detach().cpu().clone()
+        for name, child in mod.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(module, "")
+    return state
+
+
+def export_hf(module, tokenizer, out_dir: str) -> None:
+    """All ranks: gather; rank 0: `save_pretrained` (safetensors shards) + tokenizer (if any) into `out_dir`."""
+    import torch.distributed as dist
+
+    state = gather_state_dict(module)
+    if dist.get_rank() == 0:
+        module.save_pretrained(out_dir, state_dict=state, max_shard_size="5GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+def write_rank_stats(save_path: str, rank: int, stats: dict) -> None:
+    """`save_path/rank_stats/rank{R}.json`: one file per rank (peak memory of every GPU for benchmarks)."""
+    from utils.checkpoint import atomic_write_text
+
+    out = os.path.join(save_path, "rank_stats")
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, f"rank{rank}.json"), json.dumps(stats))
+
+
+def check_resume_info(info: dict, tag: str, world: int) -> None:
+    if info.get("trainer") != TRAINER or info.get("dims") != [1, world]:
+        raise ConfigError(f"resume: checkpoint {tag} was written by trainer {info.get('trainer', 'pipeline')!r} "
+                          f"with dims {info.get('dims')}; this ZeRO run has dims [1, {world}]: resume with the "
+                          f"same trainer and number of ranks")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from models import ModelError
+    from utils.guard import BadStepsError
+
+    try:
+        return train(cfg)
+    except (ConfigError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BadStepsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before the first collective: batch split, data, steps, resume point."""
+    world: int
+    stage: int
+    tbs: int
+    mbs: int
+    gas: int
+    hf_cfg: dict
+    tokenizer: Any
+    dataset: Any
+    steps_per_epoch: int
+    total_steps: int
+    resume_tag: str | None
+
+
+def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
+    """Check everything a user can get wrong before any process group exists."""
+    from data import DataError
+    from utils import checkpoint as ckpt
+    from utils.train_data import BatchPlan
+
+    stage = zero_stage(cfg.ds)
+    tbs, mbs, gas = resolve_batch(cfg.ds, world)
+    tag = resume_tag(cfg)
+    if tag is not None:
+        check_resume_info(ckpt.read_info(cfg["save_path"], tag), tag, world)
+    hf_cfg = read_model_config(cfg, resuming=tag is not None)
+    attn_implementation(cfg)
+    tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
+    try:
+        dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    steps_per_epoch = BatchPlan(len(dataset), tbs, mbs, gas, 0, world, cfg["seed"]).steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
+                          f"{cfg['data_path']}; lower it or add data")
+    total_steps = steps_per_epoch * cfg["n_epoches"]
+    if cfg["max_steps"]:
+        total_steps = min(total_steps, cfg["max_steps"])
+    fill_scheduler_steps(cfg.ds, total_steps)
+    return RunPlan(world, stage, tbs, mbs, gas, hf_cfg, tokenizer, dataset, steps_per_epoch, total_steps, tag)
+
+
+def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int, epoch: int,
+                    export: bool = False) -> None:
+    """DeepSpeed's files (+ the HF export), model files, then the COMPLETE marker once every rank is done."""
+    import torch.distributed as dist
+
+    from utils import checkpoint as ckpt
+
+    rank = dist.get_rank()
+    os.makedirs(cfg["save_path"], exist_ok=True)
+    engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False, client_state={"step": step, "epoch": epoch})
+    dist.barrier()
+    tag_dir = os.path.join(cfg["save_path"], tag)
+    if rank == 0:
+        ckpt.copy_model_files(cfg["model_path"], tag_dir)
+    if export:
+        export_hf(engine.module, plan.tokenizer, tag_dir)
+    dist.barrier()
+    if rank == 0:
+        ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": [1, plan.world],
+                                                    "samples": step * plan.tbs, "trainer": TRAINER,
+                                                    "zero_stage": plan.stage})
+        removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
+        log(f"saved checkpoint {tag_dir} (step {step})" + (f", pruned {', '.join(removed)}" if removed else ""), rank)
+    dist.barrier()
+
+
+def build_engine(cfg: TrainConfig, plan: RunPlan):
+    import deepspeed
+
+    model = build_model(cfg, cfg.ds, from_weights=not cfg["from_scratch"] and plan.resume_tag is None)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg.ds,
+                                           model_parameters=param_groups(model, cfg["optimizer.no_wd_kws"]))
+    return engine
+
+
+def restore(engine, cfg: TrainConfig, plan: RunPlan, rank: int) -> int:
+    """Load the newest complete checkpoint (when resuming); returns the step to continue from."""
+    from utils import checkpoint as ckpt
+
+    if plan.resume_tag is None:
+        if cfg["resume"]:
+            log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+        return 0
+    engine.load_checkpoint(cfg["save_path"], tag=plan.resume_tag)
+    step = int(ckpt.read_info(cfg["save_path"], plan.resume_tag)["step"])
+    log(f"resumed from {cfg['save_path']}/{plan.resume_tag} at step {step}", rank)
+    return step
+
+
+def make_feeder(cfg: TrainConfig, plan: RunPlan, rank: int, device):
+    from data import pad_id_of
+    from utils.train_data import BatchPlan, PipeFeeder
+
+    pad_id = pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0
+    batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, rank, plan.world, cfg["seed"])
+    return PipeFeeder(plan.dataset, batches, pad_id, cfg["max_seq_len"], cfg["num_workers"],
+                      sum_over_dp=_world_summer(device) if plan.world > 1 else None)
+
+
+def train(cfg: TrainConfig) -> int:
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from models.common import CausalLMLoss
+    from utils.metrics import MetricsWriter, peak_mem_gib
+
+    plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    device = init_distributed()
+    rank = dist.get_rank()
+    note_ignored_topology(cfg, plan.world, rank)
+    engine = build_engine(cfg, plan)
+    loss_fn = CausalLMLoss(float(cfg["aux_max_z_loss.weight"]))
+    fpt = model_flops_per_token(engine.module, plan.hf_cfg, cfg["max_seq_len"])
+    if rank == 0:
+        log(f"{plan.hf_cfg.get('model_type')}: {count_params(engine.module) / 1e6:.1f}M parameters, ZeRO stage "
+            f"{plan.stage} over {plan.world} ranks, attention {attn_implementation(cfg)}, {model_dtype(cfg.ds)}", rank)
+        log(f"{len(plan.dataset)} samples, {plan.steps_per_epoch} steps/epoch x {cfg['n_epoches']} epochs (global "
+            f"batch {plan.tbs} = micro {plan.mbs} x accum {plan.gas} x dp {plan.world}); {plan.total_steps} steps",
+            rank)
+    step = restore(engine, cfg, plan, rank)
+    feeder = make_feeder(cfg, plan, rank, device)
+    bad_steps = BadStepCounter(cfg["max_bad_steps"])
+    metrics = bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl"))
+        bar = tqdm(total=plan.total_steps, initial=step, desc=f"[rank {rank}] train", dynamic_ncols=True,
+                   file=sys.stderr)
+    spe = plan.steps_per_epoch
+    epoch = step // spe
+    done = step >= plan.total_steps
+    engine.train()
+    while not done:
+        feeder.start_epoch(epoch, step - epoch * spe)
+        for _ in range(step - epoch * spe, spe):
+            t0 = time.perf_counter()
+            loss_v = mean_over_ranks(train_step(engine, feeder, loss_fn, plan.gas, device))
+            get_accelerator().synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            norm = grad_norm_of(engine)
+            skipped = not engine.fp16_enabled() and bad_steps.update(norm)
+            if skipped and rank == 0:
+                log(f"step {step}: loss {loss_v}, gradient norm {norm}: optimizer step skipped", rank)
+            if metrics is not None:
+                row = step_row(step, epoch, loss_v, engine.get_lr()[0], norm, skipped, dt, feeder, plan.tbs,
+                               plan.world, fpt / plan.world, peak_mem_gib(device))
+                metrics.write(row)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
+                                tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
+                bar.update(1)
+            if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < plan.total_steps:
+                save_checkpoint(engine, cfg, plan, f"global_step{step}", step, epoch)
+            if step >= plan.total_steps:
+                done = True
+                break
+        epoch += 1
+    if bar is not None:
+        bar.close()
+    write_rank_stats(cfg["save_path"], rank, {"rank": rank, "stage": 0, "dp_rank": rank, "steps": step,
+                                              "peak_mem_gib": peak_mem_gib(device), "trainer": TRAINER})
+    if cfg["save_final"]:
+        save_checkpoint(engine, cfg, plan, "checkpoint_final", step, epoch, export=True)
+    if metrics is not None:
+        metrics.close()
+    log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"]
+                                 else ""), rank)
+    return 0
+
+
+def step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, tbs, dp, flops_per_token_per_gpu, peak_gib) -> dict:
+    """One metrics.jsonl line (train_ds.py's fields). Token counts are this rank's times `dp`."""
+    tokens = feeder.last_step_tokens * dp
+    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "skipped": skipped,
+            "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
+            "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
+            "tflops_per_gpu": flops_per_token_per_gpu * tokens / dt / 1e12, "step_time_s": dt,
+            "peak_mem_gib": peak_gib}
+
+
+def _world_summer(device):
+    """Sum a [1] tensor over all ranks (every rank is a data-parallel replica): the global token count."""
+    import torch.distributed as dist
+
+    def summed(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        dist.all_reduce(t)
+        return t.cpu()
+    return summed
+
+
+if __name__ == "__main__":
+    sys.exit(main())
