@@ -223,12 +223,16 @@ def train(cfg: TrainConfig) -> int:
         load_layer_weights(module, cfg["model_path"])
     module.to(device)
 
+    fp32 = not any(isinstance(cfg.ds.get(k), dict) and cfg.ds[k].get("enabled") for k in ("fp16", "bf16"))
+    max_norm = float(cfg.ds.get("gradient_clipping", 1.0))  # DeepSpeed's default is 1.0
+    if fp32:
+        cfg.ds["gradient_clipping"] = 0.0  # StepGuard clips by the norm over all stages instead
     engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds,
                                            model_parameters=param_groups(module, cfg["optimizer.no_wd_kws"]))
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     guard = None
-    if not (engine.fp16_enabled() or engine.bfloat16_enabled()):
-        guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group())
+    if fp32:
+        guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(), max_norm)
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
     is_reporter = engine.is_last_stage() and dp_rank == 0
 

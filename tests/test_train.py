@@ -62,8 +62,10 @@ def test_two_stages_equal_one_process(tiny_llama_pp, tmp_path, two_stage_run):
     one = [r["loss"] for r in metrics(tmp_path / "one")]
     two = [r["loss"] for r in metrics(two_stage_run[0])][:5]
     assert abs(one[0] - two[0]) <= 1e-5 * abs(one[0])
+    # Later steps go through Adam, which amplifies last-bit differences; the issue allows 2e-3, but the
+    # two graphs compute identically today (a per-stage gradient clipping bug showed up as 1e-3 here).
     for a, b in zip(one[1:], two[1:]):
-        assert abs(a - b) <= 2e-3 * abs(a), (one, two)
+        assert abs(a - b) <= 1e-4 * abs(a), (one, two)
 
 
 def test_data_parallel_and_explicit_parts_run(tiny_llama_pp, tmp_path):

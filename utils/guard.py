@@ -18,12 +18,17 @@ class BadStepsError(RuntimeError):
 
 
 class StepGuard:
-    """Wraps `optimizer.step`: computes the gradient 2-norm over all pipeline stages (the data-parallel
-    replicas hold identical gradients after the all-reduce) and skips the step when it is not finite."""
+    """Wraps `optimizer.step` of an fp32 pipeline: computes the gradient 2-norm over all pipeline stages
+    (the data-parallel replicas hold identical gradients after the all-reduce), skips the step when it
+    is not finite, and clips to `max_norm` by that global norm.
 
-    def __init__(self, optimizer, params, pipe_group):
+    DeepSpeed's own fp32 clipping counts only the first stage's gradients in a pipeline (parameters
+    on other stages are not marked model-parallel), so the trainer turns it off and clips here.
+    """
+
+    def __init__(self, optimizer, params, pipe_group, max_norm: float = 0.0):
         self.params = [p for p in params if p.requires_grad and not getattr(p, "ds_pipe_replicated", False)]
-        self.pipe_group = pipe_group
+        self.pipe_group, self.max_norm = pipe_group, max_norm
         self.optimizer = optimizer
         self.inner_step = optimizer.step
         self.last_norm: float | None = None
@@ -41,6 +46,11 @@ class StepGuard:
     def step(self, *args, **kwargs):
         self.last_norm = self.grad_norm()
         if math.isfinite(self.last_norm):
+            if self.max_norm > 0 and self.last_norm > self.max_norm:
+                coef = self.max_norm / (self.last_norm + 1e-6)
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
             return self.inner_step(*args, **kwargs)
         return None  # DeepSpeed zeroes the gradients after every step, applied or not
 
