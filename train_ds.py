@@ -156,7 +156,7 @@ def train(cfg: TrainConfig) -> int:
     import models
     from data import DataError, pad_id_of
     from utils import checkpoint as ckpt
-    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib
+    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, write_rank_stats
     from utils.pipeline import PartitionedPipelineModule, describe_parts, resolve_parts, spec_bounds
     from models.mixtral import expert_load_metrics
     from utils.guard import BadStepCounter, StepGuard
@@ -323,6 +323,8 @@ def train(cfg: TrainConfig) -> int:
         epoch += 1
     if bar is not None:
         bar.close()
+    write_rank_stats(cfg["save_path"], rank, {"rank": rank, "stage": stage, "dp_rank": dp_rank, "steps": step,
+                                              "peak_mem_gib": peak_mem_gib(device), "trainer": "pipeline"})
     if cfg["save_final"]:
         save("checkpoint_final", step, epoch)
     if metrics is not None:

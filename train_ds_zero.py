@@ -27,7 +27,7 @@ import torch
 
 from train_ds import build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, parse_args
 from utils.config import ConfigError, TrainConfig, load_config, resolve_batch
-from utils.metrics import log
+from utils.metrics import log, write_rank_stats
 
 TRAINER = "zero"
 HF_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
@@ -269,15 +269,6 @@ def export_hf(module, tokenizer, out_dir: str) -> None:
         module.save_pretrained(out_dir, state_dict=state, max_shard_size="5GB")
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
-
-
-def write_rank_stats(save_path: str, rank: int, stats: dict) -> None:
-    """`save_path/rank_stats/rank{R}.json`: one file per rank (peak memory of every GPU for benchmarks)."""
-    from utils.checkpoint import atomic_write_text
-
-    out = os.path.join(save_path, "rank_stats")
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, f"rank{rank}.json"), json.dumps(stats))
 
 
 def check_resume_info(info: dict, tag: str, world: int) -> None:

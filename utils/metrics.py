@@ -27,6 +27,15 @@ def peak_mem_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def write_rank_stats(save_path: str, rank: int, stats: dict) -> None:
+    """`save_path/rank_stats/rank{R}.json`: one file per rank (peak memory of every GPU / stage)."""
+    from utils.checkpoint import atomic_write_text
+
+    out = os.path.join(save_path, "rank_stats")
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, f"rank{rank}.json"), json.dumps(stats))
+
+
 class MetricsWriter:
     """Appends to `save_path/metrics.jsonl` (never truncates, so a resumed run continues the file)."""
 
