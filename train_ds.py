@@ -39,6 +39,14 @@ def init_distributed():
     return device
 
 
+def launched_world_size() -> int:
+    """World size before init: DeepSpeed's launcher/torchrun set WORLD_SIZE, mpirun its own variables."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
 def check_world(cfg: TrainConfig, world: int) -> None:
     pipe, data = cfg.dims
     if pipe * data != world:
@@ -163,7 +171,7 @@ def train(cfg: TrainConfig) -> int:
     from utils.train_data import BatchPlan, PipeFeeder
 
     # Everything a user can get wrong is checked before the first collective.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     check_world(cfg, world)
     num_stages, dp = cfg.dims
     tbs, mbs, gas = resolve_batch(cfg.ds, dp)

@@ -24,12 +24,17 @@ def deepspeed_bin() -> str:
     return str(local) if local.exists() else shutil.which("deepspeed")
 
 
+def extensions_dir() -> str:
+    """DeepSpeed's JIT ops (the CPU shm comm op) cached per venv, so two venvs never rebuild each other's."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def run_deepspeed(script: str, config: dict, tmp_path: Path, num_procs: int, *extra: str, timeout: int = 300):
     """Launch `script` with DeepSpeed's own launcher on `num_procs` CPU ranks (gloo)."""
     cfg_path = tmp_path / f"cfg_{free_port()}.yml"
     cfg_path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions_dir())
     cmd = [deepspeed_bin(), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
            str(ROOT / script), "--config", str(cfg_path), *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
