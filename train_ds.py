@@ -64,6 +64,22 @@ def param_groups(module: torch.nn.Module, no_wd_kws: list[str]) -> list[dict]:
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+def cpu_lion(cfg: TrainConfig, groups: list[dict], device: torch.device):
+    """DeepSpeed's `Lion` is a fused GPU kernel (or its CPU version under ZeRO offload); on CPU without
+    offload, hand DeepSpeed the PyTorch implementation (lion-pytorch) with the same hyper-parameters."""
+    opt = cfg.ds.get("optimizer")
+    offload = cfg.ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if device.type != "cpu" or not isinstance(opt, dict) or str(opt.get("type", "")).lower() != "lion" \
+            or offload != "none":
+        return None
+    from lion_pytorch import Lion
+
+    p = opt.get("params", {})
+    del cfg.ds["optimizer"]
+    return Lion(groups, lr=p.get("lr", 1e-4), betas=tuple(p.get("betas", (0.9, 0.99))),
+                weight_decay=p.get("weight_decay", 0.0))
+
+
 def fill_scheduler_steps(ds: dict, total_steps: int) -> None:
     sched = ds.get("scheduler")
     if isinstance(sched, dict):
@@ -231,15 +247,22 @@ def train(cfg: TrainConfig) -> int:
         load_layer_weights(module, cfg["model_path"])
     module.to(device)
 
+    # A stage's parameters are this stage's alone: marking them model-parallel makes DeepSpeed's
+    # gradient norms (fp32 clipping, ZeRO-1) sum over all stages instead of counting stage 0 only.
+    for prm in module.parameters():
+        prm.model_parallel = not getattr(prm, "ds_pipe_replicated", False)
     fp32 = not any(isinstance(cfg.ds.get(k), dict) and cfg.ds[k].get("enabled") for k in ("fp16", "bf16"))
+    plain_fp32 = fp32 and not int(cfg.ds.get("zero_optimization", {}).get("stage", 0))
     max_norm = float(cfg.ds.get("gradient_clipping", 1.0))  # DeepSpeed's default is 1.0
-    if fp32:
-        cfg.ds["gradient_clipping"] = 0.0  # StepGuard clips by the norm over all stages instead
-    engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds,
-                                           model_parameters=param_groups(module, cfg["optimizer.no_wd_kws"]))
+    if plain_fp32:
+        cfg.ds["gradient_clipping"] = 0.0  # StepGuard measures the norm before clipping, then clips
+    groups = param_groups(module, cfg["optimizer.no_wd_kws"])
+    optimizer = cpu_lion(cfg, groups, device)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds, optimizer=optimizer,
+                                           model_parameters=None if optimizer else groups)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     guard = None
-    if fp32:
+    if plain_fp32:
         guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(), max_norm)
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
     is_reporter = engine.is_last_stage() and dp_rank == 0

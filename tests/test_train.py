@@ -109,3 +109,24 @@ def test_plot_draws_png(two_stage_run, tmp_path):
     assert_ok(res)
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
     assert run_cli("-m", "utils.plot", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_zero1_cpu_offload_and_lion_train_like_adamw(tiny_llama_pp, tmp_path, two_stage_run):
+    """ZeRO-1 with the optimizer offloaded to CPU (DeepSpeed's CPU Adam) reproduces the plain run: same
+    first loss and the same gradient norm over both stages; Lion (optimizer.type) trains too."""
+    _, pp = tiny_llama_pp
+    ref = metrics(two_stage_run[0])
+    z1 = train_config(pp, tmp_path / "z1", dims=(2, 1), n_epoches=3, max_steps=3,
+                      zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}})
+    assert_ok(run_deepspeed("train_ds.py", z1, tmp_path, 2))
+    rows = metrics(tmp_path / "z1")
+    assert abs(rows[0]["loss"] - ref[0]["loss"]) <= 1e-5 * ref[0]["loss"]
+    for got, want in zip(rows, ref[:3]):
+        assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-4 * want["grad_norm"], (rows, ref[:3])
+        assert abs(got["loss"] - want["loss"]) <= 1e-4 * want["loss"]
+    lion = train_config(pp, tmp_path / "lion", dims=(2, 1), n_epoches=3, max_steps=6,
+                        optimizer={"type": "Lion", "params": {"lr": 3e-4, "betas": [0.95, 0.98],
+                                                              "weight_decay": 0.01}})
+    assert_ok(run_deepspeed("train_ds.py", lion, tmp_path, 2))
+    losses = [r["loss"] for r in metrics(tmp_path / "lion")]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
