@@ -33,6 +33,8 @@ def init_distributed():
 
     backend = "gloo" if get_accelerator().device_name() == "cpu" else None
     deepspeed.init_distributed(dist_backend=backend)
+    if backend == "gloo":
+        release_shm_buffer()
     device = torch.device(get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0)))
     if device.type != "cpu":
         get_accelerator().set_device(device.index)
@@ -45,6 +47,19 @@ def launched_world_size() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 1
+
+
+def release_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm segment per rank and never unlinks it: every run
+    would leave its segments (tens of MB each) in RAM-backed /dev/shm for good. Once every rank has
+    mapped its peers' segments (the barrier), the names can go; the mappings live until exit."""
+    import torch.distributed as dist
+
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def check_world(cfg: TrainConfig, world: int) -> None:
@@ -297,7 +312,7 @@ def train(cfg: TrainConfig) -> int:
     if is_reporter:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc=f"[rank {rank}] train", dynamic_ncols=True,
-                   file=sys.stderr)
+                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
     def save(tag: str, step: int, epoch: int) -> None:
         os.makedirs(cfg["save_path"], exist_ok=True)

@@ -10,4 +10,4 @@ python -m data.check --data examples/data/sample.json --tokenizer runs/tiny_llam
 deepspeed --num_gpus 2 train_ds.py --config configs/tiny_llama_cpu.yml
 python convert_model.py pp_to_hg --input-path runs/tiny_llama_ckpt/checkpoint_final --save-path runs/tiny_llama_hf
 python -m utils.plot runs/tiny_llama_ckpt
-python demo.py --model-path runs/tiny_llama_hf --instruct "Write a poem associated with rain." --max-new-tokens 32 --temperature 0
+python demo.py --model-path runs/tiny_llama_hf --instruct "Write a peom associated with rain." --max-new-tokens 40 --temperature 0
