@@ -167,7 +167,8 @@ def load_layer_weights(pipe_module, model_path: str) -> None:
             raise ConfigError(f"model_path: {path} does not match config.json: {str(e).splitlines()[0]}") from None
 
 
-def main(argv=None) -> int:
+def run_cli(train_fn, argv=None) -> int:
+    """Config in, exit code out: user errors are one `error:` line (2), a run stopped on NaNs is 3."""
     try:
         args, overrides = parse_args(argv)
         cfg = load_config(args.config, overrides)
@@ -178,13 +179,17 @@ def main(argv=None) -> int:
     from utils.guard import BadStepsError
 
     try:
-        return train(cfg)
+        return train_fn(cfg)
     except (ConfigError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+
+
+def main(argv=None) -> int:
+    return run_cli(train, argv)
 
 
 def train(cfg: TrainConfig) -> int:

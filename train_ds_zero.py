@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from train_ds import build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, parse_args
-from utils.config import ConfigError, TrainConfig, load_config, resolve_batch
+from train_ds import build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, run_cli
+from utils.config import ConfigError, TrainConfig, resolve_batch
+from utils.guard import BadStepCounter
 from utils.metrics import log, write_rank_stats
 
 TRAINER = "zero"
@@ -203,28 +204,6 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value) / dist.get_world_size()
 
 
-class BadStepCounter:
-    """DeepSpeed's ZeRO optimizers skip a step whose gradient norm is not finite; stop after
-    `max_bad_steps` such steps in a row (the pipeline trainer's StepGuard policy)."""
-
-    def __init__(self, max_bad_steps: int):
-        self.max_bad_steps = max_bad_steps
-        self.bad_in_a_row = 0
-
-    def update(self, grad_norm: float | None) -> bool:
-        """True when this step was skipped; raises BadStepsError past the limit."""
-        from utils.guard import BadStepsError
-
-        if grad_norm is None or math.isfinite(grad_norm):
-            self.bad_in_a_row = 0
-            return False
-        self.bad_in_a_row += 1
-        if self.bad_in_a_row > self.max_bad_steps:
-            raise BadStepsError(f"{self.bad_in_a_row} consecutive steps with a non-finite gradient norm "
-                                f"(max_bad_steps: {self.max_bad_steps}); stopping without applying them")
-        return True
-
-
 def grad_norm_of(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
@@ -282,23 +261,7 @@ def check_resume_info(info: dict, tag: str, world: int) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        args, overrides = parse_args(argv)
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from models import ModelError
-    from utils.guard import BadStepsError
-
-    try:
-        return train(cfg)
-    except (ConfigError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BadStepsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    return run_cli(train, argv)
 
 
 @dataclass
@@ -447,7 +410,7 @@ def train(cfg: TrainConfig) -> int:
             dt = time.perf_counter() - t0
             step += 1
             norm = grad_norm_of(engine)
-            skipped = not engine.fp16_enabled() and bad_steps.update(norm)
+            skipped = not engine.fp16_enabled() and bad_steps.update(step, norm)
             if skipped and rank == 0:
                 log(f"step {step}: loss {loss_v}, gradient norm {norm}: optimizer step skipped", rank)
             if metrics is not None:

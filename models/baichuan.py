@@ -18,7 +18,7 @@ from deepspeed.pipe import LayerSpec
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig, Rotary,
                      WeightRule, apply_rope, causal_attention, causal_lm_loss_fn, cfg_get, check_attention_backend,
-                     load_renamed_weights, make_linear, maybe_checkpoint)
+                     load_renamed_weights, make_linear, PreNormBlock)
 from .llama import LlamaArgs, LlamaMLP
 from .llama import default_parts as llama_default_parts
 from .llama import layer_flops as llama_layer_flops
@@ -92,8 +92,10 @@ class BaichuanAttention(nn.Module):
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
-class BaichuanBlock(nn.Module):
+class BaichuanBlock(PreNormBlock):
     """Block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`; names mirror HF."""
+
+    rope_in_fp32 = True
 
     def __init__(self, args: BaichuanArgs, opts: ModelOptions):
         super().__init__()
@@ -103,16 +105,6 @@ class BaichuanBlock(nn.Module):
         self.mlp = LlamaMLP(args, opts.dtype)
         self.rotary = Rotary(args.rope)
         self.use_grad_ckpt = opts.use_grad_ckpt
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, position_ids = inputs
-        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
-        return hidden, position_ids
-
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(position_ids, torch.float32)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 def normalized_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from deepspeed.pipe import LayerSpec
 
 from .common import (EmbeddingEnter, Family, HfFormat, ModelError, ModelOptions, NormHeadExit, PairRotary, RMSNorm,
                      RopeConfig, WeightRule, apply_rope_pairs, causal_attention, causal_lm_loss_fn, cfg_get,
-                     check_attention_backend, load_renamed_weights, make_linear, maybe_checkpoint)
+                     check_attention_backend, load_renamed_weights, make_linear, PreNormBlock)
 
 CHATGLM3_6B_LAYERS = 28
 CHATGLM_ROPE_BASE = 10000.0
@@ -158,9 +158,11 @@ class ChatGLMMLP(nn.Module):
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 
-class ChatGLMBlock(nn.Module):
+class ChatGLMBlock(PreNormBlock):
     """Block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`; names mirror
     `transformer.encoder.layers.{i}.*`."""
+
+    attn_name = "self_attention"
 
     def __init__(self, args: ChatGLMArgs, opts: ModelOptions):
         super().__init__()
@@ -170,16 +172,6 @@ class ChatGLMBlock(nn.Module):
         self.mlp = ChatGLMMLP(args, opts.dtype)
         self.rotary = PairRotary(args.rope)
         self.use_grad_ckpt = opts.use_grad_ckpt
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, position_ids = inputs
-        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
-        return hidden, position_ids
-
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(position_ids, hidden.dtype)
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 def build_layers(args: ChatGLMArgs, opts: ModelOptions) -> list:

@@ -322,6 +322,29 @@ def maybe_checkpoint(module: nn.Module, fn: Callable, *args: torch.Tensor, enabl
     return fn(*args)
 
 
+class PreNormBlock(nn.Module):
+    """Pre-norm decoder block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`.
+
+    `h += attn(norm1(h), rope(position_ids)); h += mlp(norm2(h))`. Subclasses create `input_layernorm`,
+    the attention under `attn_name` (its HF name), `post_attention_layernorm`, `mlp`, `rotary` and
+    `use_grad_ckpt`; RoPE angles come from `position_ids`, so right-padded batches need no mask. With
+    `use_grad_ckpt` the whole block is recomputed in backward.
+    """
+    attn_name = "self_attn"
+    rope_in_fp32 = False  # angles in fp32 whatever the compute dtype (Baichuan2 does this)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, position_ids = inputs
+        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
+        return hidden, position_ids
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(position_ids, torch.float32 if self.rope_in_fp32 else hidden.dtype)
+        attn = getattr(self, self.attn_name)
+        hidden = hidden + attn(self.input_layernorm(hidden), cos, sin)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
 # ----------------------------------------------------------------------------------------------
 # Enter / Exit pipeline layers
 

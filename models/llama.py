@@ -14,7 +14,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig,
                      Rotary, WeightRule, apply_rope, balanced_parts, causal_attention, causal_lm_loss_fn,
-                     cfg_get, check_attention_backend, maybe_checkpoint, read_rope_config, tied_lm_head)
+                     cfg_get, check_attention_backend, PreNormBlock, read_rope_config, tied_lm_head)
 
 LLAMA_7B_LAYERS = 32
 
@@ -116,7 +116,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(PreNormBlock):
     """Block layer: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`.
 
     RoPE angles come from `position_ids`, so packed or right-padded batches need no mask. With
@@ -131,16 +131,6 @@ class LlamaBlock(nn.Module):
         self.mlp = LlamaMLP(args, opts.dtype)
         self.rotary = Rotary(args.rope)
         self.use_grad_ckpt = opts.use_grad_ckpt
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, position_ids = inputs
-        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
-        return hidden, position_ids
-
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(position_ids, hidden.dtype)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 def build_layers(args: LlamaArgs, opts: ModelOptions) -> list:
