@@ -89,6 +89,7 @@ def test_data_parallel_and_explicit_parts_run(tiny_llama_pp, tmp_path):
     ((2, 1), {"data_path": "/nonexistent.json"}, ["data_path", "not found"]),
     ((2, 1), {"use_flash_attn": True}, ["flash"]),
     ((2, 1), {"bogus_key": 1}, ["unknown key 'bogus_key'"]),
+    ((2, 1), {"model_path": "/nonexistent/model"}, ["model_path", "no config.json in /nonexistent/model"]),
 ])
 def test_launch_errors_are_one_clear_line(tiny_llama_pp, tmp_path, dims, overrides, words):
     _, pp = tiny_llama_pp
