@@ -257,8 +257,8 @@ def train(cfg: TrainConfig) -> int:
     loss_fn = family.loss_fn(margs, opts)
     with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
         module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
-                                           loss_fn=loss_fn, seed_layers=True,
-                                           base_seed=cfg["seed"])
+                                           loss_fn=loss_fn, seed_layers=True, base_seed=cfg["seed"],
+                                           dynamic_shape=cfg["pad_to_multiple_of"] > 0)
     if rank == 0:
         log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
     if cfg["from_scratch"]:
@@ -305,7 +305,8 @@ def train(cfg: TrainConfig) -> int:
     if engine.is_first_stage() or engine.is_last_stage():
         feeder = PipeFeeder(dataset, BatchPlan(len(dataset), tbs, mbs, gas, dp_rank, dp, cfg["seed"]),
                             pad_id_of(tokenizer) if tokenizer is not None else 0, cfg["max_seq_len"], cfg["num_workers"],
-                            sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None)
+                            sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None,
+                            pad_multiple=cfg["pad_to_multiple_of"])
 
     # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
     # cost model at seq 1 where attention is negligible; attention is added causal-unaware as usual.

@@ -365,7 +365,8 @@ def make_feeder(cfg: TrainConfig, plan: RunPlan, rank: int, device):
     pad_id = pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0
     batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, rank, plan.world, cfg["seed"])
     return PipeFeeder(plan.dataset, batches, pad_id, cfg["max_seq_len"], cfg["num_workers"],
-                      sum_over_dp=_world_summer(device) if plan.world > 1 else None)
+                      sum_over_dp=_world_summer(device) if plan.world > 1 else None,
+                      pad_multiple=cfg["pad_to_multiple_of"])
 
 
 def train(cfg: TrainConfig) -> int:

@@ -131,3 +131,18 @@ def test_zero1_cpu_offload_and_lion_train_like_adamw(tiny_llama_pp, tmp_path, tw
     assert_ok(run_deepspeed("train_ds.py", lion, tmp_path, 2))
     losses = [r["loss"] for r in metrics(tmp_path / "lion")]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+
+def test_padding_to_the_longest_sample_gives_the_same_losses(tiny_llama_pp, tmp_path, two_stage_run):
+    """Micro-batches padded to their longest sample (dynamic shapes between stages, the default) and
+    to max_seq_len (fixed shapes) train identically: padding is never attended to nor trained."""
+    _, pp = tiny_llama_pp
+    cfg = train_config(pp, tmp_path / "fixed", dims=(2, 1), n_epoches=3, max_steps=4, pad_to_multiple_of=0)
+    assert_ok(run_deepspeed("train_ds.py", cfg, tmp_path, 2))
+    fixed = [r for r in metrics(tmp_path / "fixed")]
+    dynamic = metrics(two_stage_run[0])[:4]
+    for a, b in zip(fixed, dynamic):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (fixed, dynamic)
+    # fixed shapes process max_seq_len tokens per sample; dynamic ones only up to the longest sample
+    assert sum(a["tokens_per_s"] * a["step_time_s"] for a in fixed) > sum(
+        b["tokens_per_s"] * b["step_time_s"] for b in dynamic)

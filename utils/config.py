@@ -31,6 +31,7 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "n_epoches": ((int,), 1, "passes over the data"),
     "max_steps": ((int,), 0, "stop after this many optimizer steps (0 = no limit)"),
     "max_seq_len": ((int,), REQUIRED, "samples are truncated to / padded to this many tokens"),
+    "pad_to_multiple_of": ((int,), 64, "pad each micro-batch to its longest sample rounded up to this (0: always max_seq_len)"),
     "use_grad_ckpt": ((bool,), False, "activation checkpointing in every block"),
     "use_flash_attn": ((bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA"),
     "aux_max_z_loss.weight": (_NUM, 0.0, "weight of mean(max_logit^2) added to the loss"),
@@ -189,7 +190,7 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
              f"model_topo.parts: every stage needs a positive integer layer count, got {parts}")
     for key in ("max_seq_len", "n_epoches"):
         need(ours[key] >= 1, f"{key}: must be >= 1, got {ours[key]}")
-    for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps"):
+    for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of"):
         need(ours[key] >= 0, f"{key}: must be >= 0, got {ours[key]}")
     need(ours["keep_last_n"] >= 1, f"keep_last_n: must be >= 1, got {ours['keep_last_n']}")
     need(ours["synthetic_data"] or bool(ours["data_path"]), "missing required key 'data_path' (the training file)")

@@ -72,9 +72,17 @@ class SyntheticDataset(Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def pad_collate(batch: list[dict], pad_id: int, seq_len: int):
-    """Right-pad to `seq_len` (fixed shapes between stages): ((input_ids, position_ids), labels), int64."""
+def pad_collate(batch: list[dict], pad_id: int, seq_len: int, multiple: int = 0):
+    """Right-pad: ((input_ids, position_ids), labels), int64 [B, S].
+
+    `multiple` 0: S = `seq_len` for every micro-batch (fixed shapes). Otherwise S = the longest sample
+    rounded up to `multiple` (at most `seq_len`): short fine-tuning samples then cost what they
+    contain, not `max_seq_len` (the pipeline sends shapes with every micro-batch in that mode).
+    """
     b = len(batch)
+    if multiple:
+        longest = max(min(len(s["input_ids"]), seq_len) for s in batch)
+        seq_len = min(seq_len, -(-longest // multiple) * multiple)
     ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), IGNORE, dtype=torch.long)
     for i, s in enumerate(batch):
@@ -88,11 +96,11 @@ def pad_collate(batch: list[dict], pad_id: int, seq_len: int):
 class _Collate:
     """Picklable collate for DataLoader workers."""
 
-    def __init__(self, pad_id: int, seq_len: int):
-        self.pad_id, self.seq_len = pad_id, seq_len
+    def __init__(self, pad_id: int, seq_len: int, multiple: int = 0):
+        self.pad_id, self.seq_len, self.multiple = pad_id, seq_len, multiple
 
     def __call__(self, batch):
-        return pad_collate(batch, self.pad_id, self.seq_len)
+        return pad_collate(batch, self.pad_id, self.seq_len, self.multiple)
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -107,10 +115,10 @@ class PipeFeeder:
     """
 
     def __init__(self, dataset: Dataset, plan: BatchPlan, pad_id: int, seq_len: int, num_workers: int = 0,
-                 sum_over_dp=None):
+                 sum_over_dp=None, pad_multiple: int = 0):
         self.dataset, self.plan = dataset, plan
         self.sum_over_dp = sum_over_dp  # callable(float tensor [1]) -> summed over data-parallel ranks
-        self.collate = _Collate(pad_id, seq_len)
+        self.collate = _Collate(pad_id, seq_len, pad_multiple)
         self.num_workers = num_workers
         self._it: Iterator | None = None
         self._pending: list = []
