@@ -11,6 +11,7 @@ Every sample is validated here, before any tokenization. A `.jsonl` file is kept
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,10 +57,8 @@ def parse_json(text: str, first_line: int = 1) -> Any:
 
     Returns `...` (Ellipsis) for a document that is empty or only comments.
     """
-    try:
+    with contextlib.suppress(json.JSONDecodeError):  # plain JSON: the fast path
         return json.loads(text)
-    except json.JSONDecodeError:
-        pass
     cleaned = strip_comments(text)
     if not cleaned.strip():
         return ...

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 
 class BadStepsError(RuntimeError):
-    pass
+    """Too many consecutive steps with a non-finite gradient norm: the run stops (exit 3)."""
 
 
 class StepGuard:
