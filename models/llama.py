@@ -174,28 +174,22 @@ def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
     return balanced_parts((LLAMA_7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
 
 
-LLAMA_WEIGHT_MAP = (
-    WeightRule("model.embed_tokens.weight", "enter", "embed_tokens.weight"),
-    WeightRule("model.layers.{}.input_layernorm.weight", "block", "input_layernorm.weight"),
-    WeightRule("model.layers.{}.self_attn.q_proj.weight", "block", "self_attn.q_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.k_proj.weight", "block", "self_attn.k_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.v_proj.weight", "block", "self_attn.v_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.o_proj.weight", "block", "self_attn.o_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.q_proj.bias", "block", "self_attn.q_proj.bias"),
-    WeightRule("model.layers.{}.self_attn.k_proj.bias", "block", "self_attn.k_proj.bias"),
-    WeightRule("model.layers.{}.self_attn.v_proj.bias", "block", "self_attn.v_proj.bias"),
-    WeightRule("model.layers.{}.self_attn.o_proj.bias", "block", "self_attn.o_proj.bias"),
-    WeightRule("model.layers.{}.self_attn.rotary_emb.inv_freq", None),
-    WeightRule("model.layers.{}.post_attention_layernorm.weight", "block", "post_attention_layernorm.weight"),
-    WeightRule("model.layers.{}.mlp.gate_proj.weight", "block", "mlp.gate_proj.weight"),
-    WeightRule("model.layers.{}.mlp.up_proj.weight", "block", "mlp.up_proj.weight"),
-    WeightRule("model.layers.{}.mlp.down_proj.weight", "block", "mlp.down_proj.weight"),
-    WeightRule("model.layers.{}.mlp.gate_proj.bias", "block", "mlp.gate_proj.bias"),
-    WeightRule("model.layers.{}.mlp.up_proj.bias", "block", "mlp.up_proj.bias"),
-    WeightRule("model.layers.{}.mlp.down_proj.bias", "block", "mlp.down_proj.bias"),
-    WeightRule("model.norm.weight", "exit", "norm.weight"),
-    WeightRule("lm_head.weight", "exit", "lm_head.weight"),
-)
+def _same_name(hf_prefix: str, kind: str, *locals_: str) -> tuple[WeightRule, ...]:
+    """Rows whose local name is the HF name without its prefix (`model.layers.{}.` for blocks)."""
+    return tuple(WeightRule(hf_prefix + name, kind, name) for name in locals_)
+
+
+EMBED_RULES = _same_name("model.", "enter", "embed_tokens.weight")
+# Attention half of a llama-style block (biases only exist with `attention_bias`); shared with mixtral.
+ATTENTION_RULES = _same_name(
+    "model.layers.{}.", "block", "input_layernorm.weight", "post_attention_layernorm.weight",
+    *(f"self_attn.{p}_proj.{t}" for t in ("weight", "bias") for p in "qkvo"),
+) + (WeightRule("model.layers.{}.self_attn.rotary_emb.inv_freq", None),)
+MLP_RULES = _same_name("model.layers.{}.", "block",
+                       *(f"mlp.{p}_proj.{t}" for t in ("weight", "bias") for p in ("gate", "up", "down")))
+HEAD_RULES = (WeightRule("model.norm.weight", "exit", "norm.weight"),
+              WeightRule("lm_head.weight", "exit", "lm_head.weight"))
+LLAMA_WEIGHT_MAP = EMBED_RULES + ATTENTION_RULES + MLP_RULES + HEAD_RULES
 
 def num_layers(args: LlamaArgs) -> int:
     return args.num_layers

@@ -31,7 +31,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit,
                      RMSNorm, RopeConfig, Rotary, WeightRule, balanced_parts, cfg_get, check_attention_backend,
                      make_linear, maybe_checkpoint, read_rope_config, split_labels)
-from .llama import LlamaAttention
+from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -394,25 +394,11 @@ def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
 
 
 # The hub layout (transformers 4.x files; what transformers 5 `save_pretrained` writes too) is the one table.
-MIXTRAL_WEIGHT_MAP = (
-    WeightRule("model.embed_tokens.weight", "enter", "embed_tokens.weight"),
-    WeightRule("model.layers.{}.input_layernorm.weight", "block", "input_layernorm.weight"),
-    WeightRule("model.layers.{}.self_attn.q_proj.weight", "block", "self_attn.q_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.k_proj.weight", "block", "self_attn.k_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.v_proj.weight", "block", "self_attn.v_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.o_proj.weight", "block", "self_attn.o_proj.weight"),
-    WeightRule("model.layers.{}.self_attn.rotary_emb.inv_freq", None),
-    WeightRule("model.layers.{}.post_attention_layernorm.weight", "block", "post_attention_layernorm.weight"),
+MIXTRAL_WEIGHT_MAP = EMBED_RULES + ATTENTION_RULES + (
     WeightRule("model.layers.{}.block_sparse_moe.gate.weight", "block", "block_sparse_moe.gate.weight"),
-    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w1.weight", "block",
-               "block_sparse_moe.experts.{}.w1.weight"),
-    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w2.weight", "block",
-               "block_sparse_moe.experts.{}.w2.weight"),
-    WeightRule("model.layers.{}.block_sparse_moe.experts.{}.w3.weight", "block",
-               "block_sparse_moe.experts.{}.w3.weight"),
-    WeightRule("model.norm.weight", "exit", "norm.weight"),
-    WeightRule("lm_head.weight", "exit", "lm_head.weight"),
-)
+    *(WeightRule(f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight", "block",
+                 f"block_sparse_moe.experts.{{}}.{w}.weight") for w in ("w1", "w2", "w3")),
+) + HEAD_RULES
 
 _V5_MOE = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
 
