@@ -19,7 +19,8 @@ def assert_ok(res):
 def two_stage_run(tiny_llama_pp, tmp_path_factory):
     _, pp = tiny_llama_pp
     tmp = tmp_path_factory.mktemp("pp2")
-    cfg = train_config(pp, tmp / "out", dims=(2, 1), n_epoches=3)
+    cfg = train_config(pp, tmp / "out", dims=(2, 1), n_epoches=3,
+                       csv_monitor={"enabled": True, "output_path": str(tmp / "csv"), "job_name": "tiny"})
     res = run_deepspeed("train_ds.py", cfg, tmp, 2)
     assert_ok(res)
     return tmp / "out", res
@@ -36,6 +37,9 @@ def test_two_stage_training_loss_falls_and_logs_every_step(two_stage_run):
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.3, (first, last)
     assert "partition [" in res.stderr
+    # DeepSpeed's own monitors work through the same YAML (csv_monitor here; tensorboard alike)
+    csv = (out.parent / "csv" / "tiny" / "Train_Samples_train_loss.csv").read_text().splitlines()
+    assert len(csv) == 1 + 18 and abs(float(csv[1].split(",")[1]) - rows[0]["loss"]) < 1e-5
 
 
 def test_final_checkpoint_exports_to_hf_and_loads(two_stage_run, tmp_path):
