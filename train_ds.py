@@ -12,6 +12,8 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -192,23 +194,32 @@ def main(argv=None) -> int:
     return run_cli(train, argv)
 
 
-def train(cfg: TrainConfig) -> int:
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+@dataclass
+class Prepared:
+    """Everything checked and computed before the first collective (user errors surface here)."""
+    hf_cfg: dict
+    family: Any
+    margs: Any
+    opts: Any
+    costs: list
+    parts: list
+    tokenizer: Any
+    dataset: Any
+    tbs: int
+    mbs: int
+    gas: int
+    steps_per_epoch: int
+    total_steps: int
 
+
+def prepare(cfg: TrainConfig) -> Prepared:
     import models
-    from data import DataError, pad_id_of
-    from utils import checkpoint as ckpt
-    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, write_rank_stats
-    from utils.pipeline import PartitionedPipelineModule, describe_parts, resolve_parts, spec_bounds
-    from models.mixtral import expert_load_metrics
-    from utils.guard import BadStepCounter, StepGuard
-    from utils.train_data import BatchPlan, PipeFeeder
+    from data import DataError
+    from models.layout import find_layer_file
+    from utils.pipeline import resolve_parts
+    from utils.train_data import BatchPlan
 
-    # Everything a user can get wrong is checked before the first collective.
-    world = launched_world_size()
-    check_world(cfg, world)
+    check_world(cfg, launched_world_size())
     num_stages, dp = cfg.dims
     tbs, mbs, gas = resolve_batch(cfg.ds, dp)
     try:
@@ -226,8 +237,6 @@ def train(cfg: TrainConfig) -> int:
     costs = family.layer_flops(margs, cfg["max_seq_len"])
     parts = resolve_parts(cfg["model_topo.parts"], costs, num_stages)
     if not cfg["from_scratch"]:
-        from models.layout import find_layer_file
-
         try:
             for i in range(len(costs)):
                 find_layer_file(cfg["model_path"], i)
@@ -241,28 +250,44 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(str(e)) from None
     except models.ModelError as e:
         raise ConfigError(f"model_path: {e}") from None
-    plan0 = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"])
-    if plan0.steps_per_epoch < 1:
+    steps_per_epoch = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"]).steps_per_epoch
+    if steps_per_epoch < 1:
         raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
                           f"{cfg['data_path']}; lower it or add data")
-    total_steps = plan0.steps_per_epoch * cfg["n_epoches"]
+    total_steps = steps_per_epoch * cfg["n_epoches"]
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(cfg.ds, total_steps)
+    return Prepared(hf_cfg, family, margs, opts, costs, parts, tokenizer, dataset, tbs, mbs, gas,
+                    steps_per_epoch, total_steps)
 
-    device = init_distributed()
-    rank = dist.get_rank()
-    specs = models.build_pipeline_layers(hf_cfg, opts)
-    topo = PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
-    loss_fn = family.loss_fn(margs, opts)
+
+def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: int):
+    """PipelineModule over this stage's layers (weights initialised or loaded), then DeepSpeed's engine.
+
+    Returns (engine, loss_fn, guard); `guard` is the fp32 StepGuard or None.
+    """
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    import models
+    from utils import checkpoint as ckpt
+    from utils.guard import StepGuard
+    from utils.pipeline import PartitionedPipelineModule, describe_parts, spec_bounds
+
+    num_stages, dp = cfg.dims
+    specs = models.build_pipeline_layers(prep.hf_cfg, prep.opts)
+    loss_fn = prep.family.loss_fn(prep.margs, prep.opts)
     with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
-        module = PartitionedPipelineModule(specs, spec_bounds(parts, len(specs)), topology=topo,
+        module = PartitionedPipelineModule(specs, spec_bounds(prep.parts, len(specs)),
+                                           topology=PipeDataParallelTopology(num_pp=num_stages, num_dp=dp),
                                            loss_fn=loss_fn, seed_layers=True, base_seed=cfg["seed"],
                                            dynamic_shape=cfg["pad_to_multiple_of"] > 0)
     if rank == 0:
-        log(f"{family.model_type}: {len(costs) - 2} blocks, partition {parts}: {describe_parts(parts, costs)}", rank)
+        log(f"{prep.family.model_type}: {len(prep.costs) - 2} blocks, partition {prep.parts}: "
+            f"{describe_parts(prep.parts, prep.costs)}", rank)
     if cfg["from_scratch"]:
-        init_from_scratch(module, hf_cfg, cfg["seed"])
+        init_from_scratch(module, prep.hf_cfg, cfg["seed"])
     elif not cfg["resume"] or ckpt.newest_complete(cfg["save_path"]) is None:
         load_layer_weights(module, cfg["model_path"])
     module.to(device)
@@ -280,74 +305,97 @@ def train(cfg: TrainConfig) -> int:
     optimizer = cpu_lion(cfg, groups, device)
     engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds, optimizer=optimizer,
                                            model_parameters=None if optimizer else groups)
-    stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     guard = None
     if plain_fp32:
         guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(), max_norm)
+    return engine, loss_fn, guard
+
+
+def resume(cfg: TrainConfig, engine, rank: int) -> int:
+    """Load the newest complete checkpoint of `save_path` (same dims only); the step to continue from."""
+    from utils import checkpoint as ckpt
+
+    tag = ckpt.newest_complete(cfg["save_path"])
+    if tag is None:
+        log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+        return 0
+    info = ckpt.read_info(cfg["save_path"], tag)
+    if info.get("dims") != list(cfg.dims):
+        raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
+                          f"this run has {list(cfg.dims)}; resume with the same dims")
+    engine.load_checkpoint(cfg["save_path"], tag=tag)
+    log(f"resumed from {cfg['save_path']}/{tag} at step {info['step']}", rank)
+    return int(info["step"])
+
+
+def save(cfg: TrainConfig, engine, rank: int, tag: str, step: int, epoch: int) -> None:
+    """DeepSpeed's checkpoint, then (after every rank wrote its part) model files, COMPLETE, pruning."""
+    import torch.distributed as dist
+
+    from utils import checkpoint as ckpt
+
+    os.makedirs(cfg["save_path"], exist_ok=True)
+    engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False, client_state={"step": step, "epoch": epoch})
+    dist.barrier()
+    if rank == 0:
+        ckpt.copy_model_files(cfg["model_path"], os.path.join(cfg["save_path"], tag))
+        ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": list(cfg.dims),
+                                                    "samples": step * engine.train_batch_size()})
+        removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
+        log(f"saved checkpoint {cfg['save_path']}/{tag} (step {step})"
+            + (f", pruned {', '.join(removed)}" if removed else ""), rank)
+    dist.barrier()
+
+
+def train(cfg: TrainConfig) -> int:
+    import torch.distributed as dist
+
+    from data import pad_id_of
+    from models.mixtral import expert_load_metrics
+    from utils.guard import BadStepCounter
+    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, write_rank_stats
+    from utils.train_data import BatchPlan, PipeFeeder
+
+    prep = prepare(cfg)  # everything a user can get wrong, before the first collective
+    num_stages, dp = cfg.dims
+    device = init_distributed()
+    rank = dist.get_rank()
+    engine, loss_fn, guard = build_engine(cfg, prep, device, rank)
+    stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
     is_reporter = engine.is_last_stage() and dp_rank == 0
-
-    start_step = 0
-    if cfg["resume"]:
-        tag = ckpt.newest_complete(cfg["save_path"])
-        if tag is not None:
-            info = ckpt.read_info(cfg["save_path"], tag)
-            if info.get("dims") != [num_stages, dp]:
-                raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
-                                  f"this run has {[num_stages, dp]}; resume with the same dims")
-            engine.load_checkpoint(cfg["save_path"], tag=tag)
-            start_step = int(info["step"])
-            log(f"resumed from {cfg['save_path']}/{tag} at step {start_step}", rank)
-        else:
-            log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+    start_step = resume(cfg, engine, rank) if cfg["resume"] else 0
 
     feeder = None
     if engine.is_first_stage() or engine.is_last_stage():
-        feeder = PipeFeeder(dataset, BatchPlan(len(dataset), tbs, mbs, gas, dp_rank, dp, cfg["seed"]),
-                            pad_id_of(tokenizer) if tokenizer is not None else 0, cfg["max_seq_len"], cfg["num_workers"],
+        plan = BatchPlan(len(prep.dataset), prep.tbs, prep.mbs, prep.gas, dp_rank, dp, cfg["seed"])
+        feeder = PipeFeeder(prep.dataset, plan, pad_id_of(prep.tokenizer) if prep.tokenizer is not None else 0,
+                            cfg["max_seq_len"], cfg["num_workers"],
                             sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None,
                             pad_multiple=cfg["pad_to_multiple_of"])
 
     # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
     # cost model at seq 1 where attention is negligible; attention is added causal-unaware as usual.
-    active_params = sum(family.layer_flops(margs, 1)) / 2
-    fpt = flops_per_token(active_params, margs.num_layers, margs.hidden_size, cfg["max_seq_len"])
+    active_params = sum(prep.family.layer_flops(prep.margs, 1)) / 2
+    fpt = flops_per_token(active_params, prep.margs.num_layers, prep.margs.hidden_size, cfg["max_seq_len"])
 
     metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl")) if is_reporter else None
     bar = None
     if is_reporter:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"[rank {rank}] train", dynamic_ncols=True,
+        bar = tqdm(total=prep.total_steps, initial=start_step, desc=f"[rank {rank}] train", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
-    def save(tag: str, step: int, epoch: int) -> None:
-        os.makedirs(cfg["save_path"], exist_ok=True)
-        engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False,
-                               client_state={"step": step, "epoch": epoch})
-        dist.barrier()
-        if rank == 0:
-            ckpt.copy_model_files(cfg["model_path"], os.path.join(cfg["save_path"], tag))
-            ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": [num_stages, dp],
-                                                        "samples": step * tbs})
-            removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
-            log(f"saved checkpoint {cfg['save_path']}/{tag} (step {step})"
-                + (f", pruned {', '.join(removed)}" if removed else ""), rank)
-        dist.barrier()
-
-    step = start_step
-    steps_per_epoch = plan0.steps_per_epoch
-    dropped = len(dataset) - steps_per_epoch * tbs
+    step, spe, total_steps = start_step, prep.steps_per_epoch, prep.total_steps
     if rank == 0:
-        log(f"{len(dataset)} samples, {steps_per_epoch} steps/epoch x {cfg['n_epoches']} epochs "
-            f"(global batch {tbs} = micro {mbs} x accum {gas} x dp {dp}; {dropped} samples/epoch left over); "
-            f"{total_steps} steps", rank)
-    world_devices = num_stages * dp
-    done = step >= total_steps
-    epoch = step // steps_per_epoch
-    while not done:
+        log(f"{len(prep.dataset)} samples, {spe} steps/epoch x {cfg['n_epoches']} epochs (global batch "
+            f"{prep.tbs} = micro {prep.mbs} x accum {prep.gas} x dp {dp}; {len(prep.dataset) - spe * prep.tbs} "
+            f"samples/epoch left over); {total_steps} steps", rank)
+    epoch = step // spe
+    while step < total_steps:
         if feeder is not None:
-            feeder.start_epoch(epoch, step - epoch * steps_per_epoch)
-        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            feeder.start_epoch(epoch, step - epoch * spe)
+        for _ in range(step - epoch * spe, spe):
             t0 = time.perf_counter()
             loss = engine.train_batch(data_iter=feeder)
             dt = time.perf_counter() - t0
@@ -358,8 +406,8 @@ def train(cfg: TrainConfig) -> int:
             if skipped and rank == 0:
                 log(f"step {step}: loss {float(loss)}, gradient norm {norm}: optimizer step skipped", rank)
             if is_reporter:
-                row = step_row(step, epoch, float(loss), engine.get_lr()[0], norm, skipped, dt, feeder, tbs, dp,
-                               fpt / world_devices, peak_mem_gib(device))
+                row = step_row(step, epoch, float(loss), engine.get_lr()[0], norm, skipped, dt, feeder, prep.tbs,
+                               dp, fpt / (num_stages * dp), peak_mem_gib(device))
                 row.update(moe)
                 metrics.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
@@ -368,17 +416,17 @@ def train(cfg: TrainConfig) -> int:
             if not engine.fp16_enabled():
                 bad_steps.update(step, norm)
             if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total_steps:
-                save(f"global_step{step}", step, epoch)
+                save(cfg, engine, rank, f"global_step{step}", step, epoch)
             if step >= total_steps:
-                done = True
                 break
-        epoch += 1
+        else:
+            epoch += 1
     if bar is not None:
         bar.close()
     write_rank_stats(cfg["save_path"], rank, {"rank": rank, "stage": stage, "dp_rank": dp_rank, "steps": step,
                                               "peak_mem_gib": peak_mem_gib(device), "trainer": "pipeline"})
     if cfg["save_final"]:
-        save("checkpoint_final", step, epoch)
+        save(cfg, engine, rank, "checkpoint_final", step, epoch)
     if metrics is not None:
         metrics.close()
     log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"] else ""),
