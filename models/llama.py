@@ -14,7 +14,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig,
                      Rotary, WeightRule, apply_rope, balanced_parts, causal_attention, causal_lm_loss_fn,
-                     cfg_get, check_attention_backend, PreNormBlock, read_rope_config, tied_lm_head)
+                     cfg_get, check_attention_backend, make_linear, PreNormBlock, read_rope_config, tied_lm_head)
 
 LLAMA_7B_LAYERS = 32
 
@@ -70,14 +70,6 @@ def read_config(cfg: dict) -> LlamaArgs:
     )
 
 
-def _linear(n_in: int, n_out: int, bias: bool, std: float, dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
-    nn.init.normal_(layer.weight, std=std)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
 class LlamaAttention(nn.Module):
     """Self-attention with RoPE and grouped KV heads; parameter names mirror HF's `self_attn.*`."""
 
@@ -86,10 +78,10 @@ class LlamaAttention(nn.Module):
         std, bias, hd = args.initializer_range, args.attention_bias, args.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, hd
         self.use_flash_attn = use_flash_attn
-        self.q_proj = _linear(args.hidden_size, args.num_heads * hd, bias, std, dtype)
-        self.k_proj = _linear(args.hidden_size, args.num_kv_heads * hd, bias, std, dtype)
-        self.v_proj = _linear(args.hidden_size, args.num_kv_heads * hd, bias, std, dtype)
-        self.o_proj = _linear(args.num_heads * hd, args.hidden_size, bias, std, dtype)
+        self.q_proj = make_linear(args.hidden_size, args.num_heads * hd, bias, std, dtype)
+        self.k_proj = make_linear(args.hidden_size, args.num_kv_heads * hd, bias, std, dtype)
+        self.v_proj = make_linear(args.hidden_size, args.num_kv_heads * hd, bias, std, dtype)
+        self.o_proj = make_linear(args.num_heads * hd, args.hidden_size, bias, std, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B,S,H], cos/sin [B,1,S,hd] -> [B,S,H]."""
@@ -108,9 +100,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs, dtype: torch.dtype):
         super().__init__()
         std, bias = args.initializer_range, args.mlp_bias
-        self.gate_proj = _linear(args.hidden_size, args.intermediate_size, bias, std, dtype)
-        self.up_proj = _linear(args.hidden_size, args.intermediate_size, bias, std, dtype)
-        self.down_proj = _linear(args.intermediate_size, args.hidden_size, bias, std, dtype)
+        self.gate_proj = make_linear(args.hidden_size, args.intermediate_size, bias, std, dtype)
+        self.up_proj = make_linear(args.hidden_size, args.intermediate_size, bias, std, dtype)
+        self.down_proj = make_linear(args.intermediate_size, args.hidden_size, bias, std, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
