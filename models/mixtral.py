@@ -31,7 +31,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit,
                      RMSNorm, RopeConfig, Rotary, WeightRule, balanced_parts, cfg_get, check_attention_backend,
                      make_linear, maybe_checkpoint, read_rope_config, split_labels)
-from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention
+from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, is_tied, num_layers
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -441,14 +441,6 @@ def debug_config(**overrides) -> dict:
            "pad_token_id": 3, "hidden_act": "silu", "initializer_range": 0.02}
     cfg.update(overrides)
     return cfg
-
-
-def num_layers(args: MixtralArgs) -> int:
-    return args.num_layers
-
-
-def is_tied(args: MixtralArgs) -> bool:
-    return args.tie_word_embeddings
 
 
 FAMILY = Family(
