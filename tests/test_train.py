@@ -86,7 +86,7 @@ def test_data_parallel_and_explicit_parts_run(tiny_llama_pp, tmp_path):
     assert abs(metrics(tmp_path / "dp")[0]["loss"] - ref) <= 1e-5 * abs(ref)
 
 
-@pytest.mark.parametrize("dims, overrides, words", [
+LAUNCH_ERRORS = [
     ((2, 2), {}, ["dims", "needs 4 processes", "2 were launched"]),
     ((2, 1), {"model_topo.parts": [1, 2]}, ["model_topo.parts", "sums to 3", "6 pipeline layers"]),
     ((2, 1), {"train_batch_size": 5, "train_micro_batch_size_per_gpu": 2}, ["train_batch_size", "not divisible"]),
@@ -94,18 +94,42 @@ def test_data_parallel_and_explicit_parts_run(tiny_llama_pp, tmp_path):
     ((2, 1), {"use_flash_attn": True}, ["flash"]),
     ((2, 1), {"bogus_key": 1}, ["unknown key 'bogus_key'"]),
     ((2, 1), {"model_path": "/nonexistent/model"}, ["model_path", "no config.json in /nonexistent/model"]),
-])
-def test_launch_errors_are_one_clear_line(tiny_llama_pp, tmp_path, dims, overrides, words):
+]
+
+
+def test_launch_error_through_deepspeed_is_one_clear_line(tiny_llama_pp, tmp_path):
+    """Through the real launcher: every rank exits non-zero with one `error:` line, no traceback."""
     _, pp = tiny_llama_pp
-    cfg = train_config(pp, tmp_path / "err", dims=dims, **overrides)
-    res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
+    dims, overrides, words = LAUNCH_ERRORS[0]
+    res = run_deepspeed("train_ds.py", train_config(pp, tmp_path / "err", dims=dims, **overrides), tmp_path, 2)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr + res.stdout
     err = [line for line in (res.stderr + res.stdout).splitlines() if line.startswith("error:")]
     assert err, res.stderr[-2000:]
     for w in words:
         assert w in err[0], err[0]
-    assert not (tmp_path / "err" / "checkpoint_final").exists()
+    assert not (tmp_path / "err").exists()
+
+
+@pytest.mark.parametrize("dims, overrides, words", LAUNCH_ERRORS)
+def test_user_errors_stop_before_any_process_group(tiny_llama_pp, tmp_path, monkeypatch, capsys, dims,
+                                                   overrides, words):
+    """Each mistake is caught before the first collective, so checking it in-process (as rank 0 of a
+    2-process launch) is what the launcher would show on every rank."""
+    import yaml
+
+    import train_ds
+
+    _, pp = tiny_llama_pp
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(train_config(pp, tmp_path / "err", dims=dims, **overrides)))
+    assert train_ds.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    for w in words:
+        assert w in err[0], err[0]
+    assert not (tmp_path / "err").exists()
 
 
 def test_plot_draws_png(two_stage_run, tmp_path):
