@@ -2,7 +2,6 @@
 both checkpoint layouts, and a real 2-stage DeepSpeed run (CPU, fp32, tiny model: 4 experts, top-2)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from models import ModelError, ModelOptions, get_family, load_sequential
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg
 from models.mixtral import (MoeCausalLMLoss, debug_config, expert_load_metrics, from_v5_layout,
                             load_balancing_loss, valid_tokens)
-from tests.conftest import run_cli, run_deepspeed, train_config
+from tests.conftest import run_cli
 
 QUIET = {"log": lambda msg: None}
 FAMILY = get_family("mixtral")
@@ -372,21 +371,3 @@ def mixtral_pp(tmp_path_factory):
     res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(base / "hf"), "--save-path", str(base / "pp"))
     assert res.returncode == 0, res.stderr
     return base / "pp"
-
-
-def test_two_stage_deepspeed_training_loss_falls(mixtral_pp, tmp_path):
-    """Real PipelineEngine on 2 CPU ranks: the 4-tensor boundary tuple, router-prob gradients sent back."""
-    cfg = train_config(mixtral_pp, tmp_path / "out", dims=(2, 1), n_epoches=2, max_seq_len=128,
-                       **{"model_topo.parts": [3, 3]})
-    res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 12  # 26 samples // 4 x 2 epochs
-    first = sum(r["loss"] for r in rows[:3]) / 3
-    last = sum(r["loss"] for r in rows[-3:]) / 3
-    assert last < first - 0.3, (first, last)
-    final = load_sequential(tmp_path / "out" / "checkpoint_final")
-    start = load_sequential(mixtral_pp)
-    for key in ("1", "4"):  # routers on both stages were trained
-        assert not torch.equal(final.layers[key].block_sparse_moe.gate.weight,
-                               start.layers[key].block_sparse_moe.gate.weight)
