@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from tests.conftest import run_cli, run_deepspeed, train_config
 
