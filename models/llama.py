@@ -38,8 +38,8 @@ class LlamaArgs:
     mlp_bias: bool = False
 
 
-def read_config(cfg: dict) -> LlamaArgs:
-    """config.json dict -> LlamaArgs; refuses activations and shapes this implementation does not compute."""
+def read_attention_shape(cfg: dict, family: str) -> tuple[int, int, int, int]:
+    """(hidden, heads, kv_heads, head_dim) of a llama-style config; GQA must divide, the MLP must be SiLU."""
     hidden = cfg_get(cfg, "hidden_size", int)
     heads = cfg_get(cfg, "num_attention_heads", int)
     kv_heads = cfg_get(cfg, "num_key_value_heads", int, heads)
@@ -49,7 +49,13 @@ def read_config(cfg: dict) -> LlamaArgs:
                          f"num_key_value_heads ({kv_heads})")
     act = cfg_get(cfg, "hidden_act", str, "silu")
     if act != "silu":
-        raise ModelError(f"config.json: hidden_act '{act}' is not supported for llama (supported: silu)")
+        raise ModelError(f"config.json: hidden_act '{act}' is not supported for {family} (supported: silu)")
+    return hidden, heads, kv_heads, head_dim
+
+
+def read_config(cfg: dict) -> LlamaArgs:
+    """config.json dict -> LlamaArgs; refuses activations and shapes this implementation does not compute."""
+    hidden, heads, kv_heads, head_dim = read_attention_shape(cfg, "llama")
     pad = cfg_get(cfg, "pad_token_id", int, None)
     vocab = cfg_get(cfg, "vocab_size", int)
     return LlamaArgs(

@@ -31,7 +31,8 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit,
                      RMSNorm, RopeConfig, Rotary, WeightRule, balanced_parts, cfg_get, check_attention_backend,
                      make_linear, maybe_checkpoint, read_rope_config, split_labels)
-from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, is_tied, num_layers
+from .llama import (ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, is_tied, num_layers,
+                    read_attention_shape)
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -65,16 +66,7 @@ class MixtralArgs:
 
 def read_config(cfg: dict) -> MixtralArgs:
     """config.json dict -> MixtralArgs; refuses settings this implementation does not compute."""
-    hidden = cfg_get(cfg, "hidden_size", int)
-    heads = cfg_get(cfg, "num_attention_heads", int)
-    kv_heads = cfg_get(cfg, "num_key_value_heads", int, heads)
-    head_dim = cfg_get(cfg, "head_dim", int, hidden // heads)
-    if heads % kv_heads:
-        raise ModelError(f"config.json: num_attention_heads ({heads}) must be a multiple of "
-                         f"num_key_value_heads ({kv_heads})")
-    act = cfg_get(cfg, "hidden_act", str, "silu")
-    if act != "silu":
-        raise ModelError(f"config.json: hidden_act '{act}' is not supported for mixtral (supported: silu)")
+    hidden, heads, kv_heads, head_dim = read_attention_shape(cfg, "mixtral")
     dropout = float(cfg_get(cfg, "attention_dropout", (int, float), 0.0))
     if dropout:
         raise ModelError(f"config.json: attention_dropout {dropout} is not supported (only 0.0)")
