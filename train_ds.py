@@ -115,11 +115,28 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
+    """The training set: samples, or with `packing` rows of several samples (batch sizes count rows)."""
+    from utils.train_data import PackedDataset
+
+    dataset = _samples(cfg, tokenizer, vocab_size, train_batch_size)
+    if not cfg["packing"]:
+        return dataset
+    start = time.perf_counter()
+    packed = PackedDataset(dataset, cfg["max_seq_len"], seed=cfg["seed"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg['max_seq_len']} tokens "
+            f"({packed.fill_ratio:.1%} filled) in {time.perf_counter() - start:.1f} s")
+    return packed
+
+
+def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
     from utils.train_data import SyntheticDataset
 
     if cfg["synthetic_data"]:
-        steps = cfg["max_steps"] or 10
-        return SyntheticDataset(steps * train_batch_size, cfg["max_seq_len"], vocab_size, cfg["seed"])
+        steps, seq, low = cfg["max_steps"] or 10, cfg["max_seq_len"], cfg["synthetic_min_len"]
+        per_row = max(1, (2 * seq) // (low + seq)) if cfg["packing"] and low else 1  # samples a packed row holds
+        return SyntheticDataset(steps * train_batch_size * per_row + train_batch_size, seq, vocab_size,
+                                cfg["seed"], min_len=low or None)
     from data import SFTDataset
 
     if not os.path.isfile(cfg["data_path"]):
@@ -229,7 +246,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     except (models.ModelError, FileNotFoundError) as e:
         raise ConfigError(f"model_path: {e}") from None
     opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
-                               aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]))
+                               aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]),
+                               packed_sequences=cfg["packing"], fused_head_loss=cfg["fused_head_loss"],
+                               compile_blocks=cfg["compile_blocks"])
     try:
         models.common.check_attention_backend(opts)
     except models.ModelError as e:

@@ -81,14 +81,15 @@ class BaichuanAttention(nn.Module):
         self.W_pack = make_linear(h, 3 * h, False, std, dtype)
         self.o_proj = make_linear(h, h, False, std, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,S,H], cos/sin [B,1,S,hd] fp32 -> [B,S,H]."""
         b, s, _ = x.shape
         qkv = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, nh, S, hd) each
         q = apply_rope(q.float(), cos, sin).to(v.dtype)
         k = apply_rope(k.float(), cos, sin).to(v.dtype)
-        out = causal_attention(q, k, v, self.use_flash_attn)  # (B, S, nh, hd)
+        out = causal_attention(q, k, v, self.use_flash_attn, position_ids)  # (B, S, nh, hd)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -104,7 +105,7 @@ class BaichuanBlock(PreNormBlock):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
         self.mlp = LlamaMLP(args, opts.dtype)
         self.rotary = Rotary(args.rope)
-        self.use_grad_ckpt = opts.use_grad_ckpt
+        self.set_options(opts)
 
 
 def normalized_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,9 @@ def normalized_rows(weight: torch.Tensor) -> torch.Tensor:
 class NormHeadLMExit(NormHeadExit):
     """Exit: final RMSNorm, then logits = hidden @ normalized_rows(lm_head.weight)ᵀ, `[B,S,V]`."""
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.linear(self.norm(inputs[0]), normalized_rows(self.lm_head.weight))
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        hidden, weight = self.norm(inputs[0]), normalized_rows(self.lm_head.weight)
+        return (hidden, weight) if self.fused else F.linear(hidden, weight)
 
 
 def build_layers(args: BaichuanArgs, opts: ModelOptions) -> list:
@@ -127,7 +129,7 @@ def build_layers(args: BaichuanArgs, opts: ModelOptions) -> list:
                       opts.dtype),
             *[LayerSpec(BaichuanBlock, args, opts) for _ in range(args.num_layers)],
             LayerSpec(NormHeadLMExit, args.hidden_size, args.vocab_size, args.rms_norm_eps, args.initializer_range,
-                      opts.dtype)]
+                      opts.dtype, opts.fused_head_loss)]
 
 
 def loss_fn(args: BaichuanArgs, opts: ModelOptions):

@@ -16,7 +16,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, WeightRule, alibi_causal_attention,
                      alibi_slopes, balanced_parts, causal_lm_loss_fn, cfg_get, check_attention_backend,
-                     make_linear, maybe_checkpoint, tied_lm_head)
+                     make_linear, maybe_checkpoint, tied_head_fn)
 
 BLOOM_7B_LAYERS = 30
 
@@ -83,15 +83,18 @@ class BloomExit(nn.Module):
     """Exit: `(hidden, position_ids)` -> logits `[B,S,V]`, or the normalised hidden `[B,S,H]` when tied
     (the trailing tied spec then multiplies by the embedding). Local names `norm.*`, `lm_head.weight`."""
 
-    def __init__(self, args: BloomArgs, dtype: torch.dtype = torch.float32):
+    def __init__(self, args: BloomArgs, dtype: torch.dtype = torch.float32, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.norm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps, dtype=dtype)
         if not args.tie_word_embeddings:
             self.lm_head = make_linear(args.hidden_size, args.vocab_size, False, args.initializer_range, dtype)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden = self.norm(inputs[0])
-        return self.lm_head(hidden) if hasattr(self, "lm_head") else hidden
+        if not hasattr(self, "lm_head"):
+            return hidden
+        return (hidden, self.lm_head.weight) if self.fused else self.lm_head(hidden)
 
 
 class BloomAttention(nn.Module):
@@ -100,10 +103,11 @@ class BloomAttention(nn.Module):
     The slopes are a plain fp32 tensor (not a buffer) so DeepSpeed's `.half()` cannot round them.
     """
 
-    def __init__(self, args: BloomArgs, use_flash_attn: bool, dtype: torch.dtype):
+    def __init__(self, args: BloomArgs, use_flash_attn: bool, dtype: torch.dtype, packed: bool = False):
         super().__init__()
         h, std = args.hidden_size, args.initializer_range
         self.num_heads, self.head_dim, self.use_flash_attn = args.num_heads, args.head_dim, use_flash_attn
+        self.packed = packed
         self.query_key_value = make_linear(h, 3 * h, True, std, dtype)
         self.dense = make_linear(h, h, True, std, dtype)
         self.slopes = alibi_slopes(args.num_heads)
@@ -113,7 +117,8 @@ class BloomAttention(nn.Module):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # (B, nh, S, hd) each
-        out = alibi_causal_attention(q, k, v, self.slopes, position_ids, self.use_flash_attn)  # (B, S, nh, hd)
+        out = alibi_causal_attention(q, k, v, self.slopes, position_ids, self.use_flash_attn,
+                                     self.packed)  # (B, S, nh, hd)
         return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -140,7 +145,7 @@ class BloomBlock(nn.Module):
         super().__init__()
         h, eps = args.hidden_size, args.layer_norm_eps
         self.input_layernorm = nn.LayerNorm(h, eps=eps, dtype=opts.dtype)
-        self.self_attention = BloomAttention(args, opts.use_flash_attn, opts.dtype)
+        self.self_attention = BloomAttention(args, opts.use_flash_attn, opts.dtype, opts.packed_sequences)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps, dtype=opts.dtype)
         self.mlp = BloomMLP(args, opts.dtype)
         self.residual_post_layernorm = args.residual_post_layernorm
@@ -163,13 +168,16 @@ class BloomBlock(nn.Module):
 def build_layers(args: BloomArgs, opts: ModelOptions) -> list:
     """Enter, BloomBlock x L, Exit; tied (the released models): a trailing head spec sharing key 'embed'."""
     check_attention_backend(opts)
+    if opts.packed_sequences and opts.use_flash_attn:
+        raise ModelError("bloom: packing: true needs the SDPA path (use_flash_attn: false); flash-attn's varlen "
+                         "kernel is not wired up with ALiBi here")
     blocks = [LayerSpec(BloomBlock, args, opts) for _ in range(args.num_layers)]
-    exit_spec = LayerSpec(BloomExit, args, opts.dtype)
+    exit_spec = LayerSpec(BloomExit, args, opts.dtype, opts.fused_head_loss)
     if not args.tie_word_embeddings:
         return [LayerSpec(BloomEnter, args, opts.dtype), *blocks, exit_spec]
     return [TiedLayerSpec("embed", BloomEnter, args, opts.dtype, tied_weight_attr="embed_tokens.weight"),
             *blocks, exit_spec,
-            TiedLayerSpec("embed", BloomEnter, args, opts.dtype, forward_fn=tied_lm_head,
+            TiedLayerSpec("embed", BloomEnter, args, opts.dtype, forward_fn=tied_head_fn(opts),
                           tied_weight_attr="embed_tokens.weight")]
 
 

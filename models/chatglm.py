@@ -132,7 +132,8 @@ class ChatGLMAttention(nn.Module):
         self.query_key_value = make_linear(args.hidden_size, sum(self.sizes), args.qkv_bias, std, dtype)
         self.dense = make_linear(args.num_heads * args.head_dim, args.hidden_size, False, std, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,S,H], cos/sin [B,1,S,hd/4] -> [B,S,H]."""
         b, s, _ = x.shape
         q, k, v = self.query_key_value(x).split(self.sizes, dim=-1)
@@ -140,7 +141,7 @@ class ChatGLMAttention(nn.Module):
         k = k.view(b, s, self.num_kv, self.head_dim).transpose(1, 2)  # (B, g, S, hd)
         v = v.view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope_pairs(q, cos, sin), apply_rope_pairs(k, cos, sin)
-        out = causal_attention(q, k, v, self.use_flash_attn)  # (B, S, nh, hd)
+        out = causal_attention(q, k, v, self.use_flash_attn, position_ids)  # (B, S, nh, hd)
         return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -171,7 +172,7 @@ class ChatGLMBlock(PreNormBlock):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.layernorm_eps, dtype=opts.dtype)
         self.mlp = ChatGLMMLP(args, opts.dtype)
         self.rotary = PairRotary(args.rope)
-        self.use_grad_ckpt = opts.use_grad_ckpt
+        self.set_options(opts)
 
 
 def build_layers(args: ChatGLMArgs, opts: ModelOptions) -> list:
@@ -180,7 +181,7 @@ def build_layers(args: ChatGLMArgs, opts: ModelOptions) -> list:
     return [LayerSpec(ChatGLMEnter, args, opts.dtype),
             *[LayerSpec(ChatGLMBlock, args, opts) for _ in range(args.num_layers)],
             LayerSpec(NormHeadExit, args.hidden_size, args.vocab_size, args.layernorm_eps, args.initializer_range,
-                      opts.dtype)]
+                      opts.dtype, opts.fused_head_loss)]
 
 
 def layer_flops(args: ChatGLMArgs, seq_len: int) -> list[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,11 +31,20 @@ class ModelOptions:
     use_flash_attn: use `flash_attn.flash_attn_func` instead of PyTorch SDPA (GPU, fp16/bf16 only).
     aux_max_z_loss_weight: weight of the `mean(max_logit²)` term added to the loss.
     dtype: dtype the layers' parameters are created in.
+    packed_sequences: rows hold several documents, each starting at position id 0; attention stays
+        inside each document (a block-diagonal causal mask, or flash-attn's varlen kernel).
+    fused_head_loss: the Exit layer returns `(hidden, head weight)` instead of logits and the loss runs
+        head + cross entropy chunk by chunk (`chunked_linear_cross_entropy`): the `[tokens, vocab]`
+        logits never exist whole. The trainer turns it on; tests, `verify` and the demo see logits.
+    compile_blocks: `torch.compile` each llama-style block's math (fuses norms, RoPE, SwiGLU, residuals).
     """
     use_grad_ckpt: bool = False
     use_flash_attn: bool = False
     aux_max_z_loss_weight: float = 0.0
     dtype: torch.dtype = torch.float32
+    packed_sequences: bool = False
+    fused_head_loss: bool = False
+    compile_blocks: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,23 +305,74 @@ def check_attention_backend(opts: ModelOptions) -> None:
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_flash_attn: bool) -> torch.Tensor:
-    """Causal self-attention without a materialised mask.
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, S] -> [B, S] int64: which document of its row each token belongs to.
+
+    A position id 0 starts a new document (packed rows restart positions per sample); right padding keeps
+    counting, so it stays in the last document, where causal attention never lets real tokens see it.
+    """
+    return (position_ids == 0).cumsum(-1)
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, S] -> bool [B, 1, S, S], True where query i may attend key j: j <= i, same document."""
+    doc = document_ids(position_ids)
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def varlen_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """position_ids [B, S] -> (cu_seqlens int32 [docs + 1], longest document) over the flattened B*S tokens.
+
+    Every row starts a document at its first token, whatever its position id, so rows never merge.
+    """
+    flat = position_ids.reshape(-1)
+    starts = flat == 0
+    starts = starts.view(position_ids.shape).clone()
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    total = torch.tensor([flat.numel()], device=idx.device, dtype=idx.dtype)
+    cu = torch.cat([idx, total]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """flash-attn's varlen kernel over the documents of packed rows; q [B, nh, S, hd] -> [B, S, nh, hd]."""
+    from flash_attn import flash_attn_varlen_func
+    b, nh, s, hd = q.shape
+    cu, longest = varlen_cu_seqlens(position_ids)
+
+    def flat(x):
+        return x.transpose(1, 2).reshape(b * s, x.shape[1], hd)
+    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True)
+    return out.view(b, s, nh, hd)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_flash_attn: bool,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal self-attention; without `position_ids`, with no materialised mask.
 
     q [B, nh, S, hd], k/v [B, nkv, S, hd] with nh % nkv == 0 (query head j reads kv head j // (nh/nkv)).
     Returns [B, S, nh, hd]. Right padding needs no mask: real tokens never attend to later positions.
+    `position_ids` [B, S] is given for packed rows only: attention then stays inside each document
+    (flash-attn varlen, or SDPA with `document_causal_mask`).
     """
     if use_flash_attn:
+        if position_ids is not None:
+            return _flash_varlen(q, k, v, position_ids)
         from flash_attn import flash_attn_func
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return out
+    mask = None if position_ids is None else document_causal_mask(position_ids)
+    causal = mask is None
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1 and _SDPA_HAS_GQA:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     else:
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return out.transpose(1, 2)
 
 
@@ -326,23 +387,47 @@ class PreNormBlock(nn.Module):
     """Pre-norm decoder block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`.
 
     `h += attn(norm1(h), rope(position_ids)); h += mlp(norm2(h))`. Subclasses create `input_layernorm`,
-    the attention under `attn_name` (its HF name), `post_attention_layernorm`, `mlp`, `rotary` and
-    `use_grad_ckpt`; RoPE angles come from `position_ids`, so right-padded batches need no mask. With
-    `use_grad_ckpt` the whole block is recomputed in backward.
+    the attention under `attn_name` (its HF name), `post_attention_layernorm`, `mlp` and `rotary`, and
+    call `set_options(opts)`; RoPE angles come from `position_ids`, so right-padded batches need no mask.
+    With `use_grad_ckpt` the whole block is recomputed in backward; with `packed_sequences` attention
+    stays inside each document; with `compile_blocks` the block's math runs through `torch.compile`.
     """
     attn_name = "self_attn"
     rope_in_fp32 = False  # angles in fp32 whatever the compute dtype (Baichuan2 does this)
+    use_grad_ckpt = packed_sequences = compile_blocks = False
+
+    def set_options(self, opts: ModelOptions) -> None:
+        self.use_grad_ckpt = opts.use_grad_ckpt
+        self.packed_sequences = opts.packed_sequences
+        self.compile_blocks = opts.compile_blocks
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
-        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
+        fn = partial(compiled_block(), self) if self.compile_blocks else self._block
+        hidden = maybe_checkpoint(self, fn, hidden, position_ids, enabled=self.use_grad_ckpt)
         return hidden, position_ids
 
     def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(position_ids, torch.float32 if self.rope_in_fp32 else hidden.dtype)
         attn = getattr(self, self.attn_name)
-        hidden = hidden + attn(self.input_layernorm(hidden), cos, sin)
+        docs = position_ids if self.packed_sequences else None
+        hidden = hidden + attn(self.input_layernorm(hidden), cos, sin, docs)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def _run_block(block: PreNormBlock, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return block._block(hidden, position_ids)
+
+
+_COMPILED: list = []
+
+
+def compiled_block() -> Callable:
+    """One compiled function for every block: the module is an input (its parameters become graph inputs),
+    so the blocks of a stage share one graph instead of compiling once each. Built on first use."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_run_block))
+    return _COMPILED[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,26 +456,38 @@ class NormHeadExit(nn.Module):
 
     With `vocab_size=None` (tied embeddings) there is no head: it returns the normalised hidden
     `[B,S,H]` and the trailing tied spec (`tied_lm_head`) multiplies by the embedding matrix.
+    With `fused=True` it returns `(normalised hidden, head weight)` and the loss applies the head chunk
+    by chunk (`chunked_linear_cross_entropy`).
     """
 
     def __init__(self, hidden_size: int, vocab_size: int | None, eps: float, init_std: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fused: bool = False):
         super().__init__()
         self.norm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.fused = fused
         if vocab_size is not None:
             self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=dtype)
             nn.init.normal_(self.lm_head.weight, std=init_std)
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         hidden = self.norm(inputs[0])
-        if hasattr(self, "lm_head"):
-            return self.lm_head(hidden)
-        return hidden
+        if not hasattr(self, "lm_head"):
+            return hidden
+        return (hidden, self.lm_head.weight) if self.fused else self.lm_head(hidden)
 
 
 def tied_lm_head(enter: EmbeddingEnter, hidden: torch.Tensor) -> torch.Tensor:
     """`forward_fn` of the trailing tied spec: hidden [B,S,H] @ embed_tokens.weightᵀ -> logits [B,S,V]."""
     return F.linear(hidden, enter.embed_tokens.weight)
+
+
+def tied_head_weight(enter: EmbeddingEnter, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_fn` of the trailing tied spec with a fused loss: (hidden, embed_tokens.weight)."""
+    return hidden, enter.embed_tokens.weight
+
+
+def tied_head_fn(opts: ModelOptions) -> Callable:
+    return tied_head_weight if opts.fused_head_loss else tied_lm_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,29 +503,103 @@ def split_labels(labels: torch.Tensor | tuple | list) -> tuple[torch.Tensor, tor
     return labels, None
 
 
+def head_chunk_rows(vocab: int, budget_bytes: int = 1 << 28) -> int:
+    """Tokens per chunk of the fused head + loss: about `budget_bytes` of fp32 logits (256 MiB)."""
+    return max(1, budget_bytes // (4 * vocab))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(hidden @ weightᵀ, targets) (+ z · Σ max_logit²) over rows, chunk by chunk.
+
+    Forward computes the loss and, while each chunk's logits exist, its gradients: d loss / d logits =
+    softmax − onehot (+ 2·z·max at the argmax), then d hidden = g @ W and d W += gᵀ @ h. Backward only
+    scales them by the incoming gradient. So neither pass holds more than one chunk of `[rows, vocab]`
+    logits, and nothing is recomputed. Logits are upcast to fp32 as in the unfused loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_weight: float, chunk: int):
+        rows = hidden.shape[0]
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).float()  # (c, V)
+            valid = t != IGNORE_INDEX
+            safe_t = torch.where(valid, t, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t[:, None])[:, 0]
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if z_weight:
+                top, top_idx = logits.max(dim=-1)
+                total += z_weight * torch.where(valid, top.square(), 0.0).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            g.scatter_add_(1, safe_t[:, None], torch.full_like(lse, -1.0)[:, None])
+            if z_weight:
+                g.scatter_add_(1, top_idx[:, None], (2.0 * z_weight * top)[:, None])
+            g.mul_(valid[:, None])
+            g = g.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        gw = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        return gh, gw, None, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 z_weight: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+    """hidden [N, H], weight [V, H], targets [N] (-100 = ignore) -> Σ CE (+ z·Σ max_logit²), fp32 scalar.
+
+    Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value and
+    gradients, without the `[N, V]` logits ever existing whole (see `_LinearCrossEntropy`).
+    """
+    chunk = chunk or head_chunk_rows(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(z_weight), int(chunk))
+
+
 class CausalLMLoss:
     """Last-stage loss: `scale * (mean CE + z_weight * mean max_logit²)` over trained tokens.
 
-    logits [B,S,V] (any dtype, upcast to fp32); labels [B,S] aligned with the inputs as in HF
-    (`-100` = ignore), shifted here so position t predicts token t+1. With `(labels, scale)` the scale
-    (float tensor [1]) multiplies the whole loss. A micro-batch with no trained token gives 0, not NaN.
+    outputs: logits [B,S,V] (any dtype, upcast to fp32), or `(hidden [B,S,H], head weight [V,H])` from a
+    fused Exit, in which case the head runs inside `chunked_linear_cross_entropy`. labels [B,S] aligned
+    with the inputs as in HF (`-100` = ignore), shifted here so position t predicts token t+1. With
+    `(labels, scale)` the scale (float tensor [1]) multiplies the whole loss. A micro-batch with no
+    trained token gives 0, not NaN.
     """
     __name__ = "causal_lm_loss"
 
     def __init__(self, z_loss_weight: float = 0.0):
         self.z_loss_weight = float(z_loss_weight)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor | tuple) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor | tuple, labels: torch.Tensor | tuple) -> torch.Tensor:
         labels, scale = split_labels(labels)
-        vocab = logits.shape[-1]
-        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(logits.device)
-        flat = logits.reshape(-1, vocab).float()  # (B*S, V)
+        fused = isinstance(outputs, (tuple, list))
+        device = outputs[0].device if fused else outputs.device
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(device)
         trained = shifted != IGNORE_INDEX
         count = trained.sum().clamp(min=1).to(torch.float32)
-        loss = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count
-        if self.z_loss_weight:
-            max_logit = flat.max(dim=-1).values  # (B*S,)
-            loss = loss + self.z_loss_weight * (max_logit.square() * trained).sum() / count
+        if fused:
+            hidden, weight = outputs
+            loss = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted,
+                                                self.z_loss_weight) / count
+        else:
+            flat = outputs.reshape(-1, outputs.shape[-1]).float()  # (B*S, V)
+            loss = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count
+            if self.z_loss_weight:
+                max_logit = flat.max(dim=-1).values  # (B*S,)
+                loss = loss + self.z_loss_weight * (max_logit.square() * trained).sum() / count
         if scale is not None:
             loss = loss * scale.to(device=loss.device, dtype=torch.float32).reshape(())
         return loss
@@ -497,7 +668,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
-                           position_ids: torch.Tensor, use_flash_attn: bool) -> torch.Tensor:
+                           position_ids: torch.Tensor, use_flash_attn: bool, packed: bool = False) -> torch.Tensor:
     """Causal attention with ALiBi. q/k/v [B, nh, S, hd], slopes [nh] fp32, position_ids [B, S] -> [B, S, nh, hd].
 
     Score(i, j) = q_i·k_j/√hd + slope·(pos_j − pos_i). HF bloom adds slope·pos_j only; the −slope·pos_i
@@ -505,6 +676,7 @@ def alibi_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
     small near the diagonal and keeps its precision when the bias is cast to bf16/fp16.
     SDPA path: a float mask `[B, nh, S, S]` (causal −inf plus bias), built per call; flash-attn path:
     `alibi_slopes`, which uses token indices (equal to positions for the right-padded batches we train on).
+    `packed`: rows hold several documents (position 0 starts one); keys of other documents are masked.
     """
     if use_flash_attn:
         from flash_attn import flash_attn_func
@@ -514,8 +686,11 @@ def alibi_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sl
     pos = position_ids.to(torch.float32)
     rel = pos[:, None, :] - pos[:, :, None]  # (B, S_q, S_k): key position - query position
     bias = slopes.to(q.device)[None, :, None, None] * rel[:, None]  # (B, nh, S, S)
-    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-    bias = bias.masked_fill(future, float("-inf")).to(q.dtype)
+    if packed:
+        hidden_keys = ~document_causal_mask(position_ids)  # (B, 1, S, S)
+    else:
+        hidden_keys = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    bias = bias.masked_fill(hidden_keys, float("-inf")).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return out.transpose(1, 2)
 

@@ -14,7 +14,7 @@ from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig,
                      Rotary, WeightRule, apply_rope, balanced_parts, causal_attention, causal_lm_loss_fn,
-                     cfg_get, check_attention_backend, make_linear, PreNormBlock, read_rope_config, tied_lm_head)
+                     cfg_get, check_attention_backend, make_linear, PreNormBlock, read_rope_config, tied_head_fn)
 
 LLAMA_7B_LAYERS = 32
 
@@ -89,14 +89,15 @@ class LlamaAttention(nn.Module):
         self.v_proj = make_linear(args.hidden_size, args.num_kv_heads * hd, bias, std, dtype)
         self.o_proj = make_linear(args.num_heads * hd, args.hidden_size, bias, std, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,S,H], cos/sin [B,1,S,hd] -> [B,S,H]."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, self.use_flash_attn)  # (B, S, nh, hd)
+        out = causal_attention(q, k, v, self.use_flash_attn, position_ids)  # (B, S, nh, hd)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -128,7 +129,7 @@ class LlamaBlock(PreNormBlock):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
         self.mlp = LlamaMLP(args, opts.dtype)
         self.rotary = Rotary(args.rope)
-        self.use_grad_ckpt = opts.use_grad_ckpt
+        self.set_options(opts)
 
 
 def build_layers(args: LlamaArgs, opts: ModelOptions) -> list:
@@ -142,13 +143,13 @@ def build_layers(args: LlamaArgs, opts: ModelOptions) -> list:
     blocks = [LayerSpec(LlamaBlock, args, opts) for _ in range(args.num_layers)]
     if not args.tie_word_embeddings:
         exit_spec = LayerSpec(NormHeadExit, args.hidden_size, args.vocab_size, args.rms_norm_eps,
-                              args.initializer_range, opts.dtype)
+                              args.initializer_range, opts.dtype, opts.fused_head_loss)
         return [LayerSpec(EmbeddingEnter, *enter_args), *blocks, exit_spec]
     exit_spec = LayerSpec(NormHeadExit, args.hidden_size, None, args.rms_norm_eps, args.initializer_range,
                           opts.dtype)
     return [TiedLayerSpec("embed", EmbeddingEnter, *enter_args, tied_weight_attr="embed_tokens.weight"),
             *blocks, exit_spec,
-            TiedLayerSpec("embed", EmbeddingEnter, *enter_args, forward_fn=tied_lm_head,
+            TiedLayerSpec("embed", EmbeddingEnter, *enter_args, forward_fn=tied_head_fn(opts),
                           tied_weight_attr="embed_tokens.weight")]
 
 

@@ -203,6 +203,11 @@ def tied_moe_lm_head(enter: MixtralEnter, inputs: tuple[torch.Tensor, ...]) -> t
     return F.linear(inputs[0], enter.embed_tokens.weight), *inputs[1:]
 
 
+def tied_moe_head_weight(enter: MixtralEnter, inputs: tuple[torch.Tensor, ...]) -> tuple:
+    """The same for a fused loss: (hidden, probs, routes) -> ((hidden, embed_tokens.weight), probs, routes)."""
+    return (inputs[0], enter.embed_tokens.weight), *inputs[1:]
+
+
 class MixtralBlock(nn.Module):
     """Block layer `layer_idx`: `(hidden, position_ids, router_probs, routes)` -> the same, updated.
 
@@ -219,7 +224,7 @@ class MixtralBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
         self.block_sparse_moe = SparseMoe(args, opts.dtype)
         self.rotary = Rotary(args.rope)
-        self.use_grad_ckpt = opts.use_grad_ckpt
+        self.use_grad_ckpt, self.packed_sequences = opts.use_grad_ckpt, opts.packed_sequences
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, probs_sum, routes = inputs
@@ -235,7 +240,8 @@ class MixtralBlock(nn.Module):
 
     def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cos, sin = self.rotary.cos_sin(position_ids, hidden.dtype)
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        docs = position_ids if self.packed_sequences else None
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, docs)
         moe_out, probs, ids = self.block_sparse_moe(self.post_attention_layernorm(hidden))
         return hidden + moe_out, probs, ids
 
@@ -248,12 +254,13 @@ def build_layers(args: MixtralArgs, opts: ModelOptions) -> list:
     blocks = [LayerSpec(MixtralBlock, args, opts, i) for i in range(args.num_layers)]
     head_vocab = None if args.tie_word_embeddings else args.vocab_size
     exit_spec = LayerSpec(MixtralExit, args.hidden_size, head_vocab, args.rms_norm_eps, args.initializer_range,
-                          opts.dtype)
+                          opts.dtype, opts.fused_head_loss)
     if not args.tie_word_embeddings:
         return [LayerSpec(MixtralEnter, *enter_args), *blocks, exit_spec]
     return [TiedLayerSpec("embed", MixtralEnter, *enter_args, tied_weight_attr="embed_tokens.weight"),
             *blocks, exit_spec,
-            TiedLayerSpec("embed", MixtralEnter, *enter_args, forward_fn=tied_moe_lm_head,
+            TiedLayerSpec("embed", MixtralEnter, *enter_args,
+                          forward_fn=tied_moe_head_weight if opts.fused_head_loss else tied_moe_lm_head,
                           tied_weight_attr="embed_tokens.weight")]
 
 
@@ -325,7 +332,7 @@ class MoeCausalLMLoss:
     def __call__(self, outputs: tuple[torch.Tensor, ...], labels) -> torch.Tensor:
         logits, router_probs, routes = outputs
         token_labels, _ = split_labels(labels)
-        token_labels = token_labels.to(logits.device)
+        token_labels = token_labels.to(router_probs.device)
         aux, counts = load_balancing_loss(router_probs, routes, valid_tokens(token_labels))
         self._record(aux, counts)
         return self.ce(logits, labels) + self.coef * aux

@@ -34,6 +34,11 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "pad_to_multiple_of": ((int,), 64, "pad each micro-batch to its longest sample rounded up to this (0: always max_seq_len)"),
     "use_grad_ckpt": ((bool,), False, "activation checkpointing in every block"),
     "use_flash_attn": ((bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA"),
+    "packing": ((bool,), False, "pack several samples into each max_seq_len row (positions restart per sample, attention stays inside it); batch sizes then count rows"),
+    "fused_head_loss": ((bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole"),
+    "compile_blocks": ((bool,), False, "pipeline: torch.compile the llama-style blocks (fuses norms, RoPE, SwiGLU); the first step compiles"),
+    "profile_step": ((int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)"),
+    "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, max_seq_len] (0 = all full length)"),
     "aux_max_z_loss.weight": (_NUM, 0.0, "weight of mean(max_logit^2) added to the loss"),
     "optimizer.no_wd_kws": ((list,), ["bias", "norm", "layernorm"], "regexes: parameter names matching one get no weight decay"),
     "model_topo.process_topology.axes": ((list,), ["pipe", "data"], "must be [pipe, data]"),
@@ -190,7 +195,8 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
              f"model_topo.parts: every stage needs a positive integer layer count, got {parts}")
     for key in ("max_seq_len", "n_epoches"):
         need(ours[key] >= 1, f"{key}: must be >= 1, got {ours[key]}")
-    for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of"):
+    for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of",
+                "profile_step", "synthetic_min_len"):
         need(ours[key] >= 0, f"{key}: must be >= 0, got {ours[key]}")
     need(ours["keep_last_n"] >= 1, f"keep_last_n: must be >= 1, got {ours['keep_last_n']}")
     need(ours["synthetic_data"] or bool(ours["data_path"]), "missing required key 'data_path' (the training file)")

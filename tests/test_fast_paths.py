@@ -1,0 +1,110 @@
+"""The speed paths give the same numbers as the plain ones (CPU, fp32): the fused head + loss
+(`fused_head_loss`, what the trainer runs) for every family, and `torch.compile`d blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import ModelOptions
+from models.common import CausalLMLoss, chunked_linear_cross_entropy
+from models.mixtral import debug_config
+from models.sequential import build_sequential
+from tests.test_families import BAICHUAN_CONFIG, VOCAB, chatglm_config
+from utils.tiny import tiny_llama_config
+
+CONFIGS = {
+    "llama": lambda: tiny_llama_config(vocab_size=VOCAB).to_dict(),
+    "llama-tied": lambda: tiny_llama_config(vocab_size=VOCAB, tie_word_embeddings=True).to_dict(),
+    "bloom-tied": lambda: {"model_type": "bloom", "vocab_size": VOCAB, "hidden_size": 48, "n_layer": 2,
+                           "n_head": 6, "tie_word_embeddings": True},
+    "baichuan": lambda: dict(BAICHUAN_CONFIG),
+    "chatglm": lambda: chatglm_config(2, True, 1.0),
+    "mixtral": lambda: {**debug_config(), "vocab_size": VOCAB},
+}
+
+
+def batch(seed: int = 0, b: int = 2, s: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (b, s), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    return ids, (labels, torch.tensor([0.7]))
+
+
+def loss_and_grads(model, ids, labels):
+    model.zero_grad()
+    loss = model.loss(ids, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def twin_models(cfg: dict, **opts):
+    torch.manual_seed(0)
+    plain = build_sequential(cfg, ModelOptions(aux_max_z_loss_weight=opts.get("aux_max_z_loss_weight", 0.0)))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    other = build_sequential(cfg, ModelOptions(**opts))
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    assert torch.allclose(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item()), \
+        (actual - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_head_loss_equals_logits_loss(name):
+    z = 0.05 if name == "llama" else 0.0
+    plain, fused = twin_models(CONFIGS[name](), fused_head_loss=True, aux_max_z_loss_weight=z)
+    ids, labels = batch()
+    assert isinstance(fused(ids), tuple)  # the fused Exit hands over (hidden, weight), not logits
+    ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
+    loss, grads = loss_and_grads(fused, ids, labels)
+    assert_close(loss, ref_loss)
+    assert sorted(grads) == sorted(ref_grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n])
+
+
+def test_chunked_cross_entropy_matches_full_logits_in_any_chunking():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (23,), generator=g)
+    targets[[0, 5, 22]] = -100
+    logits = hidden @ weight.t()
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    ref = ref + 0.1 * (logits.max(-1).values.square() * (targets != -100)).sum()
+    ref_grads = torch.autograd.grad(ref * 1.3, (hidden, weight))
+    for chunk in (1, 4, 23, 100):
+        loss = chunked_linear_cross_entropy(hidden, weight, targets, z_weight=0.1, chunk=chunk)
+        grads = torch.autograd.grad(loss * 1.3, (hidden, weight))
+        assert_close(loss, ref)
+        for a, b in zip(grads, ref_grads):
+            assert_close(a, b)
+
+
+def test_fused_loss_of_an_untrained_micro_batch_is_zero_with_zero_grads():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss = CausalLMLoss()((hidden, weight), torch.full((2, 5), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_compiled_blocks_equal_eager_blocks():
+    plain, compiled = twin_models(CONFIGS["llama"](), compile_blocks=True)
+    ids, labels = batch()
+    ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    loss, grads = loss_and_grads(compiled, ids, labels)
+    assert_close(loss, ref_loss)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n])
+    # the four blocks share one compiled graph (the module is an input, not a constant)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
