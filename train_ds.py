@@ -416,7 +416,13 @@ def train(cfg: TrainConfig) -> int:
             feeder.start_epoch(epoch, step - epoch * spe)
         for _ in range(step - epoch * spe, spe):
             t0 = time.perf_counter()
-            loss = engine.train_batch(data_iter=feeder)
+            if step + 1 == cfg["profile_step"]:
+                from utils.profile import profile_call
+                loss = profile_call(lambda: engine.train_batch(data_iter=feeder),
+                                    os.path.join(cfg["save_path"], "profile"), rank, device,
+                                    {"stage": stage, "step": step + 1})
+            else:
+                loss = engine.train_batch(data_iter=feeder)
             dt = time.perf_counter() - t0
             moe = expert_load_metrics(loss_fn) if engine.is_last_stage() else {}
             step += 1
