@@ -122,7 +122,8 @@ def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size
     if not cfg["packing"]:
         return dataset
     start = time.perf_counter()
-    packed = PackedDataset(dataset, cfg["max_seq_len"], seed=cfg["seed"])
+    lengths = dataset.lengths() if hasattr(dataset, "lengths") else None  # synthetic: known without tokens
+    packed = PackedDataset(dataset, cfg["max_seq_len"], seed=cfg["seed"], lengths=lengths)
     if int(os.environ.get("RANK", "0")) == 0:
         log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg['max_seq_len']} tokens "
             f"({packed.fill_ratio:.1%} filled) in {time.perf_counter() - start:.1f} s")
@@ -134,8 +135,11 @@ def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int
 
     if cfg["synthetic_data"]:
         steps, seq, low = cfg["max_steps"] or 10, cfg["max_seq_len"], cfg["synthetic_min_len"]
-        per_row = max(1, (2 * seq) // (low + seq)) if cfg["packing"] and low else 1  # samples a packed row holds
-        return SyntheticDataset(steps * train_batch_size * per_row + train_batch_size, seq, vocab_size,
+        high = min(cfg["synthetic_max_len"] or seq, seq) if low else seq
+        if low > high:
+            raise ConfigError(f"synthetic_min_len: {low} is above the longest sample ({high})")
+        per_row = max(1, (2 * seq) // (low + high)) if cfg["packing"] else 1  # samples a packed row holds
+        return SyntheticDataset(steps * train_batch_size * per_row + train_batch_size, high, vocab_size,
                                 cfg["seed"], min_len=low or None)
     from data import SFTDataset
 
@@ -281,6 +285,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
                     steps_per_epoch, total_steps)
 
 
+def varying_shapes(cfg: TrainConfig) -> bool:
+    """Whether micro-batch shapes can change between micro-batches. If so DeepSpeed sends each boundary
+    tensor's shape before the tensor (small blocking p2p messages per micro-batch); if not, only once."""
+    full_length_only = cfg["synthetic_data"] and not cfg["synthetic_min_len"]
+    return cfg["pad_to_multiple_of"] > 0 and not full_length_only
+
+
 def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: int):
     """PipelineModule over this stage's layers (weights initialised or loaded), then DeepSpeed's engine.
 
@@ -301,7 +312,7 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
         module = PartitionedPipelineModule(specs, spec_bounds(prep.parts, len(specs)),
                                            topology=PipeDataParallelTopology(num_pp=num_stages, num_dp=dp),
                                            loss_fn=loss_fn, seed_layers=True, base_seed=cfg["seed"],
-                                           dynamic_shape=cfg["pad_to_multiple_of"] > 0)
+                                           dynamic_shape=varying_shapes(cfg))
     if rank == 0:
         log(f"{prep.family.model_type}: {len(prep.costs) - 2} blocks, partition {prep.parts}: "
             f"{describe_parts(prep.parts, prep.costs)}", rank)

@@ -286,6 +286,10 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     from utils import checkpoint as ckpt
     from utils.train_data import BatchPlan
 
+    if cfg["packing"]:
+        raise ConfigError("packing: true is a train_ds.py (pipeline) feature: transformers' SDPA attention "
+                          "ignores the document boundaries in position_ids, so packed samples would attend "
+                          "to each other here")
     stage = zero_stage(cfg.ds)
     tbs, mbs, gas = resolve_batch(cfg.ds, world)
     tag = resume_tag(cfg)

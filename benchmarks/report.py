@@ -35,6 +35,18 @@ def read_rank_peaks(save_path: str) -> list[float] | None:
     return [round(float(s["peak_mem_gib"]), 2) for s in sorted(stats, key=lambda s: s["rank"])]
 
 
+def read_profiles(save_path: str) -> list[dict] | None:
+    """The per-rank time split of a profiled step (`save_path/profile/rank{R}.json`), in rank order."""
+    files = glob.glob(os.path.join(save_path, "profile", "rank*.json"))
+    if not files:
+        return None
+    out = []
+    for path in files:
+        with open(path) as f:
+            out.append(json.load(f))
+    return sorted(out, key=lambda p: p["rank"])
+
+
 def throughput(rows: list[dict], warmup: int, global_batch: int) -> dict | None:
     """Steps after the first `warmup`: samples/s and tokens/s over their total time; None if none are left."""
     measured = [r for r in rows if r["step"] > warmup]
@@ -42,8 +54,10 @@ def throughput(rows: list[dict], warmup: int, global_batch: int) -> dict | None:
         return None
     seconds = sum(r["step_time_s"] for r in measured)
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in measured)
+    trained = sum(r.get("trained_tokens_per_s", 0.0) * r["step_time_s"] for r in measured)
     return {"steps_measured": len(measured), "step_time_s": seconds / len(measured),
             "samples_per_s": global_batch * len(measured) / seconds, "tokens_per_s": tokens / seconds,
+            "trained_tokens_per_s": trained / seconds,
             "trainer_tflops_per_gpu": sum(r["tflops_per_gpu"] for r in measured) / len(measured),
             "reporter_peak_gib": round(max(r["peak_mem_gib"] for r in rows), 2)}
 

@@ -54,6 +54,9 @@ class Settings:
     work_dir: str
     keep_runs: bool
     datasheet_tflops: float | None
+    overrides: list[str] = field(default_factory=list)  # extra `key=value` for every run
+    label: str = ""  # names this variant in run names and tables (e.g. "compiled")
+    profile_step: int = 0
     matmul: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
 
@@ -79,6 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                     "(default benchmarks/work/<host>-<date>)")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's save_path (else only metrics)")
     p.add_argument("--datasheet-tflops", type=float, default=DATASHEET_TFLOPS)
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra trainer keys for every run, e.g. compile_blocks=true use_grad_ckpt=true")
+    p.add_argument("--matmul-tflops", type=float, default=None,
+                   help="use this dense matmul rate (from an earlier run on the same host) instead of measuring")
+    p.add_argument("--label", default="", help="variant name added to run names and tables")
+    p.add_argument("--profile-step", type=int, default=0,
+                   help="profile this step of every run (train_ds.py profile_step; kept under the run dir)")
     p.add_argument("--cpu-smoke", "--dry-run", dest="cpu_smoke", action="store_true",
                    help="run the whole orchestration on CPU: tiny llama, 2 ranks, gloo, seq 64, micro-batch <= 2")
     return p.parse_args(argv)
@@ -98,8 +108,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     host, date = host_and_date()
     work_dir = args.work_dir or os.path.join(ROOT, "benchmarks", "work", f"{host}-{date}")
     env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false"}
+    for item in args.overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+    matmul_given = {"given_tflops": args.matmul_tflops} if args.matmul_tflops else {}
     common = dict(trainers=args.trainers, mbs_list=args.mbs, stop_below=args.stop_below, work_dir=work_dir,
-                  keep_runs=args.keep_runs)
+                  keep_runs=args.keep_runs, overrides=list(args.overrides), label=args.label,
+                  profile_step=args.profile_step)
     if args.cpu_smoke:
         return Settings(mode="cpu-smoke", gpus=2, seqs=[64], work=workload.tiny_workload(), backends=["sdpa"],
                         zero_backends=["sdpa"], max_mbs=min(args.max_mbs, 2), timeout_s=min(args.timeout, 300),
@@ -111,7 +126,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     backends=available_backends(args.backends), zero_backends=available_backends(args.zero_backends),
                     max_mbs=args.max_mbs, timeout_s=args.timeout,
                     results_dir=args.results_dir or os.path.join(ROOT, "benchmarks", "results"),
-                    datasheet_tflops=args.datasheet_tflops, matmul={"device": "cuda", "n": 8192, "dtype": "bf16"},
+                    datasheet_tflops=args.datasheet_tflops,
+                    matmul={"device": "cuda", "n": 8192, "dtype": "bf16", **matmul_given},
                     env=env, **common)
 
 
@@ -122,6 +138,8 @@ def child_env(settings: Settings) -> dict:
 def measure_device(settings: Settings) -> dict:
     """The matmul rate and device facts from benchmarks/matmul.py; an `error` entry instead of raising."""
     m = settings.matmul
+    if "given_tflops" in m:
+        return {"device_name": "given", "matmul_tflops": m["given_tflops"], "source": "--matmul-tflops"}
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "matmul.py"), "--device", m["device"], "--n",
            str(m["n"]), "--dtype", m["dtype"]] + (["--iters", str(m["iters"])] if "iters" in m else [])
     try:
@@ -162,8 +180,8 @@ def write_configs(settings: Settings) -> dict[str, str]:
     return paths
 
 
-def run_name(trainer: str, backend: str, seq: int, mbs: int) -> str:
-    return f"{trainer}-{backend}-seq{seq}-mbs{mbs}"
+def run_name(trainer: str, backend: str, seq: int, mbs: int, label: str = "") -> str:
+    return f"{trainer}-{backend}{'-' + label if label else ''}-seq{seq}-mbs{mbs}"
 
 
 def build_command(settings: Settings, config_path: str, trainer: str, backend: str, seq: int, mbs: int,
@@ -171,7 +189,9 @@ def build_command(settings: Settings, config_path: str, trainer: str, backend: s
     return [launch.deepspeed_bin(), "--num_gpus", str(settings.gpus), "--master_port", str(launch.free_port()),
             os.path.join(ROOT, TRAINER_SCRIPT[trainer]), "--config", config_path, f"--save_path={save_path}",
             f"--max_seq_len={seq}", f"--train_micro_batch_size_per_gpu={mbs}",
-            f"--use_flash_attn={'true' if backend == 'flash' else 'false'}"]
+            f"--use_flash_attn={'true' if backend == 'flash' else 'false'}",
+            *(f"--{item}" for item in settings.overrides),
+            *([f"--profile_step={settings.profile_step}"] if settings.profile_step else [])]
 
 
 def shown_command(settings: Settings, cmd: list[str]) -> str:
@@ -185,7 +205,7 @@ def tidy_run_dir(save_path: str) -> None:
     if not os.path.isdir(save_path):
         return
     for name in os.listdir(save_path):
-        if name not in ("metrics.jsonl", "rank_stats"):
+        if name not in ("metrics.jsonl", "rank_stats", "profile"):
             path = os.path.join(save_path, name)
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
@@ -201,14 +221,15 @@ class Runner:
 
     def __call__(self, trainer: str, backend: str, seq: int, mbs: int) -> dict:
         s = self.settings
-        name = run_name(trainer, backend, seq, mbs)
+        name = run_name(trainer, backend, seq, mbs, s.label)
         save_path = os.path.join(s.work_dir, "runs", name)
         shutil.rmtree(save_path, ignore_errors=True)
         cmd = build_command(s, self.config_paths[trainer], trainer, backend, seq, mbs, save_path)
         print(f"[bench] {name}: running (limit {s.timeout_s:.0f} s)", file=sys.stderr, flush=True)
         result = launch.run_command(cmd, child_env(s), os.path.join(s.work_dir, "logs", f"{name}.log"),
                                     s.timeout_s, gpus=s.gpus if s.mode == "gpu" else 0, cwd=ROOT)
-        record = {"trainer": trainer, "backend": backend, "seq": seq, "mbs": mbs, "status": result.status,
+        record = {"trainer": trainer, "backend": backend, "label": s.label, "overrides": s.overrides,
+                  "seq": seq, "mbs": mbs, "status": result.status,
                   "returncode": result.returncode, "elapsed_s": round(result.elapsed_s, 1),
                   "command": shown_command(s, cmd), "log": result.log_path, "smi_peak_gib": result.smi_peak_gib}
         record.update(self.measurements(save_path, seq, result.status))
@@ -227,7 +248,8 @@ class Runner:
             return {"status": "failed" if status == "ok" else status, "steps_logged": len(rows)}
         eff = report.efficiency(tp["tokens_per_s"], workload.flops_per_token(s.work.model, seq), s.gpus,
                                 self.matmul_tflops, s.datasheet_tflops)
-        return {**tp, **eff, "steps_logged": len(rows), "peak_gib_per_gpu": report.read_rank_peaks(save_path)}
+        return {**tp, **eff, "steps_logged": len(rows), "peak_gib_per_gpu": report.read_rank_peaks(save_path),
+                "profile": report.read_profiles(save_path)}
 
 
 def describe(record: dict) -> str:

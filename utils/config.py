@@ -38,7 +38,8 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "fused_head_loss": ((bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole"),
     "compile_blocks": ((bool,), False, "pipeline: torch.compile the llama-style blocks (fuses norms, RoPE, SwiGLU); the first step compiles"),
     "profile_step": ((int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)"),
-    "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, max_seq_len] (0 = all full length)"),
+    "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, synthetic_max_len] (0 = all full length)"),
+    "synthetic_max_len": ((int,), 0, "synthetic_data with synthetic_min_len: longest sample (0 = max_seq_len)"),
     "aux_max_z_loss.weight": (_NUM, 0.0, "weight of mean(max_logit^2) added to the loss"),
     "optimizer.no_wd_kws": ((list,), ["bias", "norm", "layernorm"], "regexes: parameter names matching one get no weight decay"),
     "model_topo.process_topology.axes": ((list,), ["pipe", "data"], "must be [pipe, data]"),
@@ -196,7 +197,7 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
     for key in ("max_seq_len", "n_epoches"):
         need(ours[key] >= 1, f"{key}: must be >= 1, got {ours[key]}")
     for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of",
-                "profile_step", "synthetic_min_len"):
+                "profile_step", "synthetic_min_len", "synthetic_max_len"):
         need(ours[key] >= 0, f"{key}: must be >= 0, got {ours[key]}")
     need(ours["keep_last_n"] >= 1, f"keep_last_n: must be >= 1, got {ours['keep_last_n']}")
     need(ours["synthetic_data"] or bool(ours["data_path"]), "missing required key 'data_path' (the training file)")
