@@ -1,0 +1,652 @@
+"""Memory planner: GPU (and host) memory per pipeline stage, before any GPU is booked.
+
+    python -m utils.memory --config CFG.yml [--gpus N] [--gpu-gib 80] [--min-gpus] [--json] [--key.sub=value ...]
+
+Reads the training YAML (same overrides as `train_ds.py`), the model's `config.json`, splits the layers as
+the trainer does (`parts` or `auto` via `utils.pipeline.resolve_parts` and the family's `layer_flops`) and
+prints per stage: weights, gradients, optimizer state, activations and the total in GiB (2^30 bytes), and
+whether the stage fits a `--gpu-gib` card. `--gpus N` re-plans for N GPUs: dims `[N // data, data]` when the
+config's data-parallel size divides N, else `[N, 1]`. `--min-gpus` searches the smallest number of stages
+(`parts: auto`, the config's data-parallel size) whose every stage fits.
+
+The model, in bytes (P pipeline stages, stage s = 0..P-1, D data-parallel replicas, m micro-batch size,
+S = max_seq_len, t = m*S tokens per micro-batch, gas micro-batches per step, h hidden size, V vocabulary,
+lp = 2 for bf16/fp16 and 4 for fp32, k = optimizer state bytes per parameter: AdamW/Adam/LAMB 8, Lion 4,
+Adagrad 4, SGD 4 with momentum else 0, all fp32).
+
+Parameters: counted exactly per logical layer by building the family's layer specs on the meta device.
+A stage holds its own layers' parameters; the tied head of a tied model (trailing `TiedLayerSpec`
+repeating the embedding key) has no parameters of its own, but DeepSpeed builds a copy of the tied module
+on the last stage, so the copy counts in that stage's memory ("resident" parameters).
+
+Per resident parameter, read from DeepSpeed 0.19.8's code (`runtime/engine.py` `_do_optimizer_sanity_check`
+picks the wrapper; then `bf16_optimizer.py`, `fp16/fused_optimizer.py`, `zero/stage_1_and_2.py`):
+  * bf16, ZeRO 0 -> `BF16_Optimizer`: bf16 weights 2 + bf16 `.grad` 2 (zeroed, never freed) + the
+    gradient accumulation buffer in `grad_accum_dtype`, which defaults to the model dtype: 2 bytes (bf16),
+    4 only with `data_types: {grad_accum_dtype: fp32}` (an fp32 accumulator is not the default);
+    fp32 master (4 + k) sharded over D (it partitions even at ZeRO 0). With the bf16 accumulator the step
+    also makes an fp32 copy of the gradient partition: +4/D during `step()` only.
+    bf16 + ZeRO-1 + fp32 accumulation (no offload) takes the same `BF16_Optimizer`.
+  * fp16 (ZeRO 0): fp16 weights 2 + fp16 grads 2 + fp32 master 4 + k, not sharded. At the step an fp32
+    copy of the gradients: `FP16_Optimizer` (DeepSpeed's FusedAdam: Adam/AdamW without `torch_adam`)
+    builds the per-parameter fp32 copies and then flattens them, so both exist at once: +8, not +4;
+    `FP16_UnfusedOptimizer` (Lion, LAMB, torch Adam) converts parameter by parameter, +4.
+  * fp32 (ZeRO 0): the optimizer itself, weights 4 + grads 4 + k.
+  * `optimizer.params.torch_adam: true` (torch's AdamW, foreach, as the naive baseline of
+    performance.md ran): its step allocates sqrt(exp_avg_sq) for all parameters it updates, +4 (/D where
+    sharded) during the step; DeepSpeed's FusedAdam/FusedLion update in place.
+  * ZeRO-1 (`DeepSpeedZeroOptimizer`): weights lp + grads lp; fp32 master 4 + k sharded over D; at the
+    step the averaged gradient partition (lp) and its fp32 copy (4), +(lp + 4)/D.
+  * ZeRO-1 with `offload_optimizer: {device: cpu}`: the GPU keeps weights lp + grads lp; the host keeps,
+    per rank, fp32 master 4 + fp32 grads 4 + k + the lp staging copy of the partition lp (+ lp accumulation
+    buffer when gas > 1), all over D (shown as the `host` column; the GPU's one-parameter bounce buffer is
+    left out).
+  Optimizer columns: `grads` = lp grads + accumulation buffer, `optim` = master + states (sharded where
+  DeepSpeed shards), `step` = what exists only during `step()`, when activations are already freed.
+
+Activations, saved for backward per token, per logical layer kind (Enter, one block, Exit): measured, not
+guessed. `measure_bytes_per_token` builds the family's Enter, one block and Exit (+ tied head) from its
+layer specs at a scaled-down width (hidden, intermediate/ffn and head_dim divided by d, heads kept, vocab
+cut to 256), runs them on CPU with real tensors in the config's dtype (fp16 measured as bf16: same sizes)
+under `torch.autograd.graph.saved_tensors_hooks`, and sums each saved tensor's storage once (deduplicated
+by `untyped_storage().data_ptr()`), parameters excluded. Attention is accounted like a flash /
+memory-efficient kernel: during the measurement `torch.nn.functional.scaled_dot_product_attention` (which
+every family's attention ends in: `models.common.causal_attention` for llama, mixtral, baichuan, chatglm,
+`alibi_causal_attention` for bloom) is replaced by an autograd.Function that saves exactly q, k, v, the
+output (allocated [B, S, heads, hd] as those kernels do) and an fp32 log-sum-exp per head per token, never
+an S x S matrix. Everything saved is linear in the width, so two widths (d = 16 and 8 where the shapes
+allow) give a + b*width, extrapolated to the real width; models of hidden <= 1024 are measured as they
+are. Cached per (config.json, dtype). Per-micro-batch constants (e.g. baichuan's normalised head weight)
+are not per-token and are left out.
+
+Per stage, with n = min(P - s, gas) micro-batches in flight under 1F1B:
+  * blocks: n * t * (blocks * A_block); with `use_grad_ckpt` only each block's input is kept,
+    n * t * blocks * h * lp, plus one block's full set t * A_block while it is recomputed.
+  * Enter (stage 0) and Exit (last stage): n * t * A_enter / A_exit.
+  * boundary buffers: DeepSpeed keeps each in-flight micro-batch's received input (stages > 0) and its
+    output until its gradient returns (stages < P-1), plus one receive buffer each way:
+    t * B_boundary * (n * [s > 0] + n * [s < P-1] + [s > 0] + [s < P-1]), B_boundary = bytes per token
+    of the tensors a block hands on (hidden in lp, position ids int64, mixtral's router statistics).
+  * logits (last stage, one micro-batch): t * V * (lp + 4 fp32 upcast + 4 fp32 gradient), unless the
+    config sets `fused_head_loss: true`, whose chunked head + loss keeps only one chunk (about 256 MiB of
+    fp32 logits): treated as negligible.
+  total = weights + grads + optim + max(activations, step). Not included: the CUDA context, NCCL buffers
+  and allocator fragmentation (typically 1-3 GiB): lower `--gpu-gib` to keep a margin.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from utils.config import ConfigError, TrainConfig, load_config, parse_overrides, resolve_batch
+
+GIB = 2 ** 30
+STATE_BYTES = {"adam": 8, "adamw": 8, "fusedadam": 8, "lamb": 8, "fusedlamb": 8, "onebitadam": 8,
+               "lion": 4, "fusedlion": 4, "adagrad": 4}
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# config.json keys scaled together when measuring at a smaller width (hidden, MLP and head widths).
+WIDTH_KEYS = ("hidden_size", "n_embed", "intermediate_size", "ffn_hidden_size", "head_dim", "kv_channels")
+VOCAB_KEYS = ("vocab_size", "padded_vocab_size")
+MEASURE_BATCH, MEASURE_SEQ, MEASURE_VOCAB = 2, 32, 256
+EXACT_BELOW_HIDDEN = 1024  # measure small models at their real width
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: what the planner needs from the training config
+
+
+@dataclass(frozen=True)
+class Setup:
+    precision: str  # bf16 / fp16 / fp32
+    optimizer: str
+    state_bytes: int
+    zero_stage: int
+    offload: bool
+    grad_acc_fp32: bool
+    pipe: int
+    data: int
+    micro_batch: int
+    micro_batches: int  # gradient accumulation steps = micro-batches per step per replica
+    seq: int
+    grad_ckpt: bool
+    fused_head_loss: bool
+    parts: object  # 'auto' or a list
+    torch_adam: bool = False  # optimizer.params.torch_adam: torch's foreach Adam(W) instead of FusedAdam
+
+
+def _enabled(section) -> bool:
+    return isinstance(section, dict) and section.get("enabled") in (True, "true", "True", 1)
+
+
+def precision_of(ds: dict) -> str:
+    if _enabled(ds.get("bf16")):
+        return "bf16"
+    return "fp16" if _enabled(ds.get("fp16")) else "fp32"
+
+
+def optimizer_state_bytes(ds: dict) -> tuple[str, int]:
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError("optimizer.type: the planner needs the optimizer (AdamW, Lion, ...)")
+    name = str(opt["type"])
+    key = name.lower().replace("_", "")
+    if key == "sgd":
+        return name, 4 if float(opt.get("params", {}).get("momentum", 0) or 0) else 0
+    if key not in STATE_BYTES:
+        raise ConfigError(f"optimizer.type: {name} is not known to the planner "
+                          f"(known: {', '.join(sorted(STATE_BYTES))}, sgd)")
+    return name, STATE_BYTES[key]
+
+
+def gpus_to_dims(gpus: int, data: int) -> tuple[int, int]:
+    """`--gpus N`: keep the config's data-parallel size when it divides N, else N stages x 1 replica."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus: expected a positive integer, got {gpus}")
+    return (gpus // data, data) if gpus % data == 0 else (gpus, 1)
+
+
+def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
+    pipe, data = cfg.dims
+    parts = cfg["model_topo.parts"]
+    if gpus is not None:
+        pipe, data = gpus_to_dims(gpus, data)
+        if parts != "auto" and len(parts) != pipe:
+            parts = "auto"  # the config's list was written for another stage count
+    ds = copy.deepcopy(cfg.ds)  # resolve_batch writes into the dict it gets
+    _tbs, mbs, gas = resolve_batch(ds, data)
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage > 1:
+        raise ConfigError(f"zero_optimization.stage: {stage}; DeepSpeed's pipeline supports ZeRO 0 and 1")
+    offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", "")
+    acc = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    name, state = optimizer_state_bytes(ds)
+    torch_adam = bool((ds["optimizer"].get("params") or {}).get("torch_adam")) and name.lower() in ("adam", "adamw")
+    return Setup(precision=precision_of(ds), optimizer=name, state_bytes=state, zero_stage=stage,
+                 offload=offload and stage == 1, grad_acc_fp32=acc in ("fp32", "float32", "float"),
+                 pipe=pipe, data=data, micro_batch=mbs, micro_batches=gas, seq=cfg["max_seq_len"],
+                 grad_ckpt=cfg["use_grad_ckpt"], fused_head_loss=bool(cfg.ours.get("fused_head_loss", False)),
+                 parts=parts, torch_adam=torch_adam)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes per parameter (DeepSpeed 0.19.8's optimizer wrappers; see the module docstring)
+
+
+@dataclass(frozen=True)
+class ParamBytes:
+    wrapper: str
+    weights: float
+    grads: float
+    optim: float
+    step: float  # only during optimizer.step()
+    host: float  # per rank, CPU memory
+
+
+def param_bytes(s: Setup) -> ParamBytes:
+    lp, k, d = PRECISION_BYTES[s.precision], s.state_bytes, s.data
+    foreach = 4 if s.torch_adam else 0  # torch Adam(W) foreach step: a sqrt(exp_avg_sq) temporary
+    if s.zero_stage == 1 and s.offload:
+        host = (4 + 4 + k + lp + (lp if s.micro_batches > 1 else 0)) / d
+        return ParamBytes("DeepSpeedZeroOptimizer, ZeRO-1 + CPU offload", lp, lp, 0, 0, host)
+    if s.precision == "bf16" and (s.zero_stage == 0 or s.grad_acc_fp32):
+        acc = 4 if s.grad_acc_fp32 else 2
+        return ParamBytes(f"BF16_Optimizer (grad accumulation {'fp32' if acc == 4 else 'bf16'})",
+                          2, 2 + acc, (4 + k) / d, ((0 if s.grad_acc_fp32 else 4) + foreach) / d, 0)
+    if s.zero_stage == 1:
+        return ParamBytes("DeepSpeedZeroOptimizer, ZeRO-1", lp, lp, (4 + k) / d, (lp + 4 + foreach) / d, 0)
+    if s.precision == "fp16" and s.optimizer.lower() in ("adam", "adamw") and not s.torch_adam:
+        return ParamBytes("FP16_Optimizer", 2, 2, 4 + k, 8, 0)
+    if s.precision == "fp16":
+        return ParamBytes("FP16_UnfusedOptimizer", 2, 2, 4 + k, 4 + foreach, 0)
+    return ParamBytes("no wrapper (fp32)", 4, 4, k, foreach, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters per layer (exact, meta device)
+
+
+def _cfg_key(hf_cfg: dict) -> str:
+    return json.dumps(hf_cfg, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_params(cfg_json: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(own params per spec, resident size of each spec's tied module (0 if untied), number of blocks)."""
+    import models
+
+    hf_cfg = json.loads(cfg_json)
+    family = models.get_family(hf_cfg.get("model_type"))
+    specs = models.build_pipeline_layers(hf_cfg, models.ModelOptions())
+    own, tied, seen = [], [], set()
+    with torch.device("meta"):
+        for spec in specs:
+            n = sum(p.numel() for p in spec.build().parameters())
+            key = getattr(spec, "key", None)
+            own.append(0 if key in seen else n)
+            tied.append(n if key is not None else 0)
+            if key is not None:
+                seen.add(key)
+    return tuple(own), tuple(tied), family.num_layers(family.read_config(hf_cfg))
+
+
+def layer_params(hf_cfg: dict) -> list[int]:
+    """Own parameters per spec (Enter, blocks, Exit[, tied head = 0]); their sum is the model's count."""
+    return list(_spec_params(_cfg_key(hf_cfg))[0])
+
+
+def stage_specs(parts: list[int], num_specs: int) -> list[range]:
+    from utils.pipeline import spec_bounds
+
+    bounds = spec_bounds(parts, num_specs)
+    return [range(bounds[i], bounds[i + 1]) for i in range(len(parts))]
+
+
+def resident_params(hf_cfg: dict, parts: list[int]) -> list[tuple[int, int]]:
+    """(own, resident) parameters per stage: resident adds the tied modules DeepSpeed copies onto a stage."""
+    own, tied, _ = _spec_params(_cfg_key(hf_cfg))
+    out = []
+    for idx in stage_specs(parts, len(own)):
+        mine = sum(own[i] for i in idx)
+        copies = sum(tied[i] for i in idx if own[i] == 0 and tied[i])
+        out.append((mine, mine + copies))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations per token (measured on CPU)
+
+_REAL_SDPA = F.scaled_dot_product_attention
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Saves what flash / memory-efficient SDPA kernels save: q, k, v, out [B,S,nh,hd], fp32 lse [B,nh,S]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, gqa, scale):
+        kw = dict(attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+        with torch.no_grad():
+            out = _REAL_SDPA(q, k, v, **kw).transpose(1, 2).contiguous()
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kw = kw
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, _out, _lse = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = _REAL_SDPA(*leaves, **ctx.kw).transpose(1, 2)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        return (*grads, None, None, None, None)
+
+
+def flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in for `F.scaled_dot_product_attention` (no dropout) with a flash kernel's saved tensors."""
+    return _FlashLikeAttention.apply(q, k, v, attn_mask, is_causal, enable_gqa, scale).transpose(1, 2)
+
+
+def saved_bytes(fn, exclude: list[torch.Tensor]):
+    """(bytes of distinct storages autograd saves while running `fn()`, fn's result); `exclude` = params."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", flash_like_sdpa):
+        result = fn()
+    return total, result
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    items = x if isinstance(x, (tuple, list)) else (x,)
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def _fresh_inputs(x):
+    """A layer's outputs as the next layer's inputs: detached, floating tensors requiring grad."""
+    items = x if isinstance(x, (tuple, list)) else (x,)
+    out = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+                for t in items)
+    return out if isinstance(x, (tuple, list)) else out[0]
+
+
+def _run(spec, module, x):
+    forward_fn = getattr(spec, "forward_fn", None)
+    return forward_fn(module, x) if forward_fn is not None else module(x)
+
+
+def measure_at_width(hf_cfg: dict, dtype: torch.dtype) -> dict[str, float]:
+    """Bytes per token saved for backward by Enter, one block and Exit, and handed on by a block."""
+    import models
+
+    family = models.get_family(hf_cfg.get("model_type"))
+    num_blocks = family.num_layers(family.read_config(hf_cfg))
+    specs = models.build_pipeline_layers(hf_cfg, models.ModelOptions())
+    specs = [specs[0], specs[1], *specs[num_blocks + 1:]]  # Enter, the first block, Exit (+ tied head)
+    torch.manual_seed(0)
+    modules = [spec.build().to(dtype).train() for spec in specs]
+    params = [p for m in modules for p in m.parameters()]
+    vocab = next(hf_cfg[k] for k in VOCAB_KEYS if k in hf_cfg)
+    ids = torch.randint(0, vocab, (MEASURE_BATCH, MEASURE_SEQ))
+    pos = torch.arange(MEASURE_SEQ).expand(MEASURE_BATCH, MEASURE_SEQ).contiguous()
+    enter, hidden = saved_bytes(lambda: _run(specs[0], modules[0], (ids, pos)), params)
+    block_in = _fresh_inputs(hidden)
+    block, block_out = saved_bytes(lambda: _run(specs[1], modules[1], block_in), params)
+    x = _fresh_inputs(block_out)
+
+    def run_exit():
+        y = x
+        for spec, module in zip(specs[2:], modules[2:]):
+            y = _run(spec, module, y)
+        return y
+
+    exit_, _ = saved_bytes(run_exit, params)
+    tokens = MEASURE_BATCH * MEASURE_SEQ
+    boundary = sum(t.numel() * t.element_size() for t in _tensors(block_out))
+    return {"enter": enter / tokens, "block": block / tokens, "exit": exit_ / tokens, "boundary": boundary / tokens}
+
+
+def _hidden(hf_cfg: dict) -> int:
+    return next(hf_cfg[k] for k in ("hidden_size", "n_embed") if k in hf_cfg)
+
+
+def _head_dim(hf_cfg: dict) -> int:
+    for key in ("head_dim", "kv_channels"):
+        if hf_cfg.get(key):
+            return hf_cfg[key]
+    heads = next((hf_cfg[k] for k in ("num_attention_heads", "n_head") if k in hf_cfg), 1)
+    return _hidden(hf_cfg) // heads
+
+
+def scaled_config(hf_cfg: dict, div: int) -> dict:
+    """`hf_cfg` with its widths divided by `div` and a small vocabulary (layer count kept: only the specs
+    measured are built, and per-layer router statistics keep their real size)."""
+    cfg = dict(hf_cfg)
+    for key in WIDTH_KEYS:
+        if isinstance(cfg.get(key), int):
+            cfg[key] //= div
+    for key in VOCAB_KEYS:
+        if isinstance(cfg.get(key), int):
+            cfg[key] = min(cfg[key], MEASURE_VOCAB)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(cfg.get(key), int) and cfg[key] >= MEASURE_VOCAB:
+            cfg[key] = None
+    return cfg
+
+
+def width_divisors(hf_cfg: dict) -> list[int]:
+    """Two divisors that keep every width an integer and head_dim a multiple of 4 (>= 8); [1] if small."""
+    if _hidden(hf_cfg) <= EXACT_BELOW_HIDDEN:
+        return [1]
+    widths = [hf_cfg[k] for k in WIDTH_KEYS if isinstance(hf_cfg.get(k), int)]
+    ok = [d for d in (16, 8, 4, 2) if all(w % d == 0 for w in widths)
+          and _head_dim(hf_cfg) % (4 * d) == 0 and _head_dim(hf_cfg) // d >= 8]
+    return ok[:2] if len(ok) >= 2 else [1]
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_cached(cfg_json: str, precision: str) -> tuple[tuple[str, float], ...]:
+    hf_cfg = json.loads(cfg_json)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    divs = width_divisors(hf_cfg)
+    samples = [(1.0 / d, measure_at_width(scaled_config(hf_cfg, d), dtype)) for d in divs]
+    if len(samples) == 1:
+        return tuple(samples[0][1].items())
+    (f1, y1), (f2, y2) = samples
+    fitted = {}
+    for key in y1:  # y = a + b * f, evaluated at f = 1 (the real width)
+        b = (y1[key] - y2[key]) / (f1 - f2)
+        fitted[key] = y1[key] + b * (1.0 - f1)
+    return tuple(fitted.items())
+
+
+def measure_bytes_per_token(hf_cfg: dict, precision: str) -> dict[str, float]:
+    """{'enter', 'block', 'exit', 'boundary'}: bytes per token at the model's real width (see docstring)."""
+    return dict(_measure_cached(_cfg_key(hf_cfg), "fp32" if precision == "fp32" else "bf16"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    layers: tuple[int, int]  # first and last logical layer
+    blocks: int
+    params: int
+    resident_params: int
+    in_flight: int
+    weights: float  # all memory figures in bytes
+    grads: float
+    optim: float
+    activations: float
+    step: float
+    host: float
+    total: float = 0.0
+    fits: bool = False
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    wrapper: str
+    gpu_gib: float
+    model_type: str
+    parts: list[int]
+    bytes_per_token: dict[str, float]
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(st.fits for st in self.stages)
+
+    @property
+    def gpus(self) -> int:
+        return self.setup.pipe * self.setup.data
+
+
+def resolve_stage_parts(hf_cfg: dict, setup: Setup) -> list[int]:
+    import models
+    from utils.pipeline import resolve_parts
+
+    family = models.get_family(hf_cfg.get("model_type"))
+    costs = family.layer_flops(family.read_config(hf_cfg), setup.seq)
+    return resolve_parts(setup.parts, costs, setup.pipe)
+
+
+def stage_activations(s: int, blocks: int, has_enter: bool, has_exit: bool, setup: Setup,
+                      per_token: dict[str, float], hidden: int, vocab: int) -> tuple[int, float]:
+    """(micro-batches in flight, activation bytes) of stage `s` (see the module docstring)."""
+    p, lp = setup.pipe, PRECISION_BYTES[setup.precision]
+    tokens = setup.micro_batch * setup.seq
+    n = min(p - s, setup.micro_batches)
+    if setup.grad_ckpt:
+        kept = n * tokens * blocks * hidden * lp + (tokens * per_token["block"] if blocks else 0)
+    else:
+        kept = n * tokens * blocks * per_token["block"]
+    ends = n * tokens * (per_token["enter"] * has_enter + per_token["exit"] * has_exit)
+    first, last = s == 0, s == p - 1
+    boundary = tokens * per_token["boundary"] * (n * (not first) + n * (not last) + (not first) + (not last))
+    logits = 0 if (not last or setup.fused_head_loss) else tokens * vocab * (lp + 4 + 4)
+    return n, kept + ends + boundary + logits
+
+
+def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
+    import models
+
+    family = models.get_family(hf_cfg.get("model_type"))
+    margs = family.read_config(hf_cfg)
+    parts = resolve_stage_parts(hf_cfg, setup)
+    per_param = param_bytes(setup)
+    per_token = measure_bytes_per_token(hf_cfg, setup.precision)
+    num_blocks = family.num_layers(margs)
+    plan = Plan(setup, per_param.wrapper, gpu_gib, family.model_type, parts, per_token)
+    start = 0
+    for s, ((own, resident), count) in enumerate(zip(resident_params(hf_cfg, parts), parts)):
+        logical = range(start, start + count)
+        blocks = sum(1 for i in logical if 1 <= i <= num_blocks)
+        n, act = stage_activations(s, blocks, 0 in logical, num_blocks + 1 in logical, setup, per_token,
+                                   _hidden(hf_cfg), margs.vocab_size)
+        st = StagePlan(s, (start, start + count - 1), blocks, own, resident, n,
+                       weights=resident * per_param.weights, grads=resident * per_param.grads,
+                       optim=resident * per_param.optim, activations=act, step=resident * per_param.step,
+                       host=resident * per_param.host)
+        st.total = st.weights + st.grads + st.optim + max(st.activations, st.step)
+        st.fits = st.total <= gpu_gib * GIB
+        plan.stages.append(st)
+        start += count
+    return plan
+
+
+def min_gpus(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan | None:
+    """The plan with the fewest pipeline stages (`parts: auto`, same data-parallel size) whose stages all
+    fit `gpu_gib`; None if even one layer per stage does not fit. Micro-batches per step stay as set."""
+    import models
+
+    family = models.get_family(hf_cfg.get("model_type"))
+    max_stages = family.num_layers(family.read_config(hf_cfg)) + 2
+    for pipe in range(1, max_stages + 1):
+        plan = plan_memory(hf_cfg, _replace(setup, pipe=pipe, parts="auto"), gpu_gib)
+        if plan.fits:
+            return plan
+    return None
+
+
+def _replace(setup: Setup, **changes) -> Setup:
+    return Setup(**{**asdict(setup), **changes})
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else str(n)
+
+
+def columns(gpu_gib: float) -> list[tuple[str, callable]]:
+    return [("stage", lambda st: str(st.stage)),
+            ("layers", lambda st: f"{st.layers[0]}-{st.layers[1]}"),
+            ("params", lambda st: _count(st.resident_params)),
+            ("weights", lambda st: _gib(st.weights)),
+            ("grads", lambda st: _gib(st.grads)),
+            ("optim", lambda st: _gib(st.optim)),
+            ("activ", lambda st: _gib(st.activations)),
+            ("step", lambda st: _gib(st.step)),
+            ("total GiB", lambda st: _gib(st.total)),
+            (f"fits {gpu_gib:g} GiB", lambda st: "yes" if st.fits else "NO"),
+            ("host GiB", lambda st: _gib(st.host))]
+
+
+def format_plan(plan: Plan) -> str:
+    cols = columns(plan.gpu_gib)
+    rows = [[name for name, _ in cols]] + [[get(st) for _, get in cols] for st in plan.stages]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    s = plan.setup
+    worst = max(plan.stages, key=lambda st: st.total)
+    own = sum(st.params for st in plan.stages)
+    lines.append(f"all stages: {own:,} parameters, {_gib(sum(st.total for st in plan.stages))} GiB on "
+                 f"{plan.gpus} GPUs ({s.pipe} stages x {s.data} replicas), worst stage {worst.stage}: "
+                 f"{_gib(worst.total)} GiB -> {'fits' if plan.fits else 'does NOT fit'} {plan.gpu_gib:g} GiB; "
+                 f"host per rank up to {_gib(max(st.host for st in plan.stages))} GiB")
+    lines.append(f"assumptions: {plan.model_type}, {s.precision}, {s.optimizer} ({s.state_bytes} B/param of "
+                 f"state), ZeRO {s.zero_stage}{' + CPU offload' if s.offload else ''} -> {plan.wrapper}; "
+                 f"micro-batch {s.micro_batch} x seq {s.seq}, {s.micro_batches} micro-batches/step (1F1B), "
+                 f"grad ckpt {'on' if s.grad_ckpt else 'off'}, parts {plan.parts}, logits "
+                 f"{'chunked (negligible)' if s.fused_head_loss else 'full, fp32 loss'}; activations "
+                 f"{plan.bytes_per_token['block']:.0f} B/token/block (measured, flash-like attention); "
+                 f"CUDA context and allocator slack not included")
+    return "\n".join(lines)
+
+
+def plan_dict(plan: Plan) -> dict:
+    stages = []
+    for st in plan.stages:
+        row = asdict(st)
+        for key in ("weights", "grads", "optim", "activations", "step", "host", "total"):
+            row[f"{key}_gib"] = row.pop(key) / GIB
+        stages.append(row)
+    return {"model_type": plan.model_type, "gpus": plan.gpus, "gpu_gib": plan.gpu_gib, "fits": plan.fits,
+            "wrapper": plan.wrapper, "parts": plan.parts, "setup": asdict(plan.setup),
+            "bytes_per_token": plan.bytes_per_token, "stages": stages,
+            "total_gib": [st["total_gib"] for st in stages]}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training YAML (the one train_ds.py takes)")
+    p.add_argument("--gpus", type=int, default=None, help="plan for N GPUs: dims [N // data, data] or [N, 1]")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    p.add_argument("--min-gpus", action="store_true", help="find the fewest stages whose every stage fits")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args, rest = p.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
+def build_plan(args, overrides) -> Plan | None:
+    import models
+
+    cfg = load_config(args.config, overrides)
+    setup = setup_from_config(cfg, args.gpus)
+    try:
+        hf_cfg = models.read_hf_config(cfg["model_path"])
+        models.get_family(hf_cfg.get("model_type")).read_config(hf_cfg)
+    except (models.ModelError, FileNotFoundError) as e:
+        raise ConfigError(f"model_path: {e}") from None
+    return min_gpus(hf_cfg, setup, args.gpu_gib) if args.min_gpus else plan_memory(hf_cfg, setup, args.gpu_gib)
+
+
+def main(argv=None) -> int:
+    try:
+        args, overrides = parse_args(argv)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; keep it parseable
+            plan = build_plan(args, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if plan is None:
+        msg = f"does not fit {args.gpu_gib:g} GiB cards at any number of stages"
+        print(json.dumps({"fits": False, "min_gpus": None}) if args.json else msg)
+        return 1
+    if args.json:
+        out = plan_dict(plan)
+        if args.min_gpus:
+            out["min_gpus"] = plan.gpus
+        print(json.dumps(out, indent=1))
+        return 0
+    if args.min_gpus:
+        print(f"min GPUs: {plan.gpus} ({plan.setup.pipe} stages x {plan.setup.data} replicas, parts auto)")
+    print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
