@@ -16,7 +16,7 @@ if [ -z "$MM" ]; then
 fi
 echo "matmul $MM TFLOP/s"
 NG=$(nvidia-smi -L | wc -l)
-B="python benchmarks/run.py --gpus $NG --results-dir $R --work-dir $W --steps 4 --warmup 1 --stop-below -1 --matmul-tflops $MM"
+B="python benchmarks/run.py --gpus $NG --results-dir $R --work-dir $W --steps ${STEPS:-6} --warmup 2 --stop-below -1 --matmul-tflops $MM"
 C="--set compile_blocks=true --label compiled"
 case "${PHASE:-1}" in
 1)
@@ -27,21 +27,22 @@ case "${PHASE:-1}" in
   $B --seq 4096 --mbs 2 --trainers zero --steps 3 --timeout 120
   ;;
 2)
-  $B --seq 512 1024 --mbs 4 --trainers pipeline $C --timeout 90
-  $B --seq 512 --mbs 8 --trainers zero --timeout 90
-  $B --seq 1024 --mbs 4 --trainers zero --timeout 90
-  $B --seq 16384 --mbs 1 --global-batch 4 --trainers pipeline zero --steps 3 \
-     --set compile_blocks=true use_grad_ckpt=true --label ckpt --timeout 130
+  $B --seq 2048 --mbs 4 --trainers pipeline $C --timeout 110
+  $B --seq 512 1024 --mbs 4 --trainers pipeline $C --steps 5 --timeout 80
+  $B --seq 512 --mbs 8 --trainers zero --steps 5 --timeout 80
+  $B --seq 1024 --mbs 4 --trainers zero --steps 5 --timeout 80
+  $B --seq 16384 --mbs 1 --global-batch 4 --trainers pipeline zero --steps 4 \
+     --set compile_blocks=true use_grad_ckpt=true --label ckpt --timeout 100
   ;;
 3)
   # packing on a realistic length mix: samples of 50..1500 tokens, rows of 4096 vs one sample per row
   $B --seq 4096 --mbs 1 --trainers pipeline --set compile_blocks=true packing=true synthetic_min_len=50 \
-     synthetic_max_len=1500 --label packed --timeout 100
+     synthetic_max_len=1500 --label packed --steps 5 --timeout 90
   $B --seq 1536 --mbs 4 --trainers pipeline --set compile_blocks=true synthetic_min_len=50 \
-     synthetic_max_len=1500 --label unpacked --timeout 100
-  bash tools/mixtral_memory.sh
-  $B --seq 1024 --mbs 1 --trainers pipeline $C --timeout 90
-  $B --seq 1024 --mbs 1 --trainers zero --steps 2 --timeout 110
+     synthetic_max_len=1500 --label unpacked --steps 5 --timeout 90
+  MIXTRAL_TIMEOUT=150 bash tools/mixtral_memory.sh
+  $B --seq 1024 --mbs 1 --trainers pipeline $C --steps 4 --timeout 80
+  $B --seq 1024 --mbs 1 --trainers zero --steps 3 --timeout 110
   ;;
 esac
 python - "$R" <<'PY'
@@ -54,9 +55,14 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
                      f"{r['tflops_per_gpu']:5.0f} TF/GPU MFU {r['mfu'] or 0:.1%} step {r['step_time_s']:.2f}s "
                      f"peak {r['peak_gib_per_gpu']}")
         print(line, f"({r['elapsed_s']} s)")
+        metrics = f"/tmp/bw/runs/{r['log'].rsplit('/', 1)[-1][:-4]}/metrics.jsonl"
+        try:
+            print("    step s:", [round(json.loads(l)["step_time_s"], 2) for l in open(metrics)])
+        except OSError:
+            pass
         for p in r.get("profile") or []:
             print(f"    rank {p['rank']}: wall {p['wall_ms']:.0f} ms, compute {p['compute_busy_ms']:.0f}, "
                   f"idle {p['idle_ms']:.0f}, kernels {{{', '.join(f'{k}: {v:.0f}' for k, v in p['kernels_ms'].items())}}}")
 PY
-tar czf $OUT/bench.tgz -C /tmp bres bw/logs $(cd /tmp && ls -d bw/runs/*/profile bw/runs/*/rank_stats 2>/dev/null) mixtral/log.txt mixtral/run 2>/dev/null
+tar czf $OUT/bench.tgz -C /tmp bres bw/logs $(cd /tmp && ls -d bw/runs/*/profile bw/runs/*/rank_stats bw/runs/*/metrics.jsonl 2>/dev/null) mixtral/log.txt mixtral/run 2>/dev/null
 ls -la $OUT
