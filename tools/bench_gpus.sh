@@ -40,9 +40,10 @@ case "${PHASE:-1}" in
      synthetic_max_len=1500 --label packed --steps 5 --timeout 90
   $B --seq 1536 --mbs 4 --trainers pipeline --set compile_blocks=true synthetic_min_len=50 \
      synthetic_max_len=1500 --label unpacked --steps 5 --timeout 90
+  $B --seq 16384 --mbs 1 --global-batch 4 --trainers pipeline --steps 4 --set use_grad_ckpt=true --label ckpt \
+     --timeout 90
   MIXTRAL_TIMEOUT=150 bash tools/mixtral_memory.sh
   $B --seq 1024 --mbs 1 --trainers pipeline $C --steps 4 --timeout 80
-  $B --seq 1024 --mbs 1 --trainers zero --steps 3 --timeout 110
   ;;
 esac
 python - "$R" <<'PY'
