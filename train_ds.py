@@ -287,9 +287,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
 def varying_shapes(cfg: TrainConfig) -> bool:
     """Whether micro-batch shapes can change between micro-batches. If so DeepSpeed sends each boundary
-    tensor's shape before the tensor (small blocking p2p messages per micro-batch); if not, only once."""
+    tensor's shape before the tensor (small blocking p2p messages per micro-batch) and compiled blocks see
+    several shapes; if not, shapes are sent once. Packed rows are nearly full: they are padded to
+    max_seq_len, as are full-length synthetic samples."""
     full_length_only = cfg["synthetic_data"] and not cfg["synthetic_min_len"]
-    return cfg["pad_to_multiple_of"] > 0 and not full_length_only
+    return cfg["pad_to_multiple_of"] > 0 and not full_length_only and not cfg["packing"]
 
 
 def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: int):
@@ -402,7 +404,7 @@ def train(cfg: TrainConfig) -> int:
         feeder = PipeFeeder(prep.dataset, plan, pad_id_of(prep.tokenizer) if prep.tokenizer is not None else 0,
                             cfg["max_seq_len"], cfg["num_workers"],
                             sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None,
-                            pad_multiple=cfg["pad_to_multiple_of"])
+                            pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
 
     # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
     # cost model at seq 1 where attention is negligible; attention is added causal-unaware as usual.

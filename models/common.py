@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterable
 
 import torch
@@ -267,12 +266,15 @@ class Rotary:
         self.inv_freq = rope_inv_freq(rope)
         self._cached: dict[torch.device, torch.Tensor] = {}
 
-    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, S] int64 -> (cos, sin), each [B, 1, S, head_dim] in `dtype` (angles in fp32)."""
-        device = position_ids.device
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """`inv_freq` on `device`, copied once (blocks call it eagerly before a compiled region reads it)."""
         if device not in self._cached:
             self._cached[device] = self.inv_freq.to(device)
-        freqs = position_ids[..., None].to(torch.float32) * self._cached[device]  # (B, S, hd/2)
+        return self._cached[device]
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, S] int64 -> (cos, sin), each [B, 1, S, head_dim] in `dtype` (angles in fp32)."""
+        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq_on(position_ids.device)  # (B, S, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, hd)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
@@ -403,9 +405,9 @@ class PreNormBlock(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
-        fn = partial(compiled_block(), self) if self.compile_blocks else self._block
-        hidden = maybe_checkpoint(self, fn, hidden, position_ids, enabled=self.use_grad_ckpt)
-        return hidden, position_ids
+        self.rotary.inv_freq_on(position_ids.device)  # no dict mutation inside a compiled/checkpointed region
+        run = compiled_block() if self.compile_blocks else _run_block
+        return run(self, hidden, position_ids), position_ids
 
     def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(position_ids, torch.float32 if self.rope_in_fp32 else hidden.dtype)
@@ -416,7 +418,10 @@ class PreNormBlock(nn.Module):
 
 
 def _run_block(block: PreNormBlock, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    return block._block(hidden, position_ids)
+    """The block, recomputed in backward with `use_grad_ckpt`. Compiled, the checkpoint is traced inside the
+    graph (compiling the function that checkpoints, not checkpointing a compiled function, which fails
+    torch.utils.checkpoint's recomputation check)."""
+    return maybe_checkpoint(block, block._block, hidden, position_ids, enabled=block.use_grad_ckpt)
 
 
 _COMPILED: list = []
@@ -630,10 +635,7 @@ class PairRotary(Rotary):
     """
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = position_ids.device
-        if device not in self._cached:
-            self._cached[device] = self.inv_freq.to(device)
-        freqs = position_ids[..., None].to(torch.float32) * self._cached[device]  # (B, S, rot/2)
+        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq_on(position_ids.device)  # (B, S, rot/2)
         return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]
 
 

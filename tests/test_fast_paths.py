@@ -95,8 +95,10 @@ def test_fused_loss_of_an_untrained_micro_batch_is_zero_with_zero_grads():
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
 
 
-def test_compiled_blocks_equal_eager_blocks():
-    plain, compiled = twin_models(CONFIGS["llama"](), compile_blocks=True)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_compiled_blocks_equal_eager_blocks(ckpt):
+    plain, compiled = twin_models(CONFIGS["llama"](), compile_blocks=True, use_grad_ckpt=ckpt)
+    plain.train(), compiled.train()
     ids, labels = batch()
     ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
     torch._dynamo.reset()

@@ -185,8 +185,7 @@ def packed_first_step_loss(pp, data_path, seq, tbs, seed) -> float:
 
     tok = load_tokenizer(pp)
     packed = PackedDataset(SFTDataset(data_path, tok, seq), seq, seed=seed)
-    feeder = PipeFeeder(packed, BatchPlan(len(packed), tbs, 1, tbs, 0, 1, seed), pad_id_of(tok), seq,
-                        pad_multiple=64)
+    feeder = PipeFeeder(packed, BatchPlan(len(packed), tbs, 1, tbs, 0, 1, seed), pad_id_of(tok), seq)
     feeder.start_epoch(0)
     model = load_sequential(pp, opts=ModelOptions(packed_sequences=True))
     total = 0.0
