@@ -110,3 +110,14 @@ def test_compiled_blocks_equal_eager_blocks(ckpt):
         assert_close(grads[n], ref_grads[n])
     # the four blocks share one compiled graph (the module is an input, not a constant)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_varlen_boundaries_and_document_mask_follow_position_ids():
+    from models.common import document_causal_mask, varlen_cu_seqlens
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [3, 4, 0, 1, 2, 3, 4, 5]])  # row 2 starts mid-document
+    cu, longest = varlen_cu_seqlens(pos)
+    assert cu.tolist() == [0, 3, 5, 8, 10, 16] and cu.dtype == torch.int32 and longest == 6
+    mask = document_causal_mask(pos)[:, 0]
+    assert mask[0, 4].tolist() == [False, False, False, True, True, False, False, False]
+    assert mask[1, 1].tolist() == [True, True] + [False] * 6 and mask[1, 7, 2:].all() and not mask[1, 7, :2].any()

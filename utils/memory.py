@@ -37,6 +37,9 @@ picks the wrapper; then `bf16_optimizer.py`, `fp16/fused_optimizer.py`, `zero/st
     sharded) during the step; DeepSpeed's FusedAdam/FusedLion update in place.
   * ZeRO-1 (`DeepSpeedZeroOptimizer`): weights lp + grads lp; fp32 master 4 + k sharded over D; at the
     step the averaged gradient partition (lp) and its fp32 copy (4), +(lp + 4)/D.
+  * ZeRO-1, with or without offload, also keeps a gradient-reduction bucket per GPU: `reduce_bucket_size`
+    (default 5e8) elements in lp plus an fp32 staging buffer of that size, 2.8 GiB in bf16 (counted in
+    `grads`; `zero_bucket_bytes`).
   * ZeRO-1 with `offload_optimizer: {device: cpu}`: the GPU keeps weights lp + grads lp; the host keeps,
     per rank, fp32 master 4 + fp32 grads 4 + k + the lp staging copy of the partition lp (+ lp accumulation
     buffer when gas > 1), all over D (shown as the `host` column; the GPU's one-parameter bounce buffer is
@@ -121,6 +124,7 @@ class Setup:
     fused_head_loss: bool
     parts: object  # 'auto' or a list
     torch_adam: bool = False  # optimizer.params.torch_adam: torch's foreach Adam(W) instead of FusedAdam
+    reduce_bucket: int = 500_000_000  # zero_optimization.reduce_bucket_size (elements), ZeRO-1 only
 
 
 def _enabled(section) -> bool:
@@ -175,7 +179,8 @@ def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
                  offload=offload and stage == 1, grad_acc_fp32=acc in ("fp32", "float32", "float"),
                  pipe=pipe, data=data, micro_batch=mbs, micro_batches=gas, seq=cfg["max_seq_len"],
                  grad_ckpt=cfg["use_grad_ckpt"], fused_head_loss=bool(cfg.ours.get("fused_head_loss", False)),
-                 parts=parts, torch_adam=torch_adam)
+                 parts=parts, torch_adam=torch_adam,
+                 reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +495,15 @@ def stage_activations(s: int, blocks: int, has_enter: bool, has_exit: bool, setu
     return n, kept + ends + boundary + logits
 
 
+def zero_bucket_bytes(setup: Setup) -> float:
+    """ZeRO-1's gradient-reduction bucket, per GPU whatever the stage size (`stage_1_and_2.py`): with a
+    pipeline and contiguous gradients, `reduce_bucket_size` elements in the model dtype at init, plus the
+    fp32 staging buffer of the same size it reduces through (measured on mixtral: see docs/memory.md)."""
+    if setup.zero_stage != 1:
+        return 0.0
+    return setup.reduce_bucket * (PRECISION_BYTES[setup.precision] + 4)
+
+
 def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
     import models
 
@@ -507,7 +521,8 @@ def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
         n, act = stage_activations(s, blocks, 0 in logical, num_blocks + 1 in logical, setup, per_token,
                                    _hidden(hf_cfg), margs.vocab_size)
         st = StagePlan(s, (start, start + count - 1), blocks, own, resident, n,
-                       weights=resident * per_param.weights, grads=resident * per_param.grads,
+                       weights=resident * per_param.weights,
+                       grads=resident * per_param.grads + zero_bucket_bytes(setup),
                        optim=resident * per_param.optim, activations=act, step=resident * per_param.step,
                        host=resident * per_param.host)
         st.total = st.weights + st.grads + st.optim + max(st.activations, st.step)
