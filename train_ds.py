@@ -138,9 +138,10 @@ def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int
         high = min(cfg["synthetic_max_len"] or seq, seq) if low else seq
         if low > high:
             raise ConfigError(f"synthetic_min_len: {low} is above the longest sample ({high})")
-        per_row = max(1, (2 * seq) // (low + high)) if cfg["packing"] else 1  # samples a packed row holds
-        return SyntheticDataset(steps * train_batch_size * per_row + train_batch_size, high, vocab_size,
-                                cfg["seed"], min_len=low or None)
+        count = steps * train_batch_size
+        if cfg["packing"]:  # enough samples for `steps` batches of rows, with a batch of rows to spare
+            count = (count + train_batch_size) * max(1, (2 * seq) // (low + high))
+        return SyntheticDataset(count, high, vocab_size, cfg["seed"], min_len=low or None)
     from data import SFTDataset
 
     if not os.path.isfile(cfg["data_path"]):

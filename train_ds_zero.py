@@ -47,10 +47,19 @@ def zero_stage(ds: dict) -> int:
     return int(zero.setdefault("stage", 3))
 
 
+PIPELINE_ONLY_KEYS = ("compile_blocks",)  # switches of our pipeline layers that are off by default
+
+
 def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
-    if list(cfg.dims) != [1, world] and rank == 0:
+    if rank != 0:
+        return
+    if list(cfg.dims) != [1, world]:
         log(f"model_topo.process_topology.dims {list(cfg.dims)} ignored: ZeRO runs all {world} ranks as "
             f"data-parallel replicas (dims [1, {world}])", rank)
+    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k]]
+    if ignored:
+        log(f"{', '.join(ignored)}: apply to train_ds.py's pipeline layers only; ignored for the HF model here",
+            rank)
 
 
 def has_hf_weights(model_dir: str) -> bool:
@@ -410,7 +419,13 @@ def train(cfg: TrainConfig) -> int:
         feeder.start_epoch(epoch, step - epoch * spe)
         for _ in range(step - epoch * spe, spe):
             t0 = time.perf_counter()
-            loss_v = mean_over_ranks(train_step(engine, feeder, loss_fn, plan.gas, device))
+            if step + 1 == cfg["profile_step"]:
+                from utils.profile import profile_call
+                loss_v = profile_call(lambda: mean_over_ranks(train_step(engine, feeder, loss_fn, plan.gas, device)),
+                                      os.path.join(cfg["save_path"], "profile"), rank, device,
+                                      {"stage": 0, "step": step + 1})
+            else:
+                loss_v = mean_over_ranks(train_step(engine, feeder, loss_fn, plan.gas, device))
             get_accelerator().synchronize()
             dt = time.perf_counter() - t0
             step += 1

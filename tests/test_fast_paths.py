@@ -121,3 +121,14 @@ def test_varlen_boundaries_and_document_mask_follow_position_ids():
     mask = document_causal_mask(pos)[:, 0]
     assert mask[0, 4].tolist() == [False, False, False, True, True, False, False, False]
     assert mask[1, 1].tolist() == [True, True] + [False] * 6 and mask[1, 7, 2:].all() and not mask[1, 7, :2].any()
+
+
+def test_profile_summary_splits_the_step_without_double_counting_overlap():
+    from utils.profile import kernel_kind, summarize, union_length
+
+    assert union_length([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert [kernel_kind(n) for n in ("ncclDevKernel_SendRecv", "sm90_xmma_gemm_bf16", "pytorch_flash::fwd",
+                                     "triton_poi_fused_mul_0")] == ["comm", "matmul", "attention", "other"]
+    s = summarize([("nccl_send", 0, 100), ("gemm", 50, 150), ("triton_red", 150, 160)], wall_us=200)
+    assert s["busy_ms"] == 0.16 and s["compute_busy_ms"] == 0.11 and abs(s["idle_ms"] - 0.04) < 1e-9
+    assert s["kernels_ms"] == {"comm": 0.1, "matmul": 0.1, "other": 0.01}

@@ -26,7 +26,8 @@ def zero_run(tiny_llama_pp, tmp_path_factory):
     """12 steps of ZeRO-3 on 2 ranks, stopped after 6 and resumed from the final checkpoint of step 6."""
     hf, _ = tiny_llama_pp
     tmp = tmp_path_factory.mktemp("zero3")
-    first = run_deepspeed("train_ds_zero.py", zero_config(hf, tmp / "out", n_epoches=2, max_steps=6), tmp, 2)
+    first = run_deepspeed("train_ds_zero.py", zero_config(hf, tmp / "out", n_epoches=2, max_steps=6, profile_step=2,
+                                                          compile_blocks=True), tmp, 2)
     assert_ok(first)
     resumed = run_deepspeed("train_ds_zero.py", zero_config(hf, tmp / "out", n_epoches=2, resume=True), tmp, 2)
     assert_ok(resumed)
@@ -56,6 +57,9 @@ def test_zero3_loss_falls_and_logs_every_step(zero_run):
     assert last3 < first3 - 0.3, (first3, last3)
     assert "ZeRO stage 3 over 2 ranks" in first.stderr
     assert "dims [2, 1] ignored" in first.stderr
+    assert "compile_blocks: apply to train_ds.py's pipeline layers only" in first.stderr
+    for rank in (0, 1):  # profile_step works here too
+        assert json.loads((out / "profile" / f"rank{rank}.json").read_text())["step"] == 2
     stats = sorted((out / "rank_stats").glob("rank*.json"))
     assert [json.loads(p.read_text())["rank"] for p in stats] == [0, 1]
 
@@ -103,6 +107,7 @@ def test_resumed_run_follows_the_pipeline_trajectory(zero_run, pipeline_referenc
 
 @pytest.mark.parametrize("overrides, words", [
     ({"use_flash_attn": True}, ["flash"]),
+    ({"packing": True}, ["packing", "train_ds.py", "attend"]),
     ({"train_batch_size": 5}, ["train_batch_size", "not divisible"]),
     ({"resume": True}, ["resume", "trainer 'pipeline'", "dims [1, 2]"]),
 ])
