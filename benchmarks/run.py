@@ -55,6 +55,7 @@ class Settings:
     keep_runs: bool
     datasheet_tflops: float | None
     overrides: list[str] = field(default_factory=list)  # extra `key=value` for every run
+    trainer_overrides: dict = field(default_factory=dict)  # trainer -> extra `key=value` for its runs only
     label: str = ""  # names this variant in run names and tables (e.g. "compiled")
     profile_step: int = 0
     matmul: dict = field(default_factory=dict)
@@ -86,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra trainer keys for every run, e.g. compile_blocks=true use_grad_ckpt=true")
     p.add_argument("--matmul-tflops", type=float, default=None,
                    help="use this dense matmul rate (from an earlier run on the same host) instead of measuring")
+    p.add_argument("--pipeline-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra keys for the pipeline runs only, e.g. model_topo.parts=[5,4,4,4,4,4,4,5]")
+    p.add_argument("--zero-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra keys for the ZeRO runs only, e.g. zero_optimization.zero_quantized_weights=true (ZeRO++)")
+    p.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="mixed precision of both trainers")
     p.add_argument("--label", default="", help="variant name added to run names and tables")
     p.add_argument("--profile-step", type=int, default=0,
                    help="profile this step of every run (train_ds.py profile_step; kept under the run dir)")
@@ -108,12 +114,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     host, date = host_and_date()
     work_dir = args.work_dir or os.path.join(ROOT, "benchmarks", "work", f"{host}-{date}")
     env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TOKENIZERS_PARALLELISM": "false"}
-    for item in args.overrides:
+    for item in args.overrides + args.pipeline_set + args.zero_set:
         if "=" not in item:
-            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+            raise SystemExit(f"--set/--pipeline-set/--zero-set: expected KEY=VALUE, got {item!r}")
     matmul_given = {"given_tflops": args.matmul_tflops} if args.matmul_tflops else {}
     common = dict(trainers=args.trainers, mbs_list=args.mbs, stop_below=args.stop_below, work_dir=work_dir,
                   keep_runs=args.keep_runs, overrides=list(args.overrides), label=args.label,
+                  trainer_overrides={"pipeline": list(args.pipeline_set), "zero": list(args.zero_set)},
                   profile_step=args.profile_step)
     if args.cpu_smoke:
         return Settings(mode="cpu-smoke", gpus=2, seqs=[64], work=workload.tiny_workload(), backends=["sdpa"],
@@ -122,7 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                         matmul={"device": "cpu", "n": 256, "dtype": "fp32", "iters": 5},
                         env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **common)
     return Settings(mode="gpu", gpus=args.gpus, seqs=args.seq,
-                    work=workload.llama7b_workload(args.global_batch, args.steps, args.warmup),
+                    work=workload.llama7b_workload(args.global_batch, args.steps, args.warmup, args.precision),
                     backends=available_backends(args.backends), zero_backends=available_backends(args.zero_backends),
                     max_mbs=args.max_mbs, timeout_s=args.timeout,
                     results_dir=args.results_dir or os.path.join(ROOT, "benchmarks", "results"),
@@ -190,7 +197,7 @@ def build_command(settings: Settings, config_path: str, trainer: str, backend: s
             os.path.join(ROOT, TRAINER_SCRIPT[trainer]), "--config", config_path, f"--save_path={save_path}",
             f"--max_seq_len={seq}", f"--train_micro_batch_size_per_gpu={mbs}",
             f"--use_flash_attn={'true' if backend == 'flash' else 'false'}",
-            *(f"--{item}" for item in settings.overrides),
+            *(f"--{item}" for item in settings.overrides + settings.trainer_overrides.get(trainer, [])),
             *([f"--profile_step={settings.profile_step}"] if settings.profile_step else [])]
 
 
@@ -228,7 +235,8 @@ class Runner:
         print(f"[bench] {name}: running (limit {s.timeout_s:.0f} s)", file=sys.stderr, flush=True)
         result = launch.run_command(cmd, child_env(s), os.path.join(s.work_dir, "logs", f"{name}.log"),
                                     s.timeout_s, gpus=s.gpus if s.mode == "gpu" else 0, cwd=ROOT)
-        record = {"trainer": trainer, "backend": backend, "label": s.label, "overrides": s.overrides,
+        record = {"trainer": trainer, "backend": backend, "label": s.label,
+                  "overrides": s.overrides + s.trainer_overrides.get(trainer, []),
                   "seq": seq, "mbs": mbs, "status": result.status,
                   "returncode": result.returncode, "elapsed_s": round(result.elapsed_s, 1),
                   "command": shown_command(s, cmd), "log": result.log_path, "smi_peak_gib": result.smi_peak_gib}

@@ -26,13 +26,15 @@ class Workload:
     warmup: int = 2
     lr: float = 1e-5
     extra: dict = field(default_factory=dict)
+    fp16: bool = False  # fp16 with dynamic loss scaling instead of bf16 (the seed's A100 table)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def llama7b_workload(global_batch: int = 64, steps: int = 6, warmup: int = 2) -> Workload:
-    return Workload("llama-7b shape", dict(LLAMA_7B), global_batch, bf16=True, steps=steps, warmup=warmup)
+def llama7b_workload(global_batch: int = 64, steps: int = 6, warmup: int = 2, precision: str = "bf16") -> Workload:
+    return Workload("llama-7b shape", dict(LLAMA_7B), global_batch, bf16=precision == "bf16", steps=steps,
+                    warmup=warmup, fp16=precision == "fp16")
 
 
 def tiny_workload(global_batch: int = 4, steps: int = 3, warmup: int = 2) -> Workload:
@@ -85,6 +87,9 @@ def trainer_config(trainer: str, work: Workload, model_dir: str, gpus: int) -> d
     }
     if work.bf16:
         cfg["bf16"] = {"enabled": True}
+    elif work.fp16:
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1}
     if trainer == "zero":
         cfg["zero_optimization"] = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}
     return cfg

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from benchmarks import launch, report, run, workload
 from tests.conftest import ROOT
@@ -152,3 +153,23 @@ def test_throughput_leaves_out_warmup_steps():
     assert tp["steps_measured"] == 2 and tp["samples_per_s"] == pytest.approx(4.0)
     assert tp["tokens_per_s"] == pytest.approx(500.0)
     assert report.throughput(rows[:2], warmup=2, global_batch=8) is None
+
+
+def test_trainer_specific_keys_and_fp16_reach_only_their_runs(tmp_path):
+    """What the 8-GPU seed-table run needs: fp16, the seed's parts for the pipeline, ZeRO++ keys for ZeRO."""
+    args = run.parse_args(["--gpus", "8", "--precision", "fp16", "--global-batch", "128", "--set", "use_grad_ckpt=false",
+                           "--pipeline-set", "model_topo.parts=[5,4,4,4,4,4,4,5]", "--zero-set",
+                           "zero_optimization.zero_quantized_weights=true", "--work-dir", str(tmp_path)])
+    settings = run.settings_from_args(args)
+    paths = run.write_configs(settings)
+    pipe = run.build_command(settings, paths["pipeline"], "pipeline", "sdpa", 256, 1, str(tmp_path / "p"))
+    zero = run.build_command(settings, paths["zero"], "zero", "sdpa", 256, 1, str(tmp_path / "z"))
+    assert "--model_topo.parts=[5,4,4,4,4,4,4,5]" in pipe and "--use_grad_ckpt=false" in pipe
+    assert not any("zero_quantized" in a for a in pipe)
+    assert "--zero_optimization.zero_quantized_weights=true" in zero and not any("parts" in a for a in zero)
+    for trainer in ("pipeline", "zero"):
+        cfg = yaml.safe_load(open(paths[trainer]))
+        assert cfg["fp16"]["enabled"] and "bf16" not in cfg and cfg["train_batch_size"] == 128
+    # the pipeline's parts override is a valid value for the trainer's own config check
+    from utils.config import parse_overrides
+    assert parse_overrides(["--model_topo.parts=[5,4,4,4,4,4,4,5]"]) == {"model_topo.parts": [5, 4, 4, 4, 4, 4, 4, 5]}
