@@ -319,6 +319,10 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
     if rank == 0:
         log(f"{prep.family.model_type}: {len(prep.costs) - 2} blocks, partition {prep.parts}: "
             f"{describe_parts(prep.parts, prep.costs)}", rank)
+        compilable = any(issubclass(getattr(s, "typename", object), models.common.PreNormBlock) for s in specs)
+        if cfg["compile_blocks"] and not compilable:
+            log(f"compile_blocks: {prep.family.model_type}'s blocks run eagerly (only llama-style blocks are "
+                f"compiled)", rank)
     if cfg["from_scratch"]:
         init_from_scratch(module, prep.hf_cfg, cfg["seed"])
     elif not cfg["resume"] or ckpt.newest_complete(cfg["save_path"]) is None:
