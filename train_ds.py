@@ -390,7 +390,7 @@ def train(cfg: TrainConfig) -> int:
     from data import pad_id_of
     from models.mixtral import expert_load_metrics
     from utils.guard import BadStepCounter
-    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, write_rank_stats
+    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, step_row, write_rank_stats
     from utils.train_data import BatchPlan, PipeFeeder
 
     prep = prepare(cfg)  # everything a user can get wrong, before the first collective
@@ -408,7 +408,8 @@ def train(cfg: TrainConfig) -> int:
         plan = BatchPlan(len(prep.dataset), prep.tbs, prep.mbs, prep.gas, dp_rank, dp, cfg["seed"])
         feeder = PipeFeeder(prep.dataset, plan, pad_id_of(prep.tokenizer) if prep.tokenizer is not None else 0,
                             cfg["max_seq_len"], cfg["num_workers"],
-                            sum_over_dp=_dp_summer(engine, device) if engine.is_last_stage() and dp > 1 else None,
+                            sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
+                            if engine.is_last_stage() and dp > 1 else None,
                             pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
 
     # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
@@ -477,22 +478,9 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
-def step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, tbs, dp, flops_per_token_per_gpu, peak_gib) -> dict:
-    """One metrics.jsonl line. Token counts are this replica's times `dp` (replicas see equal shapes)."""
-    tokens = feeder.last_step_tokens * dp
-    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "skipped": skipped,
-            "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
-            "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
-            "tflops_per_gpu": flops_per_token_per_gpu * tokens / dt / 1e12, "step_time_s": dt,
-            "peak_mem_gib": peak_gib}
-
-
-def _dp_summer(engine, device):
-    """Sum a [1] tensor over the data-parallel replicas of this stage (the global token count)."""
+def summer(device, group=None):
+    """Sum a [1] tensor over the ranks of `group` (default: all ranks): the global token count."""
     import torch.distributed as dist
-
-    group = engine.grid.get_data_parallel_group()
 
     def summed(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ from typing import Any
 
 import torch
 
-from train_ds import build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, run_cli
+from train_ds import (build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, run_cli,
+                      summer)
 from utils.config import ConfigError, TrainConfig, resolve_batch
 from utils.guard import BadStepCounter
 from utils.metrics import log, write_rank_stats
@@ -378,7 +378,7 @@ def make_feeder(cfg: TrainConfig, plan: RunPlan, rank: int, device):
     pad_id = pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0
     batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, rank, plan.world, cfg["seed"])
     return PipeFeeder(plan.dataset, batches, pad_id, cfg["max_seq_len"], cfg["num_workers"],
-                      sum_over_dp=_world_summer(device) if plan.world > 1 else None,
+                      sum_over_dp=summer(device) if plan.world > 1 else None,
                       pad_multiple=cfg["pad_to_multiple_of"])
 
 
@@ -387,7 +387,7 @@ def train(cfg: TrainConfig) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from models.common import CausalLMLoss
-    from utils.metrics import MetricsWriter, peak_mem_gib
+    from utils.metrics import MetricsWriter, peak_mem_gib, step_row
 
     plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device = init_distributed()
@@ -457,28 +457,6 @@ def train(cfg: TrainConfig) -> int:
     log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"]
                                  else ""), rank)
     return 0
-
-
-def step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, tbs, dp, flops_per_token_per_gpu, peak_gib) -> dict:
-    """One metrics.jsonl line (train_ds.py's fields). Token counts are this rank's times `dp`."""
-    tokens = feeder.last_step_tokens * dp
-    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "skipped": skipped,
-            "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
-            "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
-            "tflops_per_gpu": flops_per_token_per_gpu * tokens / dt / 1e12, "step_time_s": dt,
-            "peak_mem_gib": peak_gib}
-
-
-def _world_summer(device):
-    """Sum a [1] tensor over all ranks (every rank is a data-parallel replica): the global token count."""
-    import torch.distributed as dist
-
-    def summed(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device)
-        dist.all_reduce(t)
-        return t.cpu()
-    return summed
 
 
 if __name__ == "__main__":

@@ -23,28 +23,24 @@ def read_metrics(save_path: str) -> list[dict]:
     return rows
 
 
+def read_rank_files(save_path: str, folder: str) -> list[dict]:
+    """The `save_path/<folder>/rank{R}.json` records of every rank, in rank order ([] if none)."""
+    records = []
+    for path in glob.glob(os.path.join(save_path, folder, "rank*.json")):
+        with open(path) as f:
+            records.append(json.load(f))
+    return sorted(records, key=lambda r: r["rank"])
+
+
 def read_rank_peaks(save_path: str) -> list[float] | None:
     """Peak GiB of every rank from `save_path/rank_stats/rank{R}.json`, in rank order; None if absent."""
-    files = glob.glob(os.path.join(save_path, "rank_stats", "rank*.json"))
-    if not files:
-        return None
-    stats = []
-    for path in files:
-        with open(path) as f:
-            stats.append(json.load(f))
-    return [round(float(s["peak_mem_gib"]), 2) for s in sorted(stats, key=lambda s: s["rank"])]
+    stats = read_rank_files(save_path, "rank_stats")
+    return [round(float(s["peak_mem_gib"]), 2) for s in stats] or None
 
 
 def read_profiles(save_path: str) -> list[dict] | None:
     """The per-rank time split of a profiled step (`save_path/profile/rank{R}.json`), in rank order."""
-    files = glob.glob(os.path.join(save_path, "profile", "rank*.json"))
-    if not files:
-        return None
-    out = []
-    for path in files:
-        with open(path) as f:
-            out.append(json.load(f))
-    return sorted(out, key=lambda p: p["rank"])
+    return read_rank_files(save_path, "profile") or None
 
 
 def throughput(rows: list[dict], warmup: int, global_batch: int) -> dict | None:

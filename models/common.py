@@ -329,12 +329,10 @@ def varlen_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     Every row starts a document at its first token, whatever its position id, so rows never merge.
     """
-    flat = position_ids.reshape(-1)
-    starts = flat == 0
-    starts = starts.view(position_ids.shape).clone()
+    starts = position_ids == 0
     starts[:, 0] = True
     idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    total = torch.tensor([flat.numel()], device=idx.device, dtype=idx.dtype)
+    total = torch.tensor([position_ids.numel()], device=idx.device, dtype=idx.dtype)
     cu = torch.cat([idx, total]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -48,3 +49,15 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, tbs, dp, flops_per_token_per_gpu, peak_gib) -> dict:
+    """One metrics.jsonl line, the same for both trainers. Token counts are this replica's times `dp`
+    (replicas see equal shapes)."""
+    tokens = feeder.last_step_tokens * dp
+    return {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "skipped": skipped,
+            "samples_per_s": tbs / dt, "tokens_per_s": tokens / dt,
+            "trained_tokens_per_s": feeder.last_step_trained * dp / dt,
+            "tflops_per_gpu": flops_per_token_per_gpu * tokens / dt / 1e12, "step_time_s": dt,
+            "peak_mem_gib": peak_gib}
