@@ -35,7 +35,9 @@ class ModelOptions:
     fused_head_loss: the Exit layer returns `(hidden, head weight)` instead of logits and the loss runs
         head + cross entropy chunk by chunk (`chunked_linear_cross_entropy`): the `[tokens, vocab]`
         logits never exist whole. The trainer turns it on; tests, `verify` and the demo see logits.
-    compile_blocks: `torch.compile` each llama-style block's math (fuses norms, RoPE, SwiGLU, residuals).
+    compile_blocks: `torch.compile` each block's math (fuses norms, RoPE, SwiGLU, residuals).
+    moe_grouped_gemm: MoE experts run as one grouped GEMM over tokens sorted by expert (`torch._grouped_mm`),
+        with no host sync; False loops over the experts (one matmul chain each).
     """
     use_grad_ckpt: bool = False
     use_flash_attn: bool = False
@@ -44,6 +46,7 @@ class ModelOptions:
     packed_sequences: bool = False
     fused_head_loss: bool = False
     compile_blocks: bool = False
+    moe_grouped_gemm: bool = True
 
 
 @dataclass(frozen=True)
@@ -506,58 +509,86 @@ def split_labels(labels: torch.Tensor | tuple | list) -> tuple[torch.Tensor, tor
     return labels, None
 
 
-def head_chunk_rows(vocab: int, budget_bytes: int = 1 << 28) -> int:
-    """Tokens per chunk of the fused head + loss: about `budget_bytes` of fp32 logits (256 MiB)."""
+def head_chunk_rows(vocab: int, budget_bytes: int = 1 << 30) -> int:
+    """Tokens per chunk of the fused head + loss: about `budget_bytes` of fp32 logits (1 GiB)."""
     return max(1, budget_bytes // (4 * vocab))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Σ CE(hidden @ weightᵀ, targets) (+ z · Σ max_logit²) over rows, chunk by chunk.
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, write_grad: bool) -> torch.Tensor:
+    """One chunk: logits [c, V] (compute dtype), targets [c] -> Σ CE (+ z·Σ max²), fp32 scalar.
 
-    Forward computes the loss and, while each chunk's logits exist, its gradients: d loss / d logits =
-    softmax − onehot (+ 2·z·max at the argmax), then d hidden = g @ W and d W += gᵀ @ h. Backward only
-    scales them by the incoming gradient. So neither pass holds more than one chunk of `[rows, vocab]`
-    logits, and nothing is recomputed. Logits are upcast to fp32 as in the unfused loss.
+    With `write_grad`, `logits` is overwritten in place with d loss / d logits: softmax − onehot (+ 2·z·max
+    at the argmax), zero on ignored rows, computed in fp32 and stored in the compute dtype, as the unfused
+    loss's backward hands it to the head. Written as one expression per step so that `torch.compile` fuses
+    it into two passes over the chunk (reductions, then the gradient) with no fp32 `[c, V]` temporaries.
+    """
+    x = logits.float()
+    valid = targets != IGNORE_INDEX
+    safe_t = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, safe_t[:, None])[:, 0]
+    total = torch.where(valid, lse - picked, 0.0).sum()
+    if z_weight:
+        top, top_idx = x.max(dim=-1)
+        total = total + z_weight * torch.where(valid, top.square(), 0.0).sum()
+    if not write_grad:
+        return total
+    cols = torch.arange(x.shape[-1], device=x.device)
+    g = torch.exp(x - lse[:, None]) - (cols == safe_t[:, None]).to(torch.float32)
+    if z_weight:
+        g = g + (cols == top_idx[:, None]).to(torch.float32) * (2.0 * z_weight * top)[:, None]
+    logits.copy_(g * valid[:, None])
+    return total
+
+
+_COMPILED_CHUNK: list = []
+
+
+def chunk_loss_fn(device: torch.device) -> Callable:
+    """`_chunk_loss`, through `torch.compile` on CUDA (measured: benchmarks/results/gpu-checks-*.json), eager
+    elsewhere (CPU tests check the eager function; the compiled one computes the same expressions)."""
+    if device.type != "cuda":
+        return _chunk_loss
+    if not _COMPILED_CHUNK:
+        _COMPILED_CHUNK.append(torch.compile(_chunk_loss, dynamic=False))
+    return _COMPILED_CHUNK[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(hidden @ weightᵀ, targets) (+ z · Σ max_logit²) over rows, the fp32 part chunk by chunk.
+
+    Forward writes each chunk's logits into one `[rows, vocab]` buffer in the compute dtype (the size of the
+    unfused path's bf16 logits) and, while they are fresh, turns them in place into d loss / d logits
+    (`_chunk_loss`). Backward is then the unfused head's backward, the same two GEMMs over all rows:
+    d hidden = g @ W and d W = gᵀ @ h, scaled by the incoming gradient. So the `[rows, vocab]` fp32 logits
+    and their fp32 gradient never exist whole, nothing is recomputed, and no `[vocab, hidden]` fp32
+    accumulator is read and written per chunk (what made the earlier in-forward version slow at large vocab).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, z_weight: float, chunk: int):
         rows = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if weight.requires_grad else None
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        run = chunk_loss_fn(hidden.device)
+        grad_logits = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device) \
+            if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.t()).float()  # (c, V)
-            valid = t != IGNORE_INDEX
-            safe_t = torch.where(valid, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_t[:, None])[:, 0]
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if z_weight:
-                top, top_idx = logits.max(dim=-1)
-                total += z_weight * torch.where(valid, top.square(), 0.0).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            g.scatter_add_(1, safe_t[:, None], torch.full_like(lse, -1.0)[:, None])
-            if z_weight:
-                g.scatter_add_(1, top_idx[:, None], (2.0 * z_weight * top)[:, None])
-            g.mul_(valid[:, None])
-            g = g.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[start:start + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ h).float()
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+            h = hidden[start:start + chunk]
+            if needs_grad:
+                logits = torch.mm(h, weight.t(), out=grad_logits[start:start + chunk])
+            else:
+                logits = h @ weight.t()
+            total += run(logits, targets[start:start + chunk], z_weight, needs_grad)
+        ctx.save_for_backward(grad_logits, hidden, weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        gw = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        grad_logits, hidden, weight = ctx.saved_tensors
+        scale = grad_out.to(hidden.dtype)
+        gh = (grad_logits @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        gw = (grad_logits.t() @ hidden).mul_(scale) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None
 
 

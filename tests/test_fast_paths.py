@@ -87,6 +87,44 @@ def test_chunked_cross_entropy_matches_full_logits_in_any_chunking():
             assert_close(a, b)
 
 
+def test_compiled_chunk_loss_equals_eager_and_writes_the_gradient_in_place():
+    from models.common import _chunk_loss
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 37, generator=g) * 3
+    targets = torch.randint(0, 37, (9,), generator=g)
+    targets[[1, 8]] = -100
+    ref_in = logits.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_in, targets, ignore_index=-100, reduction="sum")
+    ref = ref + 0.1 * (ref_in.max(-1).values.square() * (targets != -100)).sum()
+    (ref_grad,) = torch.autograd.grad(ref, ref_in)
+    torch._dynamo.reset()
+    for fn in (_chunk_loss, torch.compile(_chunk_loss, dynamic=False)):
+        buf = logits.clone()
+        assert_close(fn(buf, targets, 0.1, True), ref)
+        assert_close(buf, ref_grad)
+        assert_close(fn(logits.clone(), targets, 0.1, False), ref)
+
+
+def test_fused_head_keeps_no_fp32_logits_and_matches_the_plain_head_in_bf16():
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 64, 1000
+    hidden = torch.randn(rows, 32, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, 32, generator=g) * 0.1).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk=16)
+    big_fp32 = [t for t in saved if t.dtype == torch.float32 and t.numel() >= rows * vocab]
+    assert saved and not big_fp32, [(t.dtype, tuple(t.shape)) for t in saved]
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    assert torch.allclose(loss, ref, rtol=1e-3)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16 and ((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+
+
 def test_fused_loss_of_an_untrained_micro_batch_is_zero_with_zero_grads():
     hidden = torch.randn(2, 5, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)

@@ -71,8 +71,8 @@ Per stage, with n = min(P - s, gas) micro-batches in flight under 1F1B:
     t * B_boundary * (n * [s > 0] + n * [s < P-1] + [s > 0] + [s < P-1]), B_boundary = bytes per token
     of the tensors a block hands on (hidden in lp, position ids int64, mixtral's router statistics).
   * logits (last stage, one micro-batch): t * V * (lp + 4 fp32 upcast + 4 fp32 gradient), unless the
-    config sets `fused_head_loss: true`, whose chunked head + loss keeps only one chunk (about 256 MiB of
-    fp32 logits): treated as negligible.
+    config sets `fused_head_loss: true` (the default), whose head + loss keeps d loss / d logits in the
+    compute dtype, t * V * lp, and one chunk (at most 1 GiB) of fp32 temporaries on the side.
   total = weights + grads + optim + max(activations, step). Not included: the CUDA context, NCCL buffers
   and allocator fragmentation (typically 1-3 GiB): lower `--gpu-gib` to keep a margin.
 """
@@ -178,7 +178,7 @@ def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
     return Setup(precision=precision_of(ds), optimizer=name, state_bytes=state, zero_stage=stage,
                  offload=offload and stage == 1, grad_acc_fp32=acc in ("fp32", "float32", "float"),
                  pipe=pipe, data=data, micro_batch=mbs, micro_batches=gas, seq=cfg["max_seq_len"],
-                 grad_ckpt=cfg["use_grad_ckpt"], fused_head_loss=bool(cfg.ours.get("fused_head_loss", False)),
+                 grad_ckpt=cfg["use_grad_ckpt"], fused_head_loss=bool(cfg.ours.get("fused_head_loss", True)),
                  parts=parts, torch_adam=torch_adam,
                  reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))))
 
@@ -491,7 +491,7 @@ def stage_activations(s: int, blocks: int, has_enter: bool, has_exit: bool, setu
     ends = n * tokens * (per_token["enter"] * has_enter + per_token["exit"] * has_exit)
     first, last = s == 0, s == p - 1
     boundary = tokens * per_token["boundary"] * (n * (not first) + n * (not last) + (not first) + (not last))
-    logits = 0 if (not last or setup.fused_head_loss) else tokens * vocab * (lp + 4 + 4)
+    logits = 0 if not last else tokens * vocab * (lp if setup.fused_head_loss else lp + 4 + 4)
     return n, kept + ends + boundary + logits
 
 
