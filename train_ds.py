@@ -234,6 +234,14 @@ class Prepared:
     total_steps: int
 
 
+def resolve_compile_blocks(value: bool | str) -> bool:
+    """`compile_blocks: auto` compiles when training on CUDA GPUs (A/B in benchmarks/results/families-*) and
+    runs eagerly on CPU, where compiling costs more than it saves."""
+    if value != "auto":
+        return bool(value)
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
     import models
     from data import DataError
@@ -253,7 +261,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
                                aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]),
                                packed_sequences=cfg["packing"], fused_head_loss=cfg["fused_head_loss"],
-                               compile_blocks=cfg["compile_blocks"])
+                               compile_blocks=resolve_compile_blocks(cfg["compile_blocks"]),
+                               moe_grouped_gemm=cfg["moe_grouped_gemm"])
     try:
         models.common.check_attention_backend(opts)
     except models.ModelError as e:
@@ -319,10 +328,8 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
     if rank == 0:
         log(f"{prep.family.model_type}: {len(prep.costs) - 2} blocks, partition {prep.parts}: "
             f"{describe_parts(prep.parts, prep.costs)}", rank)
-        compilable = any(issubclass(getattr(s, "typename", object), models.common.PreNormBlock) for s in specs)
-        if cfg["compile_blocks"] and not compilable:
-            log(f"compile_blocks: {prep.family.model_type}'s blocks run eagerly (only llama-style blocks are "
-                f"compiled)", rank)
+        log(f"compile_blocks: {'on (torch.compile; the first step compiles)' if prep.opts.compile_blocks else 'off'}"
+            f", fused_head_loss: {'on' if prep.opts.fused_head_loss else 'off'}", rank)
     if cfg["from_scratch"]:
         init_from_scratch(module, prep.hf_cfg, cfg["seed"])
     elif not cfg["resume"] or ckpt.newest_complete(cfg["save_path"]) is None:
@@ -390,7 +397,7 @@ def train(cfg: TrainConfig) -> int:
     from data import pad_id_of
     from models.mixtral import expert_load_metrics
     from utils.guard import BadStepCounter
-    from utils.metrics import MetricsWriter, flops_per_token, peak_mem_gib, step_row, write_rank_stats
+    from utils.metrics import MetricsWriter, family_flops_per_token, peak_mem_gib, step_row, write_rank_stats
     from utils.train_data import BatchPlan, PipeFeeder
 
     prep = prepare(cfg)  # everything a user can get wrong, before the first collective
@@ -414,8 +421,7 @@ def train(cfg: TrainConfig) -> int:
 
     # Active parameters outside the input embedding (MoE: only the top-k experts), from the family's
     # cost model at seq 1 where attention is negligible; attention is added causal-unaware as usual.
-    active_params = sum(prep.family.layer_flops(prep.margs, 1)) / 2
-    fpt = flops_per_token(active_params, prep.margs.num_layers, prep.margs.hidden_size, cfg["max_seq_len"])
+    fpt = family_flops_per_token(prep.family, prep.margs, cfg["max_seq_len"])
 
     metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl")) if is_reporter else None
     bar = None

@@ -5,8 +5,10 @@
 The peer of train_ds.py: the same YAML keys (utils.config), the same data order and per-token loss
 normalisation (utils.train_data), the same metrics.jsonl rows, tqdm bar, checkpoints with COMPLETE
 markers and resume. Differences: `model_path` is an HF directory (or any dir with config.json and a
-tokenizer when `from_scratch`), every rank is a data-parallel replica (`model_topo` is ignored), and
-`save_path/checkpoint_final` also holds an HF export (safetensors + tokenizer) next to DeepSpeed's files.
+tokenizer when `from_scratch`), every rank is a data-parallel replica (`model_topo` is optional and
+ignored), and `save_path/checkpoint_final` also holds an HF export (safetensors + tokenizer) next to
+DeepSpeed's files. Attention is PyTorch SDPA, or eager where transformers' class has no SDPA path (BLOOM).
+TFLOP/s counts FLOPs as train_ds.py does for the model types it knows (MoE: active experts only).
 
 The model is built under `deepspeed.zero.Init` (through transformers' DeepSpeed integration), so a 7B
 model never materialises on one rank. ZeRO++ (`zero_quantized_weights`, `zero_hpz_partition_size`,
@@ -28,7 +30,7 @@ from train_ds import (build_dataset, fill_scheduler_steps, init_distributed, loa
                       summer)
 from utils.config import ConfigError, TrainConfig, resolve_batch
 from utils.guard import BadStepCounter
-from utils.metrics import log, write_rank_stats
+from utils.metrics import family_flops_per_token, log, write_rank_stats
 
 TRAINER = "zero"
 HF_WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
@@ -47,16 +49,19 @@ def zero_stage(ds: dict) -> int:
     return int(zero.setdefault("stage", 3))
 
 
-PIPELINE_ONLY_KEYS = ("compile_blocks",)  # switches of our pipeline layers that are off by default
+# Switches of our pipeline layers, noted when set explicitly to true (compile_blocks' default "auto" is silent).
+# Pipeline switches that default on (fused_head_loss, moe_grouped_gemm) are ignored here without a note.
+PIPELINE_ONLY_KEYS = ("compile_blocks",)
 
 
 def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
     if rank != 0:
         return
-    if list(cfg.dims) != [1, world]:
-        log(f"model_topo.process_topology.dims {list(cfg.dims)} ignored: ZeRO runs all {world} ranks as "
+    dims = cfg["model_topo.process_topology.dims"]  # optional here
+    if dims is not None and list(dims) != [1, world]:
+        log(f"model_topo.process_topology.dims {list(dims)} ignored: ZeRO runs all {world} ranks as "
             f"data-parallel replicas (dims [1, {world}])", rank)
-    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k]]
+    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k] is True]
     if ignored:
         log(f"{', '.join(ignored)}: apply to train_ds.py's pipeline layers only; ignored for the HF model here",
             rank)
@@ -81,14 +86,48 @@ def read_model_config(cfg: TrainConfig, resuming: bool) -> dict:
     return hf_cfg
 
 
-def attn_implementation(cfg: TrainConfig) -> str:
-    if not cfg["use_flash_attn"]:
-        return "sdpa"
-    from models.common import flash_attn_available
+# transformers' ValueError when a class has no SDPA path (PreTrainedModel._sdpa_can_dispatch)
+SDPA_UNSUPPORTED = ("does not support an attention implementation through "
+                    "torch.nn.functional.scaled_dot_product_attention")
 
-    if not flash_attn_available():
-        raise ConfigError("use_flash_attn: true but flash-attn is not installed")
-    return "flash_attention_2"
+
+def causal_lm_class(cfg: TrainConfig, hf_cfg: dict):
+    """transformers' built-in class that `AutoModelForCausalLM` builds for this config.json, or None when
+    that is only known while building (remote code, or a model_type transformers lacks: build_model says)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if cfg["trust_remote_code"] and "AutoModelForCausalLM" in (hf_cfg.get("auto_map") or {}):
+        return None
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_cfg.get("model_type"))
+    return getattr(transformers, name, None) if name else None
+
+
+def sdpa_fallback_note(class_name: str) -> str:
+    import transformers
+
+    return (f"attention: {class_name} has no SDPA support in transformers {transformers.__version__}; "
+            f"using eager attention")
+
+
+def choose_attention(cfg: TrainConfig, model_cls=None) -> tuple[str, str | None]:
+    """(attn_implementation, note to log or None): flash-attn when asked (or a ConfigError saying why not),
+    else SDPA, or eager with a note when `model_cls` (see causal_lm_class) has no SDPA path, e.g. BLOOM."""
+    import transformers
+
+    if cfg["use_flash_attn"]:
+        if model_cls is not None and not (getattr(model_cls, "_supports_flash_attn", False)
+                                          or getattr(model_cls, "_supports_flash_attn_2", False)):
+            raise ConfigError(f"use_flash_attn: {model_cls.__name__} has no flash-attention support in "
+                              f"transformers {transformers.__version__}; set use_flash_attn: false")
+        from models.common import flash_attn_available
+
+        if not flash_attn_available():
+            raise ConfigError("use_flash_attn: true but flash-attn is not installed")
+        return "flash_attention_2", None
+    if model_cls is not None and not getattr(model_cls, "_supports_sdpa", False):
+        return "eager", sdpa_fallback_note(model_cls.__name__)
+    return "sdpa", None
 
 
 def model_dtype(ds: dict) -> torch.dtype:
@@ -135,23 +174,35 @@ def hf_deepspeed_config(ds: dict):
     return _ZeroConfigRef(ds)
 
 
-def build_model(cfg: TrainConfig, ds: dict, from_weights: bool):
+def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdpa"):
     """The HF model, partitioned at construction under ZeRO-3; weights from `model_path` if `from_weights`,
-    else HF's random init (seeded by `seed`)."""
+    else HF's random init (seeded by `seed`). `attn` comes from choose_attention; a class only known while
+    building (remote code) that refuses SDPA is built with eager attention instead, with a note."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(attn_implementation=attn_implementation(cfg), dtype=model_dtype(ds),
-                  trust_remote_code=cfg["trust_remote_code"])
-    keep_alive = hf_deepspeed_config(ds)
-    torch.manual_seed(cfg["seed"])
-    try:
+    def build(attn_impl: str):
+        kwargs = dict(attn_implementation=attn_impl, dtype=model_dtype(ds),
+                      trust_remote_code=cfg["trust_remote_code"])
+        torch.manual_seed(cfg["seed"])
         if from_weights:
-            model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], **kwargs)
-        else:
-            hf_config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-            model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            return AutoModelForCausalLM.from_pretrained(cfg["model_path"], **kwargs)
+        hf_config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+
+    keep_alive = hf_deepspeed_config(ds)
+    try:
+        try:
+            model = build(attn)
+        except ValueError as e:
+            if attn != "sdpa" or SDPA_UNSUPPORTED not in str(e):
+                raise
+            class_name = str(e).split(" does not support", 1)[0]
+            if int(os.environ.get("RANK", "0")) == 0:
+                log(sdpa_fallback_note(class_name))
+            model = build("eager")
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model_path: cannot build a causal LM from {cfg['model_path']}: {e}") from None
+        key = "use_flash_attn" if attn.startswith("flash") and "Flash Attention" in str(e) else "model_path"
+        raise ConfigError(f"{key}: cannot build a causal LM from {cfg['model_path']}: {e}") from None
     del keep_alive
     if cfg["use_grad_ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -168,8 +219,30 @@ def count_params(model) -> int:
     return total
 
 
+def registered_family(hf_cfg: dict):
+    """(family, args) when our registry (models.get_family) knows config.json's model_type, else None."""
+    import models
+
+    try:
+        family = models.get_family(hf_cfg.get("model_type"))
+        return family, family.read_config(hf_cfg)
+    except models.ModelError:
+        return None
+
+
 def model_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:
-    """6N + 12·L·h·s with N = all parameters except the input embedding (a tied head still counts)."""
+    """Training FLOPs per token for TFLOP/s. A model_type of our registry: train_ds.py's count
+    (utils.metrics.family_flops_per_token: MoE counts the router and top-k experts only); any other
+    (e.g. transformers' `glm`): param_flops_per_token."""
+    known = registered_family(hf_cfg)
+    if known is not None:
+        return family_flops_per_token(*known, seq_len)
+    return param_flops_per_token(model, hf_cfg, seq_len)
+
+
+def param_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:
+    """6N + 12·L·h·s with N = all parameters except the input embedding (a tied head still counts; MoE:
+    every expert, so it overcounts by the idle experts)."""
     from utils.metrics import flops_per_token
 
     hidden = int(hf_cfg.get("hidden_size", 0))
@@ -287,6 +360,8 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     resume_tag: str | None
+    attn: str = "sdpa"  # attn_implementation (choose_attention)
+    attn_note: str | None = None  # why it is not the one asked for
 
 
 def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
@@ -305,7 +380,7 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     if tag is not None:
         check_resume_info(ckpt.read_info(cfg["save_path"], tag), tag, world)
     hf_cfg = read_model_config(cfg, resuming=tag is not None)
-    attn_implementation(cfg)
+    attn, attn_note = choose_attention(cfg, causal_lm_class(cfg, hf_cfg))
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
         dataset = build_dataset(cfg, tokenizer, hf_cfg["vocab_size"], tbs)
@@ -319,7 +394,8 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(cfg.ds, total_steps)
-    return RunPlan(world, stage, tbs, mbs, gas, hf_cfg, tokenizer, dataset, steps_per_epoch, total_steps, tag)
+    return RunPlan(world, stage, tbs, mbs, gas, hf_cfg, tokenizer, dataset, steps_per_epoch, total_steps, tag,
+                   attn, attn_note)
 
 
 def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int, epoch: int,
@@ -351,7 +427,8 @@ def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int
 def build_engine(cfg: TrainConfig, plan: RunPlan):
     import deepspeed
 
-    model = build_model(cfg, cfg.ds, from_weights=not cfg["from_scratch"] and plan.resume_tag is None)
+    model = build_model(cfg, cfg.ds, from_weights=not cfg["from_scratch"] and plan.resume_tag is None,
+                        attn=plan.attn)
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg.ds,
                                            model_parameters=param_groups(model, cfg["optimizer.no_wd_kws"]))
     return engine
@@ -393,12 +470,15 @@ def train(cfg: TrainConfig) -> int:
     device = init_distributed()
     rank = dist.get_rank()
     note_ignored_topology(cfg, plan.world, rank)
+    if rank == 0 and plan.attn_note:
+        log(plan.attn_note, rank)
     engine = build_engine(cfg, plan)
     loss_fn = CausalLMLoss(float(cfg["aux_max_z_loss.weight"]))
     fpt = model_flops_per_token(engine.module, plan.hf_cfg, cfg["max_seq_len"])
     if rank == 0:
         log(f"{plan.hf_cfg.get('model_type')}: {count_params(engine.module) / 1e6:.1f}M parameters, ZeRO stage "
-            f"{plan.stage} over {plan.world} ranks, attention {attn_implementation(cfg)}, {model_dtype(cfg.ds)}", rank)
+            f"{plan.stage} over {plan.world} ranks, attention "
+            f"{getattr(engine.module.config, '_attn_implementation', None) or plan.attn}, {model_dtype(cfg.ds)}", rank)
         log(f"{len(plan.dataset)} samples, {plan.steps_per_epoch} steps/epoch x {cfg['n_epoches']} epochs (global "
             f"batch {plan.tbs} = micro {plan.mbs} x accum {plan.gas} x dp {plan.world}); {plan.total_steps} steps",
             rank)

@@ -2,6 +2,7 @@
 import glob
 
 import pytest
+import torch
 import yaml
 
 from utils.config import ConfigError, load_config, parse_overrides, resolve_batch, validate
@@ -107,3 +108,42 @@ def test_parts_validation_and_spec_bounds():
         balanced_parts([1.0] * 3, 4)
     assert spec_bounds([3, 3], 6) == [0, 3, 6]
     assert spec_bounds([3, 3], 7) == [0, 3, 7]  # the tied head rides with the last stage
+
+
+def test_model_topo_is_optional_until_the_pipeline_trainer_reads_dims():
+    """train_ds_zero.py needs no `model_topo`; train_ds.py reads `cfg.dims` first thing and gets one line."""
+    raw = {k: v for k, v in BASE.items() if k != "model_topo"}
+    cfg = validate(raw)
+    assert cfg["model_topo.process_topology.dims"] is None and cfg["model_topo.parts"] == "auto"
+    with pytest.raises(ConfigError) as e:
+        cfg.dims
+    msg = str(e.value)
+    assert "missing required key 'model_topo.process_topology.dims'" in msg and "train_ds.py" in msg
+    assert "\n" not in msg
+    assert validate({**raw, "model_topo": {"parts": [3, 3]}})["model_topo.parts"] == [3, 3]  # no dims to match
+    with pytest.raises(ConfigError, match="dims: expected two positive integers"):
+        validate(with_(model_topo__process_topology__dims=[0, 1]))
+    assert cfg["compile_blocks"] == "auto" and cfg["moe_grouped_gemm"] is True
+
+
+def test_compile_blocks_takes_true_false_or_auto(tmp_path):
+    base = {"model_path": "m", "save_path": "s", "synthetic_data": True, "max_seq_len": 8, "train_batch_size": 2,
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [1, 1]}}}
+    from utils.config import ConfigError, validate
+    assert validate(dict(base))["compile_blocks"] == "auto"
+    for value in (True, False, "auto"):
+        assert validate({**base, "compile_blocks": value})["compile_blocks"] == value
+    with pytest.raises(ConfigError, match="compile_blocks: expected true, false or auto"):
+        validate({**base, "compile_blocks": "yes"})
+
+
+def test_compile_blocks_auto_compiles_only_on_cuda(monkeypatch):
+    import train_ds
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_ds.resolve_compile_blocks("auto") is False
+    assert train_ds.resolve_compile_blocks(True) is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert train_ds.resolve_compile_blocks("auto") is True
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert train_ds.resolve_compile_blocks("auto") is False

@@ -141,3 +141,151 @@ def test_pipeline_dir_is_refused_with_a_hint(tiny_llama_pp, tmp_path):
     with pytest.raises(ConfigError, match="pp_to_hg"):
         train_ds_zero.read_model_config(cfg, resuming=False)
     assert train_ds_zero.read_model_config(validate(zero_config(pp, tmp_path / "x", from_scratch=True)), False)
+
+
+TINY_BLOOM = {"model_type": "bloom", "architectures": ["BloomForCausalLM"], "vocab_size": 256, "hidden_size": 48,
+              "n_layer": 2, "n_head": 4, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": 3}
+
+
+def from_scratch_config(hf_cfg: dict, tmp_path, **overrides) -> dict:
+    """A config.json-only model dir, random init, synthetic data (no tokenizer), no `model_topo` at all."""
+    model_dir = tmp_path / hf_cfg["model_type"]
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(hf_cfg))
+    cfg = zero_config(model_dir, tmp_path / "out", from_scratch=True, synthetic_data=True, data_path=None,
+                      max_steps=2, max_seq_len=32, save_final=False, **overrides)
+    del cfg["model_topo"]
+    return cfg
+
+
+def test_bloom_from_scratch_falls_back_to_eager_attention_without_model_topo(tmp_path):
+    """transformers' BLOOM has no SDPA path: one rank-prefixed line says so and the run trains with eager
+    attention; `model_topo` is absent (optional here) and the pipeline-only defaults draw no note."""
+    res = run_deepspeed("train_ds_zero.py", from_scratch_config(TINY_BLOOM, tmp_path), tmp_path, 2)
+    assert_ok(res)
+    notes = [line for line in res.stderr.splitlines() if "has no SDPA support" in line]
+    assert len(notes) == 1 and notes[0].startswith("[rank 0] attention: BloomForCausalLM has no SDPA support in "
+                                                   "transformers ") and notes[0].endswith("; using eager attention")
+    assert "ZeRO stage 3 over 2 ranks, attention eager" in res.stderr
+    assert "ignored" not in res.stderr and "pipeline layers only" not in res.stderr  # dims unset, compile_blocks auto
+    rows = metrics(tmp_path / "out")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 and r["tflops_per_gpu"] > 0
+               for r in rows)
+
+
+def test_attention_choice_names_the_class(tmp_path, capsys):
+    from transformers import BloomForCausalLM, GlmForCausalLM, LlamaForCausalLM
+
+    import train_ds_zero
+    from utils.config import ConfigError, validate
+
+    raw = from_scratch_config(TINY_BLOOM, tmp_path)
+    cfg = validate(raw)
+    assert train_ds_zero.causal_lm_class(cfg, TINY_BLOOM) is BloomForCausalLM
+    attn, note = train_ds_zero.choose_attention(cfg, BloomForCausalLM)
+    assert attn == "eager" and note.startswith("attention: BloomForCausalLM has no SDPA support in transformers ")
+    assert train_ds_zero.choose_attention(cfg, LlamaForCausalLM) == ("sdpa", None)
+    assert train_ds_zero.choose_attention(cfg, GlmForCausalLM) == ("sdpa", None)
+    assert train_ds_zero.choose_attention(cfg, None) == ("sdpa", None)  # remote code: decided while building
+    flash = validate({**raw, "use_flash_attn": True})  # refused by the class, whether flash-attn is installed or not
+    with pytest.raises(ConfigError, match="use_flash_attn: BloomForCausalLM has no flash-attention support"):
+        train_ds_zero.choose_attention(flash, BloomForCausalLM)
+    # a class only known while building (remote code) that refuses SDPA: rebuilt with eager, same note
+    model = train_ds_zero.build_model(cfg, {"zero_optimization": {"stage": 0}}, from_weights=False, attn="sdpa")
+    assert isinstance(model, BloomForCausalLM) and model.config._attn_implementation == "eager"
+    assert "attention: BloomForCausalLM has no SDPA support in transformers " in capsys.readouterr().err
+
+
+def test_glm_from_scratch_builds_and_trains_a_step_in_process(tmp_path):
+    """chatglm3's transformers equivalent (`glm`, as `pp_to_hg --format glm` writes it): planned, built with
+    SDPA and one forward/backward the way the trainer runs it (ZeRO-3 on 2 ranks is checked by hand: a
+    launch per family would double this file's time). Not in our registry: FLOPs from the parameter count."""
+    from transformers import GlmForCausalLM
+
+    import train_ds_zero
+    from models.chatglm import glm_config
+    from models.common import CausalLMLoss
+    from tests.test_families import chatglm_config
+    from utils.config import validate
+
+    glm = glm_config(chatglm_config(groups=2, qkv_bias=True, rope_ratio=1.0))
+    cfg = validate(from_scratch_config(glm, tmp_path))
+    plan = train_ds_zero.plan_run(cfg, 1)
+    assert (plan.attn, plan.attn_note) == ("sdpa", None)
+    model = train_ds_zero.build_model(cfg, {"zero_optimization": {"stage": 0}}, from_weights=False, attn=plan.attn)
+    assert isinstance(model, GlmForCausalLM) and model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, glm["vocab_size"], (2, 32))
+    out = model(input_ids=ids, position_ids=torch.arange(32).expand(2, 32), use_cache=False)
+    loss = CausalLMLoss()(out.logits, ids)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
+                                        for p in model.parameters())
+    assert train_ds_zero.model_flops_per_token(model, glm, 32) == train_ds_zero.param_flops_per_token(model, glm, 32)
+
+
+def test_flops_per_token_counts_active_experts_like_the_pipeline_trainer(tiny_llama_pp):
+    """Registered model types use train_ds.py's count (utils.metrics.family_flops_per_token): for mixtral
+    the idle experts drop out; for llama it matches the all-parameter count to within the norms."""
+    from transformers import AutoModelForCausalLM
+
+    import models
+    import train_ds_zero
+    from models.mixtral import debug_config
+    from tests.test_mixtral import make_model
+    from utils.metrics import flops_per_token
+
+    seq = 256
+
+    def pipeline_trainer(hf_cfg):  # train_ds.py's own lines
+        family = models.get_family(hf_cfg["model_type"])
+        margs = family.read_config(hf_cfg)
+        active_params = sum(family.layer_flops(margs, 1)) / 2
+        return flops_per_token(active_params, margs.num_layers, margs.hidden_size, seq)
+
+    mix_cfg = debug_config()
+    mixtral = make_model()
+    got = train_ds_zero.model_flops_per_token(mixtral, mix_cfg, seq)
+    all_params = train_ds_zero.param_flops_per_token(mixtral, mix_cfg, seq)
+    assert got == pipeline_trainer(mix_cfg)
+    idle = 6.0 * mix_cfg["num_hidden_layers"] * (mix_cfg["num_local_experts"] - mix_cfg["num_experts_per_tok"]) \
+        * 3 * mix_cfg["hidden_size"] * mix_cfg["intermediate_size"]
+    assert got < all_params and abs((all_params - got) - idle) <= 0.01 * idle, (got, all_params, idle)
+
+    hf, _ = tiny_llama_pp
+    llama_cfg = json.loads((hf / "config.json").read_text())
+    llama = AutoModelForCausalLM.from_pretrained(hf)
+    got = train_ds_zero.model_flops_per_token(llama, llama_cfg, seq)
+    assert got == pipeline_trainer(llama_cfg)
+    today = train_ds_zero.param_flops_per_token(llama, llama_cfg, seq)
+    assert abs(got - today) <= 1e-3 * today, (got, today)
+
+
+def test_model_topo_is_optional_here_but_train_ds_names_it(tiny_llama_pp, tmp_path, monkeypatch, capsys):
+    """In-process: without `model_topo` the ZeRO trainer plans its run; train_ds.py stops with one line
+    naming the key (exit 2, no traceback) before any process group exists."""
+    import yaml
+
+    import train_ds
+    import train_ds_zero
+    from utils.config import validate
+
+    hf, pp = tiny_llama_pp
+    raw = zero_config(hf, tmp_path / "zero")
+    del raw["model_topo"]
+    cfg = validate(raw)
+    train_ds_zero.note_ignored_topology(cfg, 2, 0)
+    assert train_ds_zero.plan_run(cfg, 2).world == 2
+    assert "ignored" not in capsys.readouterr().err
+    pipe = train_config(pp, tmp_path / "pp", dims=(1, 1))
+    del pipe["model_topo"]
+    path = tmp_path / "pp.yml"
+    path.write_text(yaml.safe_dump(pipe))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train_ds.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing required key 'model_topo.process_topology.dims'" in errors[0] \
+        and "train_ds.py" in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "pp").exists()

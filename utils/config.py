@@ -36,14 +36,15 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "use_flash_attn": ((bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA"),
     "packing": ((bool,), False, "pack several samples into each max_seq_len row (positions restart per sample, attention stays inside it); batch sizes then count rows"),
     "fused_head_loss": ((bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole"),
-    "compile_blocks": ((bool,), False, "pipeline: torch.compile the llama-style blocks (fuses norms, RoPE, SwiGLU); the first step compiles"),
+    "compile_blocks": ((bool, str), "auto", "pipeline: torch.compile each block (fuses norms, RoPE, activations; bloom: ALiBi through FlexAttention); the first step compiles; auto = on when training on CUDA GPUs"),
+    "moe_grouped_gemm": ((bool,), True, "mixtral: all experts of a block as one grouped GEMM (no host sync) instead of a loop over experts"),
     "profile_step": ((int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)"),
     "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, synthetic_max_len] (0 = all full length)"),
     "synthetic_max_len": ((int,), 0, "synthetic_data with synthetic_min_len: longest sample (0 = max_seq_len)"),
     "aux_max_z_loss.weight": (_NUM, 0.0, "weight of mean(max_logit^2) added to the loss"),
     "optimizer.no_wd_kws": ((list,), ["bias", "norm", "layernorm"], "regexes: parameter names matching one get no weight decay"),
     "model_topo.process_topology.axes": ((list,), ["pipe", "data"], "must be [pipe, data]"),
-    "model_topo.process_topology.dims": ((list,), REQUIRED, "[pipeline stages, data-parallel replicas]; product = world size"),
+    "model_topo.process_topology.dims": ((list,), None, "[pipeline stages, data-parallel replicas]; product = world size; required by train_ds.py, ignored by train_ds_zero.py"),
     "model_topo.parts": ((list, str), "auto", "layers per stage summing to L+2, or 'auto'"),
     "save_interval": ((int,), 0, "checkpoint every N steps (0 = only the final one)"),
     "save_final": ((bool,), True, "write checkpoint_final at the end (benchmarks turn it off)"),
@@ -84,7 +85,14 @@ class TrainConfig:
 
     @property
     def dims(self) -> tuple[int, int]:
-        pipe, data = self.ours["model_topo.process_topology.dims"]
+        """`[pipe, data]` of the pipeline trainer, which reads it first thing (`train_ds.check_world`); the
+        key is optional for train_ds.py's ZeRO peer, so a config without it fails here, naming the key."""
+        dims = self.ours["model_topo.process_topology.dims"]
+        if dims is None:
+            raise ConfigError(f"{self.path or '<config>'}: missing required key 'model_topo.process_topology.dims' "
+                              f"([pipeline stages, data-parallel replicas], product = world size): train_ds.py "
+                              f"needs it (train_ds_zero.py does not)")
+        pipe, data = dims
         return pipe, data
 
 
@@ -184,16 +192,21 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
 
     axes = ours["model_topo.process_topology.axes"]
     need(axes == ["pipe", "data"], f"model_topo.process_topology.axes: expected [pipe, data], got {axes}")
-    dims = ours["model_topo.process_topology.dims"]
-    need(len(dims) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims),
-         f"model_topo.process_topology.dims: expected two positive integers [pipe, data], got {dims}")
+    dims = ours["model_topo.process_topology.dims"]  # None (not set): only train_ds.py needs it, see TrainConfig.dims
+    if dims is not None:
+        need(len(dims) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims),
+             f"model_topo.process_topology.dims: expected two positive integers [pipe, data], got {dims}")
     parts = ours["model_topo.parts"]
     if isinstance(parts, str):
         need(parts == "auto", f"model_topo.parts: expected a list of layer counts or 'auto', got {parts!r}")
     else:
-        need(len(parts) == dims[0], f"model_topo.parts: {len(parts)} entries but {dims[0]} pipeline stages (dims[0])")
+        if dims is not None:
+            need(len(parts) == dims[0],
+                 f"model_topo.parts: {len(parts)} entries but {dims[0]} pipeline stages (dims[0])")
         need(all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in parts),
              f"model_topo.parts: every stage needs a positive integer layer count, got {parts}")
+    need(ours["compile_blocks"] in (True, False, "auto"),
+         f"compile_blocks: expected true, false or auto, got {ours['compile_blocks']!r}")
     for key in ("max_seq_len", "n_epoches"):
         need(ours[key] >= 1, f"{key}: must be >= 1, got {ours[key]}")
     for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of",
