@@ -177,6 +177,8 @@ def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
                     torch.nn.init.zeros_(prm)
                 elif prm.ndim == 1:  # norm scales
                     torch.nn.init.ones_(prm)
+                elif prm.ndim == 3:  # stacked expert weights [E, out, in]
+                    torch.nn.init.normal_(prm, 0.0, std)
 
 
 def load_layer_weights(pipe_module, model_path: str) -> None:

@@ -72,9 +72,11 @@ def flops_per_token(model: dict, seq: int) -> float:
     return 6.0 * params_no_embed(model) + 12.0 * model["num_hidden_layers"] * model["hidden_size"] * seq
 
 
-def trainer_config(trainer: str, work: Workload, model_dir: str, gpus: int) -> dict:
-    """The base YAML of one trainer; per-run keys (seq, micro-batch, backend, save_path) come as overrides."""
-    dims = [gpus, 1] if trainer == "pipeline" else [1, gpus]
+def trainer_config(trainer: str, work: Workload, model_dir: str, gpus: int, zero_stage: int = 3,
+                   dims: list[int] | None = None) -> dict:
+    """The base YAML of one trainer; per-run keys (seq, micro-batch, backend, save_path) come as overrides.
+    `dims` defaults to [gpus, 1] for the pipeline and [1, gpus] for ZeRO (stage `zero_stage`)."""
+    dims = list(dims) if dims is not None else ([gpus, 1] if trainer == "pipeline" else [1, gpus])
     cfg = {
         "model_path": model_dir, "from_scratch": True, "save_path": "unset", "synthetic_data": True,
         "max_seq_len": 512, "max_steps": work.steps, "n_epoches": 1, "num_workers": 1, "seed": 42,
@@ -91,7 +93,7 @@ def trainer_config(trainer: str, work: Workload, model_dir: str, gpus: int) -> d
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
     if trainer == "zero":
-        cfg["zero_optimization"] = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}
+        cfg["zero_optimization"] = {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     return cfg
 
 

@@ -3,20 +3,32 @@
 What differs from llama: ALiBi instead of RoPE, a fused QKV projection interleaved per head, LayerNorms
 with bias (also right after the embedding), GELU (tanh) MLP with biases, and an LM head tied to the
 embedding (a trailing `TiedLayerSpec`, so the first and last stage share the matrix).
+
+Attention paths: eager blocks run `alibi_causal_attention` (SDPA with a float `[B, nh, S, S]` bias mask
+built per call, or flash-attn with `alibi_slopes`). With `compile_blocks` every block runs its math
+through one shared `torch.compile`d function, and the SDPA path becomes FlexAttention: ALiBi is a
+`score_mod` (slope·(kv_idx − q_idx), or slope·(pos_j − pos_i) for packed rows) and causality (and, for
+packed rows, the document boundaries) a `BlockMask`, so no mask tensor is materialised and masked
+blocks are skipped. The causal block mask is cached per (S, device); a packed one is built once per
+micro-batch and shared by the blocks of a stage. FlexAttention has no backward on CPU/MPS in torch 2.13,
+so there a compiled block that needs gradients keeps the SDPA + mask math (compiled).
 Reference: transformers' `BloomForCausalLM`.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, WeightRule, alibi_causal_attention,
                      alibi_slopes, balanced_parts, causal_lm_loss_fn, cfg_get, check_attention_backend,
-                     make_linear, maybe_checkpoint, tied_head_fn)
+                     document_ids, make_linear, maybe_checkpoint, tied_head_fn)
 
 BLOOM_7B_LAYERS = 30
 
@@ -97,10 +109,89 @@ class BloomExit(nn.Module):
         return (hidden, self.lm_head.weight) if self.fused else self.lm_head(hidden)
 
 
+# ----------------------------------------------------------------------------------------------
+# ALiBi through FlexAttention (compiled blocks only)
+
+COMPILE_BACKEND = "inductor"  # torch.compile backend of the blocks (the CPU gradient tests swap in aot_eager)
+NO_FLEX_BACKWARD = ("cpu", "mps")  # devices where torch 2.13's FlexAttention refuses inputs that need grad
+
+_CAUSAL_MASKS: dict[tuple[int, torch.device], BlockMask] = {}
+_LAST_PACKED: list = []  # [(weakref to position_ids, its _version, BlockMask)] of the latest packed batch
+
+
+def flex_usable(device: torch.device) -> bool:
+    """Whether FlexAttention can run a block on `device` now: anywhere without grad, else not on CPU/MPS."""
+    return device.type not in NO_FLEX_BACKWARD or not torch.is_grad_enabled()
+
+
+def _causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """mask_mod: query i sees key j <= i."""
+    return q_idx >= kv_idx
+
+
+def causal_block_mask(seq: int, device: torch.device) -> BlockMask:
+    """Causal `BlockMask` for `[*, *, seq, seq]` (broadcast over batch and heads), built once per (seq, device)."""
+    key = (seq, device)
+    if key not in _CAUSAL_MASKS:
+        _CAUSAL_MASKS[key] = create_block_mask(_causal, None, None, seq, seq, device=device)
+    return _CAUSAL_MASKS[key]
+
+
+def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """position_ids [B, S] of packed rows -> `BlockMask` [B, 1, S, S]: key j <= query i, same document.
+
+    The same mask as `common.document_causal_mask`, as a block-sparse map plus a `mask_mod` that flex
+    evaluates only inside blocks the boundaries cut.
+    """
+    doc = document_ids(position_ids)  # (B, S)
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    batch, seq = position_ids.shape
+    return create_block_mask(same_document, batch, None, seq, seq, device=position_ids.device)
+
+
+def packed_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """`document_block_mask`, built once per micro-batch: the blocks of a stage pass the same position_ids
+    tensor along, so the latest one (same object, not modified since) reuses its mask."""
+    if _LAST_PACKED:
+        ref, version, mask = _LAST_PACKED[0]
+        if ref() is position_ids and version == position_ids._version:
+            return mask
+    mask = document_block_mask(position_ids)
+    _LAST_PACKED[:] = [(weakref.ref(position_ids), position_ids._version, mask)]
+    return mask
+
+
+def flex_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+                         block_mask: BlockMask, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal ALiBi attention with FlexAttention (run it under torch.compile: eager flex is a slow reference).
+
+    q/k/v [B, nh, S, hd], slopes [nh] fp32 on q's device, block_mask from `causal_block_mask` or
+    `packed_block_mask` -> [B, S, nh, hd]. Score(i, j) = q_i·k_j/√hd + slope·(j − i), the relative form of
+    `alibi_causal_attention` (equal to slope·(pos_j − pos_i) for rows whose positions count up by one, as
+    unpacked rows do). `position_ids` [B, S] (packed rows) gives slope·(pos_j − pos_i) from the positions
+    themselves, as the eager path does (inside a document of a `pad_collate` row that is j − i too); the
+    documents are kept apart by `block_mask`. The bias is added in fp32 (the eager path rounds its mask to
+    the compute dtype).
+    """
+    if position_ids is None:
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+    else:
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (position_ids[b, kv_idx] - position_ids[b, q_idx])
+    return flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask).transpose(1, 2)
+
+
 class BloomAttention(nn.Module):
     """ALiBi self-attention; `query_key_value` output is interleaved per head: `[B, S, nh, (q|k|v), hd]`.
 
-    The slopes are a plain fp32 tensor (not a buffer) so DeepSpeed's `.half()` cannot round them.
+    Without a block mask (eager blocks, flash-attn, or a CPU block that needs grad) it runs
+    `alibi_causal_attention`; with one (compiled blocks) `flex_alibi_attention`. The slopes are a plain
+    fp32 tensor (not a buffer) so DeepSpeed's `.half()` cannot round them; `slopes_on` keeps one copy per
+    device.
     """
 
     def __init__(self, args: BloomArgs, use_flash_attn: bool, dtype: torch.dtype, packed: bool = False):
@@ -111,14 +202,26 @@ class BloomAttention(nn.Module):
         self.query_key_value = make_linear(h, 3 * h, True, std, dtype)
         self.dense = make_linear(h, h, True, std, dtype)
         self.slopes = alibi_slopes(args.num_heads)
+        self._slopes_on: dict[torch.device, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x [B,S,H], position_ids [B,S] -> [B,S,H]."""
+    def slopes_on(self, device: torch.device) -> torch.Tensor:
+        """slopes [nh] fp32 on `device`, copied once (blocks call it eagerly before a compiled region reads it)."""
+        if device not in self._slopes_on:
+            self._slopes_on[device] = self.slopes.to(device)
+        return self._slopes_on[device]
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor,
+                block_mask: BlockMask | None = None) -> torch.Tensor:
+        """x [B,S,H], position_ids [B,S], block_mask (FlexAttention, compiled blocks) or None -> [B,S,H]."""
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # (B, nh, S, hd) each
-        out = alibi_causal_attention(q, k, v, self.slopes, position_ids, self.use_flash_attn,
-                                     self.packed)  # (B, S, nh, hd)
+        if block_mask is None:
+            out = alibi_causal_attention(q, k, v, self.slopes, position_ids, self.use_flash_attn,
+                                         self.packed)  # (B, S, nh, hd)
+        else:
+            out = flex_alibi_attention(q, k, v, self.slopes_on(q.device), block_mask,
+                                       position_ids if self.packed else None)  # (B, S, nh, hd)
         return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -139,6 +242,10 @@ class BloomBlock(nn.Module):
     """Block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`; names mirror HF's `h.{i}.*`.
 
     `apply_residual_connection_post_layernorm` (false in released BLOOMs) adds the normed input instead.
+    With `use_grad_ckpt` the whole block is recomputed in backward. With `compile_blocks` the block's math
+    runs through `compiled_block()` (one graph for all blocks; LayerNorms, GELU and residuals fuse) and its
+    attention through FlexAttention with a block mask built here, outside the graph (`flex_block_mask`);
+    flash-attn, and CPU/MPS blocks that need grad, keep their eager attention inside the compiled graph.
     """
 
     def __init__(self, args: BloomArgs, opts: ModelOptions):
@@ -150,19 +257,50 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(args, opts.dtype)
         self.residual_post_layernorm = args.residual_post_layernorm
         self.use_grad_ckpt = opts.use_grad_ckpt
+        self.compile_blocks = opts.compile_blocks
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
-        hidden = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
-        return hidden, position_ids
+        if not self.compile_blocks:
+            return _run_block(self, hidden, position_ids, None), position_ids
+        self.self_attention.slopes_on(hidden.device)  # no dict mutation inside a compiled/checkpointed region
+        return compiled_block()(self, hidden, position_ids, self.flex_block_mask(position_ids)), position_ids
 
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def flex_block_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
+        """The BlockMask the compiled block's FlexAttention uses, or None where flex does not run."""
+        if self.self_attention.use_flash_attn or not flex_usable(position_ids.device):
+            return None
+        if self.self_attention.packed:
+            return packed_block_mask(position_ids)
+        return causal_block_mask(position_ids.shape[1], position_ids.device)
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+               block_mask: BlockMask | None = None) -> torch.Tensor:
+        """hidden [B,S,H], position_ids [B,S] (block_mask: see BloomAttention) -> hidden [B,S,H]."""
         normed = self.input_layernorm(hidden)
         residual = normed if self.residual_post_layernorm else hidden
-        hidden = residual + self.self_attention(normed, position_ids)
+        hidden = residual + self.self_attention(normed, position_ids, block_mask)
         normed = self.post_attention_layernorm(hidden)
         residual = normed if self.residual_post_layernorm else hidden
         return residual + self.mlp(normed)
+
+
+def _run_block(block: BloomBlock, hidden: torch.Tensor, position_ids: torch.Tensor,
+               block_mask: BlockMask | None) -> torch.Tensor:
+    """The block, recomputed in backward with `use_grad_ckpt`. Compiled, the checkpoint is traced inside the
+    graph (as `common._run_block`: compile the function that checkpoints, not checkpoint a compiled one)."""
+    return maybe_checkpoint(block, block._block, hidden, position_ids, block_mask, enabled=block.use_grad_ckpt)
+
+
+_COMPILED: dict[str | Callable, Callable] = {}  # per backend
+
+
+def compiled_block() -> Callable:
+    """One compiled `_run_block` for every BloomBlock (the module is an input, so its parameters are graph
+    inputs and all blocks share one graph), per `COMPILE_BACKEND`. Built on first use."""
+    if COMPILE_BACKEND not in _COMPILED:
+        _COMPILED[COMPILE_BACKEND] = torch.compile(_run_block, backend=COMPILE_BACKEND)
+    return _COMPILED[COMPILE_BACKEND]
 
 
 def build_layers(args: BloomArgs, opts: ModelOptions) -> list:

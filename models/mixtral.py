@@ -3,6 +3,12 @@
 Attention, norms and RoPE are llama's. What differs is the feed-forward (a router choosing the top-k of E
 SwiGLU experts per token) and the load-balancing loss, whose inputs live on every pipeline stage.
 
+A block's experts are three stacked parameters, w1/w3 [E, F, H] and w2 [E, H, F] (`Experts`), run by default
+as one grouped GEMM per weight over the tokens sorted by expert (`grouped_swiglu`, `torch._grouped_mm`: no
+host sync in forward or backward); `moe_grouped_gemm: false`, and CUDA dtypes other than bf16, loop over
+the experts instead. On disk nothing changed: `state_dict()` / `load_state_dict()` use the hub's per-expert
+keys `block_sparse_moe.experts.{e}.w1.weight`, so layer files, the converter and checkpoints keep their layout.
+
 The tuple that crosses stage boundaries (fixed shapes, as DeepSpeed needs):
 
     hidden       [B, S, H]     compute dtype
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -111,18 +118,124 @@ def routes_dtype(num_experts: int) -> torch.dtype:
 # Layers
 
 
-class Expert(nn.Module):
-    """One SwiGLU expert with the hub's names: `w2(silu(w1 x) * w3 x)`, [N, H] -> [N, H]."""
+EXPERT_WEIGHTS = ("w1", "w2", "w3")  # the hub's names: expert e computes w2(silu(w1 x) * w3 x)
+# F.grouped_mm is the public name in recent torch; torch._grouped_mm (same signature) in older releases
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def sort_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-k ids [T, k] -> (order [T·k] int64, ends [E] int32), on device without a host sync.
+
+    `order` lists the (token, slot) pairs (pair a is token a // k) stably sorted by expert id; expert e owns
+    rows `ends[e-1]:ends[e]` of the sorted list (`ends` = cumulative counts, the offsets `grouped_mm` takes).
+    The counts come from `searchsorted` on the sorted ids: CUDA's `bincount` reads the ids' min and max on
+    the host.
+    """
+    sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)
+    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=ids.device), right=True)
+    return order, ends.to(torch.int32)
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `grouped_mm` takes x [N, H] and stacked weights w [E, F, H] (else the caller loops over experts).
+
+    CPU: always (torch loops over the groups, any float dtype). CUDA: bf16 only, with 16-byte rows (H and F
+    divisible by 8: every group starts a whole number of rows into x, h and the output). CUDA in fp16/fp32
+    would take torch's per-group fallback, which reads the offsets on the host, so it loops instead. On
+    sm90/sm100 bf16 runs torch's CUTLASS kernel without a host sync; older GPUs get that fallback too.
+    """
+    if x.device.type == "cpu":
+        return True
+    rows_aligned = w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+    return x.device.type == "cuda" and x.dtype == w.dtype == torch.bfloat16 and rows_aligned
+
+
+def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   ends: torch.Tensor) -> torch.Tensor:
+    """All experts in three grouped GEMMs: x [N, H] grouped by expert (`ends` [E] int32), w1/w3 [E, F, H],
+    w2 [E, H, F] -> [N, H], rows of expert e = w2[e](silu(w1[e] x) * w3[e] x).
+
+    No host sync forward or backward; experts with 0 rows are fine. Groups are not padded to 8 rows as
+    torchtitan does: CUDA's kernel checks group sizes only where a group's start moves along a contiguous
+    dimension. Here groups move along rows: forward and the input gradient are (row-major x [N, ·], 3D) GEMMs,
+    and autograd computes the weight gradient, w being a transposed view, as grouped_mm(gradᵀ, x): a
+    (column-major, row-major) 2D/2D GEMM that takes any group size, 0 included (`GroupMMCommon.cuh`).
+    """
+    h = F.silu(grouped_mm(x, w1.transpose(-2, -1), offs=ends)) * grouped_mm(x, w3.transpose(-2, -1), offs=ends)
+    return grouped_mm(h, w2.transpose(-2, -1), offs=ends)
+
+
+def looped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                  ends: torch.Tensor) -> torch.Tensor:
+    """`grouped_swiglu` as one matmul chain per expert over its slice of x (reads `ends` on the host).
+
+    `unbind` gives every expert its weight views in one op, so backward stacks the E gradients once (zeros
+    for an expert with 0 rows) instead of summing E full-size [E, ...] gradients.
+    """
+    chunks = x.tensor_split(ends[:-1].tolist())
+    outs = [F.linear(F.silu(F.linear(c, a)) * F.linear(c, b), d)
+            for c, a, d, b in zip(chunks, w1.unbind(0), w2.unbind(0), w3.unbind(0))]
+    return torch.cat(outs)
+
+
+def unstack_experts(tensors: dict, prefix: str, num_experts: int) -> None:
+    """In place: stacked `{prefix}w1` [E, ...] (w2, w3) -> the hub's `{prefix}{e}.w1.weight` = row e (a view),
+    in the hub's order (expert 0's w1, w2, w3, then expert 1's, ...)."""
+    stacked = {w: tensors.pop(prefix + w) for w in EXPERT_WEIGHTS}
+    for e in range(num_experts):
+        for w in EXPERT_WEIGHTS:
+            tensors[f"{prefix}{e}.{w}.weight"] = stacked[w][e]
+
+
+def _per_expert_state(module: Experts, state: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook of `Experts`: write the per-expert keys of the files (see `unstack_experts`)."""
+    unstack_experts(state, prefix, module.num_experts)
+
+
+def _stack_per_expert(module: Experts, state: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook of `Experts`: `{prefix}{e}.w1.weight` for e = 0..E-1 -> stacked `{prefix}w1`.
+
+    A weight with any expert missing is left as it is, so strict loading names the keys that do not fit.
+    """
+    for w in EXPERT_WEIGHTS:
+        names = [f"{prefix}{e}.{w}.weight" for e in range(module.num_experts)]
+        if all(name in state for name in names):
+            state[prefix + w] = torch.stack([state.pop(name) for name in names])
+
+
+def stacked_weight(num_experts: int, n_out: int, n_in: int, std: float, dtype: torch.dtype) -> nn.Parameter:
+    """[E, n_out, n_in] ~ N(0, std): E nn.Linear(n_in, n_out) weights, initialised as `make_linear`."""
+    return nn.Parameter(nn.init.normal_(torch.empty(num_experts, n_out, n_in, dtype=dtype), std=std))
+
+
+class Experts(nn.Module):
+    """`block_sparse_moe.experts`: E SwiGLU experts as stacked weights w1, w3 [E, F, H] and w2 [E, H, F]
+    (row e is expert e's nn.Linear weight).
+
+    `state_dict()` emits, and `load_state_dict()` takes, the hub's per-expert keys `{e}.w1.weight` [F, H],
+    `{e}.w2.weight` [H, F], `{e}.w3.weight` [F, H] (hooks), so layer files, the converter and DeepSpeed's
+    layer checkpoints keep the per-expert layout. The emitted tensors are views of the stacked parameters,
+    like any state_dict entry aliases its parameter; DeepSpeed's checkpoint engine clones each one before
+    `torch.save`, so every file tensor owns exactly its storage (to safetensors yourself, clone them).
+    """
 
     def __init__(self, args: MixtralArgs, dtype: torch.dtype):
         super().__init__()
-        h, f, std = args.hidden_size, args.intermediate_size, args.initializer_range
-        self.w1 = make_linear(h, f, False, std, dtype)
-        self.w2 = make_linear(f, h, False, std, dtype)
-        self.w3 = make_linear(h, f, False, std, dtype)
+        e, h, f, std = args.num_experts, args.hidden_size, args.intermediate_size, args.initializer_range
+        self.num_experts = e
+        self.w1 = stacked_weight(e, f, h, std, dtype)
+        self.w2 = stacked_weight(e, h, f, std, dtype)
+        self.w3 = stacked_weight(e, f, h, std, dtype)
+        self.register_state_dict_post_hook(_per_expert_state)
+        self.register_load_state_dict_pre_hook(_stack_per_expert)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, ends: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """x [N, H] grouped by expert (expert e owns rows ends[e-1]:ends[e], ends [E] int32) -> [N, H].
+
+        `grouped`: one grouped GEMM per weight where `grouped_mm_supported`, else (and when False) the loop.
+        """
+        run = grouped_swiglu if grouped and grouped_mm_supported(x, self.w1) else looped_swiglu
+        return run(x, self.w1, self.w2, self.w3, ends)
 
 
 class SparseMoe(nn.Module):
@@ -131,39 +244,43 @@ class SparseMoe(nn.Module):
     Router as Mixtral: softmax over all E logits in fp32, top-k, the k weights renormalised to sum 1.
     With `router_jitter_noise` > 0 the input is multiplied by U(1-j, 1+j) noise in training (before both
     the router and the experts, as transformers does).
-    Experts run on their tokens only: the (token, slot) pairs are sorted by expert id, gathered with one
-    `index_select`, each expert runs one matmul chain over its contiguous slice, and the weighted results
-    are summed back per token with one `index_add_`. Every expert is called (possibly on 0 rows), so every
-    expert weight gets a gradient tensor each step, zeros when it received no token.
+    Experts run on their tokens only: the (token, slot) pairs are sorted by expert id on device, gathered with
+    one `index_select`, run through the experts (`grouped`: three grouped GEMMs over all experts, no host
+    sync; else one matmul chain per expert over its contiguous slice), and the weighted results are summed
+    back per token with one `index_add_`. Both paths use the same stacked weights and give every expert
+    weight a gradient each step, zeros for an expert that received no token.
     """
 
-    def __init__(self, args: MixtralArgs, dtype: torch.dtype):
+    def __init__(self, args: MixtralArgs, dtype: torch.dtype, grouped: bool = True):
         super().__init__()
         self.num_experts, self.top_k, self.jitter = args.num_experts, args.top_k, args.router_jitter_noise
+        self.grouped = grouped
         self.gate = make_linear(args.hidden_size, args.num_experts, False, args.initializer_range, dtype)
-        self.experts = nn.ModuleList(Expert(args, dtype) for _ in range(args.num_experts))
+        self.experts = Experts(args, dtype)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (probs [T, E] fp32, top-k weights [T, k] fp32 summing to 1, top-k ids [T, k] int64)."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, S, H] -> (tokens [T, H] (jittered in training), probs [T, E] fp32, top-k weights [T, k] fp32
+        summing to 1, top-k ids [T, k] int64)."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        tokens = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(tokens).float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        return probs, weights / weights.sum(dim=-1, keepdim=True), ids
+        return tokens, probs, weights / weights.sum(dim=-1, keepdim=True), ids
+
+    def mix(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """tokens [T, H], weights [T, k] fp32, ids [T, k] -> Σ_j weights[t, j] · expert_{ids[t, j]}(tokens[t]),
+        [T, H] in the tokens' dtype."""
+        order, ends = sort_by_expert(ids, self.num_experts)
+        token = order // self.top_k
+        out = self.experts(tokens.index_select(0, token), ends, self.grouped)  # (T·k, H), by expert
+        out = (out * weights.reshape(-1).index_select(0, order)[:, None]).to(tokens.dtype)
+        return torch.zeros_like(tokens).index_add_(0, token, out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, H] -> (out [B, S, H], router probs [B·S, E] fp32, top-k expert ids [B·S, k])."""
-        shape = x.shape
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        flat = x.reshape(-1, shape[-1])  # (T, H)
-        probs, weights, ids = self.route(flat)
-        flat_ids = ids.reshape(-1)  # (T·k,), slot a = token a // k
-        order = torch.argsort(flat_ids, stable=True)
-        token = order // self.top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        chunks = flat.index_select(0, token).split(counts)
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (T·k, H), by expert
-        out = (out * weights.reshape(-1).index_select(0, order)[:, None]).to(flat.dtype)
-        return torch.zeros_like(flat).index_add_(0, token, out).view(shape), probs, ids
+        tokens, probs, weights, ids = self.route(x)
+        return self.mix(tokens, weights, ids).view(x.shape), probs, ids
 
 
 class MixtralEnter(EmbeddingEnter):
@@ -214,6 +331,8 @@ class MixtralBlock(nn.Module):
     Attention as llama (RoPE from `position_ids`, causal, no mask for right padding), then the sparse MoE.
     Adds this block's router softmax to `router_probs` and writes its top-k ids into `routes[:, :, layer_idx]`.
     With `use_grad_ckpt` the block is recomputed in backward (same jitter noise: the RNG state is replayed).
+    With `compile_blocks` everything but the experts runs through one `torch.compile`d function shared by
+    all blocks (`_run_compiled_block`); `moe_grouped_gemm` picks the experts' grouped GEMM or their loop.
     """
 
     def __init__(self, args: MixtralArgs, opts: ModelOptions, layer_idx: int):
@@ -222,9 +341,10 @@ class MixtralBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
         self.self_attn = LlamaAttention(args, opts.use_flash_attn, opts.dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=opts.dtype)
-        self.block_sparse_moe = SparseMoe(args, opts.dtype)
+        self.block_sparse_moe = SparseMoe(args, opts.dtype, opts.moe_grouped_gemm)
         self.rotary = Rotary(args.rope)
         self.use_grad_ckpt, self.packed_sequences = opts.use_grad_ckpt, opts.packed_sequences
+        self.compile_blocks = opts.compile_blocks
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, probs_sum, routes = inputs
@@ -232,18 +352,65 @@ class MixtralBlock(nn.Module):
         if self.sliding_window is not None and s > self.sliding_window:
             raise ModelError(f"sequence length {s} exceeds config.json's sliding_window {self.sliding_window}; "
                              "sliding-window attention is not implemented (lower max_seq_len)")
-        hidden, probs, ids = maybe_checkpoint(self, self._block, hidden, position_ids, enabled=self.use_grad_ckpt)
+        self.rotary.inv_freq_on(position_ids.device)  # no dict mutation inside a compiled/checkpointed region
+        run = _run_compiled_block if self.compile_blocks else _run_block
+        hidden, probs, ids = run(self, hidden, position_ids)
         probs_sum = probs_sum + probs.view(b, s, -1)
         routes = routes.clone()
         routes[:, :, self.layer_idx] = ids.view(b, s, -1).to(routes.dtype)
         return hidden, position_ids, probs_sum, routes
 
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _attend(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [B, S, H] -> hidden + attention(input_layernorm(hidden)), [B, S, H]."""
         cos, sin = self.rotary.cos_sin(position_ids, hidden.dtype)
         docs = position_ids if self.packed_sequences else None
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, docs)
+        return hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, docs)
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden [B, S, H] -> (hidden [B, S, H], router probs [B·S, E] fp32, top-k ids [B·S, k])."""
+        hidden = self._attend(hidden, position_ids)
         moe_out, probs, ids = self.block_sparse_moe(self.post_attention_layernorm(hidden))
         return hidden + moe_out, probs, ids
+
+    def _attention_half(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The block up to the experts: hidden [B, S, H] -> (hidden after the attention residual [B, S, H],
+        then `SparseMoe.route` of its post-attention norm: tokens [T, H], probs [T, E], weights [T, k], ids [T, k])."""
+        hidden = self._attend(hidden, position_ids)
+        return hidden, *self.block_sparse_moe.route(self.post_attention_layernorm(hidden))
+
+
+def _run_block(block: MixtralBlock, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Eager: the whole block, recomputed in backward with `use_grad_ckpt` (backward keeps only its input)."""
+    return maybe_checkpoint(block, block._block, hidden, position_ids, enabled=block.use_grad_ckpt)
+
+
+def _run_attention_half(block: MixtralBlock, hidden: torch.Tensor,
+                        position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`block._attention_half`, recomputed in backward with `use_grad_ckpt`. Compiled, the checkpoint is traced
+    inside the graph, as `common._run_block` does (a checkpointed compiled function fails recomputation)."""
+    return maybe_checkpoint(block, block._attention_half, hidden, position_ids, enabled=block.use_grad_ckpt)
+
+
+def _run_compiled_block(block: MixtralBlock, hidden: torch.Tensor,
+                        position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`compile_blocks`: norms, attention, residual and router compiled (`compiled_attention_half`), the experts
+    (`SparseMoe.mix`) eager: `grouped_mm` has no fp32 fake kernel to trace (torch's accepts bf16 only) and the
+    loop path reads the group sizes on the host. With `use_grad_ckpt` each half is recomputed on its own, so
+    backward keeps the block input and the experts' inputs (tokens [T, H], top-k weights and ids)."""
+    hidden, tokens, probs, weights, ids = compiled_attention_half()(block, hidden, position_ids)
+    moe_out = maybe_checkpoint(block, block.block_sparse_moe.mix, tokens, weights, ids, enabled=block.use_grad_ckpt)
+    return hidden + moe_out.view_as(hidden), probs, ids
+
+
+_COMPILED: list = []
+
+
+def compiled_attention_half() -> Callable:
+    """One compiled `_run_attention_half` for every block: the module is an input (its parameters become graph
+    inputs), so the blocks of a stage share one graph, as `common.compiled_block`. Built on first use."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_run_attention_half))
+    return _COMPILED[0]
 
 
 def build_layers(args: MixtralArgs, opts: ModelOptions) -> list:

@@ -173,3 +173,195 @@ def test_trainer_specific_keys_and_fp16_reach_only_their_runs(tmp_path):
     # the pipeline's parts override is a valid value for the trainer's own config check
     from utils.config import parse_overrides
     assert parse_overrides(["--model_topo.parts=[5,4,4,4,4,4,4,5]"]) == {"model_topo.parts": [5, 4, 4, 4, 4, 4, 4, 5]}
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/families.py: every family at its released width through both trainers, A/B variants
+
+from benchmarks import families  # noqa: E402
+
+CONTRACT = ("family", "trainer", "variant", "seq", "mbs", "status", "tokens_per_s", "tflops_per_gpu", "peak_gib",
+            "command")
+
+
+def _families(*args: str, timeout: int = 400):
+    return subprocess.run([sys.executable, "benchmarks/families.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_families_cpu_smoke_both_trainers_a_variant_merge_and_report_only(tmp_path):
+    """The whole orchestration on 2 CPU ranks: mixtral's default, hf and one A/B variant, then a second call
+    (llama2) merged into the same JSON, then --report-only. Four DeepSpeed launches."""
+    out, work = tmp_path / "res" / "fam.json", str(tmp_path / "work")
+    res = _families("--cpu-smoke", "--families", "mixtral", "--variants", "default", "hf", "fused_head_loss=false",
+                    "--out", str(out), "--work-dir", work)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[families] 1/3 mixtral pipeline default: ok " in res.stdout and " tok/s " in res.stdout
+    result = json.loads(out.read_text())
+    assert result["mode"] == "cpu-smoke" and result["matmul_tflops"] > 0 and result["versions"]["deepspeed"]
+    assert result["workload"]["seq"] == 64 and result["workload"]["measured_steps"] == 1
+    runs = {(r["trainer"], r["variant"]): r for r in result["runs"]}
+    assert list(runs) == [("pipeline", "default"), ("hf", "default"), ("pipeline", "fused_head_loss=false")]
+    for (trainer, variant), r in runs.items():
+        assert all(k in r for k in CONTRACT), sorted(r)
+        assert r["status"] == "ok", r.get("error_tail")
+        assert r["family"] == "mixtral" and r["seq"] == 64 and r["mbs"] == 2
+        assert r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 and r["peak_gib"] > 0 and r["mfu"] > 0
+        script = "train_ds_zero.py" if trainer == "hf" else "train_ds.py"
+        assert script in r["command"] and "--num_gpus 2" in r["command"] and "DS_ACCELERATOR=cpu" in r["command"]
+        assert ("--fused_head_loss=false" in r["command"]) == (variant == "fused_head_loss=false")
+    assert runs[("pipeline", "default")]["vs_hf_tokens"] > 0 and runs[("pipeline", "fused_head_loss=false")][
+        "default_speedup"] > 0
+    assert runs[("hf", "default")]["dims"] == [1, 2] and runs[("pipeline", "default")]["dims"] == [2, 1]
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    assert "| mixtral (tiny, 2 blocks) |" in md.read_text() and "`fused_head_loss=false` TFLOP/s/GPU" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = _families("--cpu-smoke", "--families", "llama2", "--variants", "default", "--out", str(out), "--work-dir", work)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    merged = json.loads(out.read_text())
+    assert [(r["family"], r["trainer"], r["variant"]) for r in merged["runs"]] == [
+        ("mixtral", "pipeline", "default"), ("mixtral", "hf", "default"), ("mixtral", "pipeline", "fused_head_loss=false"),
+        ("llama2", "pipeline", "default")]
+    assert merged["runs"][0]["command"] == result["runs"][0]["command"]  # the first call's runs are kept as they were
+    assert merged["matmul_tflops"] == result["matmul_tflops"] and len(merged["sessions"]) == 2  # one denominator
+
+    md.unlink()
+    png.unlink()
+    res = _families("--report-only", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| llama2 (tiny, 2 blocks) |" in md.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_record(spec, tokens, status="ok", elapsed=10.0):
+    rec = {"family": spec.family, "trainer": spec.trainer, "variant": spec.variant, "seq": 2048, "mbs": 2,
+           "status": status, "tokens_per_s": None, "tflops_per_gpu": None, "peak_gib": None,
+           "command": f"fake {spec.name}", "elapsed_s": elapsed, "dims": [1, 1], "blocks": 8,
+           "released": families.RELEASED_NAME[spec.family]}
+    if status == "ok":
+        rec.update(tokens_per_s=tokens, tflops_per_gpu=tokens / 100, peak_gib=40.0,
+                   tflops_per_gpu_pipeline_count=tokens / 100)
+    return rec
+
+
+def test_families_merge_replaces_reruns_skip_done_and_budget(tmp_path, monkeypatch, capsys):
+    """GPU mode with fake runs: a second call replaces the runs it repeats and keeps the others; --skip-done
+    runs nothing twice; --budget stops before a run the longest one so far says will not fit."""
+    rates = {("llama2", "pipeline", "default"): 1000.0, ("llama2", "hf", "default"): 500.0,
+             ("bloom", "pipeline", "default"): 800.0}
+    calls = []
+
+    def fake_execute(s, spec, inputs, timeout_s):
+        calls.append(spec.key)
+        status = "OOM" if spec.key == ("bloom", "hf", "default") else "ok"
+        return _fake_record(spec, rates.get(spec.key, 400.0), status, elapsed=200.0 if spec.family == "baichuan" else 10)
+
+    monkeypatch.setattr(families, "execute", fake_execute)
+    out, work = tmp_path / "fam.json", tmp_path / "work"
+    base = ["--gpus", "1", "--matmul-tflops", "800", "--out", str(out), "--work-dir", str(work)]
+    assert families.main(["--families", "llama2", "bloom", "--variants", "default", "hf", *base]) == 0
+    first = json.loads(out.read_text())
+    assert calls == [("llama2", "pipeline", "default"), ("bloom", "pipeline", "default"),
+                     ("llama2", "hf", "default"), ("bloom", "hf", "default")]
+    assert first["runs"][0]["vs_hf_tokens"] == pytest.approx(2.0) and first["runs"][0]["mfu"] == pytest.approx(10 / 800)
+    assert "[families] 4/4 bloom hf default: OOM" in capsys.readouterr().out
+    # the inputs it wrote: released widths, the issue's workload, ZeRO-1 for hf, shipped defaults for the pipeline
+    pipe = yaml.safe_load((work / "configs" / "llama2-pipeline.yml").read_text())
+    hf = yaml.safe_load((work / "configs" / "llama2-hf.yml").read_text())
+    assert pipe["train_batch_size"] == 16 and pipe["max_steps"] == 5 and pipe["bf16"]["enabled"]
+    assert pipe["optimizer"]["params"]["torch_adam"] and pipe["gradient_clipping"] == 1.0
+    assert pipe["from_scratch"] and pipe["synthetic_data"] and "compile_blocks" not in pipe
+    assert hf["zero_optimization"]["stage"] == 1 and hf["model_topo"]["process_topology"]["dims"] == [1, 1]
+    assert json.loads((work / "models" / "bloom-pipeline" / "config.json").read_text())["vocab_size"] == 250880
+
+    rates[("llama2", "pipeline", "default")] = 1500.0
+    calls.clear()
+    assert families.main(["--families", "llama2", "--variants", "default", "compile_blocks=false", *base]) == 0
+    second = json.loads(out.read_text())
+    keys = [(r["family"], r["trainer"], r["variant"]) for r in second["runs"]]
+    assert keys == [k for k in (families.run_key(r) for r in first["runs"])] + [
+        ("llama2", "pipeline", "compile_blocks=false")]
+    by = {families.run_key(r): r for r in second["runs"]}
+    assert by[("llama2", "pipeline", "default")]["tokens_per_s"] == 1500.0  # replaced
+    assert by[("llama2", "pipeline", "default")]["vs_hf_tokens"] == pytest.approx(3.0)  # re-derived
+    assert by[("llama2", "pipeline", "compile_blocks=false")]["default_speedup"] == pytest.approx(1500 / 400)
+    assert by[("bloom", "pipeline", "default")] == {**first["runs"][1], "mfu": pytest.approx(8 / 800)}  # kept
+    md = out.with_suffix(".md").read_text()
+    assert "| llama2 (llama-2-7b, 8 blocks) | 15 (2 %) | 4 | 3.75× | 500 | 3.00× |" in md
+    assert "| bloom (bloom-7b1, 8 blocks) | 8 (1 %) | — | — | OOM | — |" in md
+
+    calls.clear()
+    rc = families.main(["--families", "llama2", "bloom", "--variants", "default", "hf", "--skip-done", *base])
+    assert rc == 1 and calls == [("bloom", "hf", "default")]  # the only one not ok, and still not ok
+
+    calls.clear()
+    rc = families.main(["--families", "baichuan", "--variants", "default", "fused_head_loss=false", "--budget", "150",
+                        *base])
+    assert rc == 3 and calls == [("baichuan", "pipeline", "default")]
+    assert "1 runs not done: baichuan pipeline fused_head_loss=false" in capsys.readouterr().out
+
+
+def test_families_config_writers_at_released_widths():
+    """Each family's config.json is accepted by its read_config at the issue's widths; the hf ones by
+    transformers' own config classes (no download); baichuan has no native class."""
+    from transformers import AutoConfig
+
+    import models
+
+    expect = {  # family: (hidden, heads, kv heads, vocab, intermediate, blocks, rope theta)
+        "llama2": (4096, 32, 32, 32000, 11008, 8, 1e4), "llama3": (4096, 32, 8, 128256, 14336, 8, 5e5),
+        "bloom": (4096, 32, 32, 250880, None, 8, None), "baichuan": (4096, 32, 32, 125696, 11008, 8, 1e4),
+        "chatglm": (4096, 32, 2, 65024, 13696, 8, 1e4), "mixtral": (4096, 32, 8, 32000, 14336, 2, 1e6),
+    }
+    for fam, (hidden, heads, kv, vocab, inter, blocks, theta) in expect.items():
+        cfg = families.family_config(fam, seq=2048)
+        family = models.get_family(cfg["model_type"])
+        args = family.read_config(cfg)
+        assert (args.hidden_size, args.num_heads, args.vocab_size, family.num_layers(args)) == (hidden, heads, vocab,
+                                                                                               blocks), fam
+        assert getattr(args, "num_kv_heads", getattr(args, "num_kv_groups", heads)) == kv, fam
+        assert getattr(args, "intermediate_size", getattr(args, "ffn_hidden_size", None)) == inter, fam
+        if theta is not None:
+            rope = args.rope
+            assert rope.theta == theta, fam
+        family.read_config(families.family_config(fam, released=False))  # the CPU smoke's tiny config too
+        hf = families.hf_config(fam, cfg)
+        if fam == "baichuan":
+            assert hf is None
+            continue
+        hc = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
+        assert type(hc).__name__ == {"llama2": "LlamaConfig", "llama3": "LlamaConfig", "bloom": "BloomConfig",
+                                     "chatglm": "GlmConfig", "mixtral": "MixtralConfig"}[fam]
+        assert (hc.hidden_size, hc.num_attention_heads, hc.vocab_size, hc.num_hidden_layers) == (hidden, heads, vocab,
+                                                                                                 blocks), fam
+        if fam != "bloom":
+            assert (hc.num_key_value_heads, hc.intermediate_size, hc.rope_parameters["rope_theta"]) == (kv, inter,
+                                                                                                       theta), fam
+    assert families.family_config("bloom")["tie_word_embeddings"] is True
+    glm = families.hf_config("chatglm", families.family_config("chatglm"))
+    assert glm["head_dim"] == 128 and glm["partial_rotary_factor"] == 0.5 and glm["attention_bias"] is True
+    moe = models.get_family("mixtral").read_config(families.family_config("mixtral"))
+    assert (moe.num_experts, moe.top_k) == (8, 2)
+    assert json.loads(json.dumps(families.family_config("llama3")))  # plain JSON
+
+
+def test_families_plan_order_and_variant_names():
+    plan = families.plan_runs(list(families.FAMILIES), list(families.VARIANTS))
+    assert len(plan) == 6 + 5 + 6 + 6 + 1
+    assert [(p.family, p.trainer) for p in plan[:6]] == [(f, "pipeline") for f in families.FAMILIES]
+    assert all(p.variant == "default" for p in plan[:6]) and {p.trainer for p in plan[6:11]} == {"hf"}
+    assert "baichuan" not in {p.family for p in plan if p.trainer == "hf"}
+    assert [p.family for p in plan if p.variant == "moe_grouped_gemm=false"] == ["mixtral"]
+    by_family = families.plan_runs(["bloom", "mixtral"], ["compile_blocks=false", "hf", "default"], order="family")
+    assert [(p.family, p.trainer, p.variant) for p in by_family] == [
+        ("bloom", "pipeline", "default"), ("bloom", "hf", "default"), ("bloom", "pipeline", "compile_blocks=false"),
+        ("mixtral", "pipeline", "default"), ("mixtral", "hf", "default"),
+        ("mixtral", "pipeline", "compile_blocks=false")]
+    [combo] = families.plan_runs(["llama3"], ["fused_head_loss=false, compile_blocks=false"])
+    assert combo.variant == "compile_blocks=false,fused_head_loss=false"
+    assert combo.overrides == ("compile_blocks=false", "fused_head_loss=false")
+    for bad in ("fused_head_loss", "no_such_key=1", "a=1,a=2"):
+        with pytest.raises(SystemExit):
+            families.parse_variant(bad)
+    assert families.pipeline_dims(1, 8) == [1, 1] and families.pipeline_dims(8, 8) == [8, 1]
+    assert families.pipeline_dims(8, 2) == [4, 2]  # mixtral's 4 layers cannot fill 8 stages
