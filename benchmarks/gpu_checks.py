@@ -148,7 +148,6 @@ def compare(rows: list, section: str, label: str, ref, new, ms_ref: float, ms_ne
 
 def check_moe(tokens: int = 4096) -> list[dict]:
     from models import mixtral
-    from models.common import ModelOptions
 
     cfg = mixtral.debug_config(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)
@@ -170,7 +169,16 @@ def check_moe(tokens: int = 4096) -> list[dict]:
         results[grouped] = grads_of(moe, run)
         times[grouped] = timed(lambda: grads_of(moe, run))
     compare(rows, "moe", "grouped_gemm vs loop", results[False], results[True], times[False], times[True])
-    del ModelOptions
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the grouped forward/backward raises
+    try:
+        grads_of(moe, run_with(True))
+        rows.append({"section": "moe", "variant": "grouped_gemm host syncs", "status": "ok", "syncs": 0})
+    except RuntimeError as e:
+        rows.append({"section": "moe", "variant": "grouped_gemm host syncs", "status": "failed", "error": str(e)[:500]})
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -178,8 +186,8 @@ def check_bloom(seq: int = 2048, mbs: int = 2) -> list[dict]:
     from models import bloom
     from models.common import ModelOptions
 
-    cfg = bloom.debug_config(hidden_size=4096, n_head=32, vocab_size=250880)
-    args = bloom.read_config(cfg)
+    args = bloom.read_config({"model_type": "bloom", "hidden_size": 4096, "n_head": 32, "n_layer": 1,
+                              "vocab_size": 250880})
     rows: list[dict] = []
     results, times = {}, {}
     torch.manual_seed(0)
@@ -187,7 +195,7 @@ def check_bloom(seq: int = 2048, mbs: int = 2) -> list[dict]:
     for compiled in (False, True):
         opts = ModelOptions(dtype=torch.bfloat16, compile_blocks=compiled)
         torch.manual_seed(0)
-        blocks[compiled] = bloom.BloomBlock(args, opts, 0).cuda().train()
+        blocks[compiled] = bloom.BloomBlock(args, opts).cuda().train()
     blocks[True].load_state_dict(blocks[False].state_dict())
     x = torch.randn(mbs, seq, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     pos = torch.arange(seq, device="cuda").expand(mbs, seq)
