@@ -174,6 +174,14 @@ def hf_deepspeed_config(ds: dict):
     return _ZeroConfigRef(ds)
 
 
+def init_device(ds: dict) -> torch.device:
+    """Where random init runs: this rank's GPU below ZeRO-3 (on the CPU, HF's init of a 7B-width model took
+    minutes on the benchmark host: bloom's did not finish in 180 s); ZeRO-3 partitions while building."""
+    if zero_stage(ds) >= 3 or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdpa"):
     """The HF model, partitioned at construction under ZeRO-3; weights from `model_path` if `from_weights`,
     else HF's random init (seeded by `seed`). `attn` comes from choose_attention; a class only known while
@@ -187,7 +195,8 @@ def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdp
         if from_weights:
             return AutoModelForCausalLM.from_pretrained(cfg["model_path"], **kwargs)
         hf_config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
-        return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        with init_device(ds):
+            return AutoModelForCausalLM.from_config(hf_config, **kwargs)
 
     keep_alive = hf_deepspeed_config(ds)
     try:

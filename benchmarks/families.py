@@ -797,9 +797,12 @@ def assemble(s: Settings, device: dict, inputs: dict, runs: list[dict], old: dic
                         **{t: (None if e[t] is None else {k: e[t][k] for k in ("model_type", "dims", "model_config",
                                                                                "yaml")})
                            for t in ("pipeline", "hf")}}
+    work = workload_json(s)
+    for key in ("blocks", "released"):  # a call for some families keeps what earlier calls recorded of the rest
+        work[key] = {**(old or {}).get("workload", {}).get(key, {}), **work[key]}
     return {"kind": "families", "host": host, "date": date, "mode": s.mode, "gpus": s.gpus,
             "device_name": device.get("device_name"), "matmul_tflops": device.get("matmul_tflops"),
-            "device": device, "versions": pairs.versions(), "workload": workload_json(s),
+            "device": device, "versions": pairs.versions(), "workload": work,
             "settings": {k: v for k, v in asdict(s).items() if k not in ("plan", "env")} | {"env": s.env},
             "sessions": sessions + [session], "configs": configs, "runs": runs}
 

@@ -289,3 +289,14 @@ def test_model_topo_is_optional_here_but_train_ds_names_it(tiny_llama_pp, tmp_pa
     assert len(errors) == 1 and "missing required key 'model_topo.process_topology.dims'" in errors[0] \
         and "train_ds.py" in errors[0], err
     assert "Traceback" not in err and not (tmp_path / "pp").exists()
+
+
+def test_random_init_runs_on_the_gpu_below_zero3(monkeypatch):
+    import torch
+    import train_ds_zero as z
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert z.init_device({"zero_optimization": {"stage": 1}}) == torch.device("cuda", 1)
+    assert z.init_device({"zero_optimization": {"stage": 3}}).type == "cpu"  # partitioned while building
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert z.init_device({"zero_optimization": {"stage": 0}}).type == "cpu"
