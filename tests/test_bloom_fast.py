@@ -178,20 +178,22 @@ def test_sequence_length_change_recompiles_once(flex_on_cpu):
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
 
 
-def test_inductor_flex_kernel_equals_mask_attention(monkeypatch):
+def test_inductor_flex_kernel_equals_mask_attention():
     """Inductor's CPU flex kernel (forward only), which skips whole blocks and cuts partial ones by the
     BlockMask: packed rows, documents crossing 128-token tiles. Only the attention is compiled (a cold
     C++ compile of the whole block costs CI time and adds nothing flex-specific)."""
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no worker pool to start on 2 cores
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 6, 300, 8, generator=g) for _ in range(3))
     position_ids, slopes = packed_positions(PACKED_ROWS, 300), bloom.alibi_slopes(6)
     expected = alibi_causal_attention(q, k, v, slopes, position_ids, use_flash_attn=False, packed=True)
-    actual = torch.compile(bloom.flex_alibi_attention)(q, k, v, slopes, bloom.packed_block_mask(position_ids),
-                                                       position_ids)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the key from inductor's config module, and
+    # every later compile in the session then fails ("compile_threads does not exist").
+    with inductor_config.patch(compile_threads=1):  # no worker pool to start on 2 cores
+        actual = torch.compile(bloom.flex_alibi_attention)(q, k, v, slopes, bloom.packed_block_mask(position_ids),
+                                                           position_ids)
     assert_close(actual, expected)
     torch._dynamo.reset()
 
