@@ -530,28 +530,6 @@ def test_deepspeed_layer_checkpoint_round_trip(dirs, tmp_path, monkeypatch):
         torch.testing.assert_close(load_sequential(tmp_path)(input_ids)[0], expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_compiled_blocks_equal_eager_blocks(ckpt):
-    """compile_blocks (attention half compiled, experts eager) == eager: loss and every gradient (fp32), the
-    four blocks sharing one graph; with use_grad_ckpt both halves are recomputed in backward."""
-    from torch._dynamo.utils import counters
-
-    from tests.test_fast_paths import CONFIGS, assert_close, batch as fast_batch, loss_and_grads, twin_models
-
-    plain, compiled = twin_models(CONFIGS["mixtral"](), compile_blocks=True, use_grad_ckpt=ckpt)
-    plain.train(), compiled.train()
-    ids, labels = fast_batch()
-    ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
-    torch._dynamo.reset()
-    counters.clear()
-    loss, grads = loss_and_grads(compiled, ids, labels)
-    assert_close(loss, ref_loss)
-    assert sorted(grads) == sorted(ref_grads)
-    for n in ref_grads:
-        assert_close(grads[n], ref_grads[n])
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-
-
 @pytest.fixture(scope="module")
 def mixtral_pp(tmp_path_factory):
     """A tiny random mixtral + tokenizer converted with `convert_model.py hg_to_pp`."""
