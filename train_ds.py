@@ -194,7 +194,8 @@ def load_layer_weights(pipe_module, model_path: str) -> None:
 
 
 def run_cli(train_fn, argv=None) -> int:
-    """Config in, exit code out: user errors are one `error:` line (2), a run stopped on NaNs is 3."""
+    """Config in, exit code out: user errors and refused checkpoint files are one `error:` line (2), a run
+    stopped on NaNs is 3."""
     try:
         args, overrides = parse_args(argv)
         cfg = load_config(args.config, overrides)
@@ -202,12 +203,17 @@ def run_cli(train_fn, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from models import ModelError
+    from utils.checkpoint import CheckpointError
     from utils.guard import BadStepsError
 
     try:
         return train_fn(cfg)
     except (ConfigError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        if not (e.every_rank and int(os.environ.get("RANK", "0")) != 0):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -293,8 +299,21 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(cfg.ds, total_steps)
+    if cfg["resume"]:
+        check_resume_files(cfg["save_path"])
     return Prepared(hf_cfg, family, margs, opts, costs, parts, tokenizer, dataset, tbs, mbs, gas,
                     steps_per_epoch, total_steps)
+
+
+def check_resume_files(save_path: str) -> None:
+    """Before any process group: refuse the checkpoint to resume from if one of its files pickles more
+    than tensors and DeepSpeed's plain data types (utils.safe_load.scan_checkpoint), on every rank alike."""
+    from utils import checkpoint as ckpt
+    from utils import safe_load
+
+    tag = ckpt.newest_complete(save_path)
+    if tag is not None:
+        safe_load.scan_checkpoint(os.path.join(save_path, tag))
 
 
 def varying_shapes(cfg: TrainConfig) -> bool:
@@ -316,6 +335,7 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
 
     import models
     from utils import checkpoint as ckpt
+    from utils import safe_load
     from utils.guard import StepGuard
     from utils.pipeline import PartitionedPipelineModule, describe_parts, spec_bounds
 
@@ -351,6 +371,7 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
     optimizer = cpu_lion(cfg, groups, device)
     engine, _, _, _ = deepspeed.initialize(model=module, config=cfg.ds, optimizer=optimizer,
                                            model_parameters=None if optimizer else groups)
+    safe_load.install(engine)  # checkpoint files are read with torch.load(weights_only=True)
     guard = None
     if plain_fp32:
         guard = StepGuard(engine.optimizer, module.parameters(), engine.grid.get_pipe_parallel_group(), max_norm)
@@ -358,8 +379,11 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
 
 
 def resume(cfg: TrainConfig, engine, rank: int) -> int:
-    """Load the newest complete checkpoint of `save_path` (same dims only); the step to continue from."""
+    """Load the newest complete checkpoint of `save_path` (same dims only); the step to continue from.
+    Every file is unpickled with weights_only=True (utils.safe_load): a file holding anything but
+    tensors and DeepSpeed's plain data types stops the run with one line naming it."""
     from utils import checkpoint as ckpt
+    from utils import safe_load
 
     tag = ckpt.newest_complete(cfg["save_path"])
     if tag is None:
@@ -369,7 +393,7 @@ def resume(cfg: TrainConfig, engine, rank: int) -> int:
     if info.get("dims") != list(cfg.dims):
         raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
                           f"this run has {list(cfg.dims)}; resume with the same dims")
-    engine.load_checkpoint(cfg["save_path"], tag=tag)
+    safe_load.load_checkpoint(engine, cfg["save_path"], tag)
     log(f"resumed from {cfg['save_path']}/{tag} at step {info['step']}", rank)
     return int(info["step"])
 

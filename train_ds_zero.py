@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from train_ds import (build_dataset, fill_scheduler_steps, init_distributed, load_tokenizer, param_groups, run_cli,
-                      summer)
+from train_ds import (build_dataset, check_resume_files, fill_scheduler_steps, init_distributed, load_tokenizer,
+                      param_groups, run_cli, summer)
 from utils.config import ConfigError, TrainConfig, resolve_batch
 from utils.guard import BadStepCounter
 from utils.metrics import family_flops_per_token, log, write_rank_stats
@@ -388,6 +388,7 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     tag = resume_tag(cfg)
     if tag is not None:
         check_resume_info(ckpt.read_info(cfg["save_path"], tag), tag, world)
+        check_resume_files(cfg["save_path"])
     hf_cfg = read_model_config(cfg, resuming=tag is not None)
     attn, attn_note = choose_attention(cfg, causal_lm_class(cfg, hf_cfg))
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
@@ -436,22 +437,27 @@ def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int
 def build_engine(cfg: TrainConfig, plan: RunPlan):
     import deepspeed
 
+    from utils import safe_load
+
     model = build_model(cfg, cfg.ds, from_weights=not cfg["from_scratch"] and plan.resume_tag is None,
                         attn=plan.attn)
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg.ds,
                                            model_parameters=param_groups(model, cfg["optimizer.no_wd_kws"]))
+    safe_load.install(engine)  # checkpoint files are read with torch.load(weights_only=True)
     return engine
 
 
 def restore(engine, cfg: TrainConfig, plan: RunPlan, rank: int) -> int:
-    """Load the newest complete checkpoint (when resuming); returns the step to continue from."""
+    """Load the newest complete checkpoint (when resuming); returns the step to continue from. Every file
+    is unpickled with weights_only=True (utils.safe_load), as in train_ds.py."""
     from utils import checkpoint as ckpt
+    from utils import safe_load
 
     if plan.resume_tag is None:
         if cfg["resume"]:
             log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
         return 0
-    engine.load_checkpoint(cfg["save_path"], tag=plan.resume_tag)
+    safe_load.load_checkpoint(engine, cfg["save_path"], plan.resume_tag)
     step = int(ckpt.read_info(cfg["save_path"], plan.resume_tag)["step"])
     log(f"resumed from {cfg['save_path']}/{plan.resume_tag} at step {step}", rank)
     return step

@@ -19,6 +19,15 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
 
 
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be loaded safely (utils.safe_load); the message names the file.
+    `every_rank`: every rank found the same (a scan of all files), so rank 0 alone needs to say it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
 def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
