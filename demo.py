@@ -440,17 +440,26 @@ def pick_token(logits, sampling: Sampling) -> int:
     return int(order[choice])
 
 
+def cache_argument(model) -> str:
+    """The KV cache's argument (and output field) name: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name warns and goes in 5.40); older 5.x releases and remote-code models take `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_ids(model, prompt_ids: list[int], stop_ids: frozenset[int], sampling: Sampling,
                  runtime: Runtime) -> Iterator[int]:
     """Yield new token ids one by one; the last one is a stop id unless `max_new_tokens` ran out."""
     import torch
 
     input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=runtime.device)
+    key = cache_argument(model)
     past = None
     for _ in range(sampling.max_new_tokens):
         with torch.no_grad():
-            out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+            out = model(input_ids=input_ids, use_cache=True, **{key: past})
+        past = getattr(out, key)
         token = runtime.agree(pick_token(out.logits[0, -1], sampling))
         yield token
         if token in stop_ids:

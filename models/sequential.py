@@ -39,8 +39,9 @@ class SequentialModel(nn.Module):
                     tied_keys[spec.key] = key
             self._steps.append((key, getattr(spec, "forward_fn", None)))
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B,S] int64 (position_ids [B,S], default 0..S-1) -> logits [B,S,V]."""
+    def outputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """What the last pipeline stage hands the loss: logits [B,S,V], or a tuple led by the logits for
+        families with side outputs (mixtral: router probabilities and routes)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = (input_ids, position_ids)
@@ -49,9 +50,14 @@ class SequentialModel(nn.Module):
             x = partial(forward_fn, module)(x) if forward_fn is not None else module(x)
         return x
 
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B,S] int64 (position_ids [B,S], default 0..S-1) -> logits [B,S,V], for every family."""
+        out = self.outputs(input_ids, position_ids)
+        return out[0] if isinstance(out, tuple) else out
+
     def loss(self, input_ids: torch.Tensor, labels, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar loss of the last pipeline stage; `labels` [B,S] or `(labels, scale)` as in training."""
-        return self.loss_fn(self(input_ids, position_ids), labels)
+        return self.loss_fn(self.outputs(input_ids, position_ids), labels)
 
 
 def build_sequential(hf_cfg: dict, opts: ModelOptions) -> SequentialModel:

@@ -113,7 +113,7 @@ def test_logits_match_hf(dirs, reference, layout):
     input_ids, position_ids, _ = batch()
     with torch.no_grad():
         expected = reference(input_ids=input_ids, position_ids=position_ids).logits
-        logits, probs, routes = ours(input_ids, position_ids)
+        logits, probs, routes = ours.outputs(input_ids, position_ids)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
     assert probs.shape == (2, 24, 4) and routes.shape == (2, 24, 4, 2) and routes.dtype == torch.uint8
     torch.testing.assert_close(probs.sum(-1), torch.full((2, 24), 4.0))  # one softmax per block
@@ -158,7 +158,7 @@ def test_router_gradients_of_the_aux_loss_alone_match_hf(dirs, reference):
     out = reference(input_ids=input_ids, position_ids=position_ids, attention_mask=mask.long(),
                     output_router_logits=True)
     out.aux_loss.backward()
-    _, probs, routes = ours(input_ids, position_ids)
+    _, probs, routes = ours.outputs(input_ids, position_ids)
     aux, _ = load_balancing_loss(probs, routes, mask)
     aux.backward()
     torch.testing.assert_close(aux, out.aux_loss, rtol=1e-5, atol=0)
@@ -270,7 +270,7 @@ def test_loss_scale_applies_to_ce_only_and_metrics_reset(dirs):
     loss_fn = model.loss_fn
     assert isinstance(loss_fn, MoeCausalLMLoss) and loss_fn.coef == 0.02
     with torch.no_grad():
-        outputs = model(input_ids, position_ids)
+        outputs = model.outputs(input_ids, position_ids)
         plain = loss_fn(outputs, labels)
         scaled = loss_fn(outputs, (labels, torch.tensor([0.5])))
         aux, counts = load_balancing_loss(outputs[1], outputs[2], valid_tokens(labels))
@@ -353,7 +353,7 @@ def test_tied_embeddings_spec_and_forward():
     assert isinstance(specs[-1], TiedLayerSpec) and len(specs) == cfg["num_hidden_layers"] + 3
     model = load_sequential_from_config(cfg)
     ids = torch.randint(0, 512, (2, 8))
-    logits, _, _ = model(ids)
+    logits = model(ids)
     labels = ids.clone()
     assert logits.shape == (2, 8, 512) and torch.isfinite(model.loss(ids, labels))
 
@@ -364,7 +364,7 @@ def test_bf16_layers_keep_fp32_router_statistics(dirs):
     assert all(getattr(block.block_sparse_moe.experts, w).dtype == torch.bfloat16 for w in EXPERT_WEIGHTS)
     assert block.rotary.inv_freq.dtype == torch.float32
     input_ids, position_ids, labels = batch(seed=7)
-    logits, probs, routes = model(input_ids, position_ids)
+    logits, probs, routes = model.outputs(input_ids, position_ids)
     assert logits.dtype == torch.bfloat16 and probs.dtype == torch.float32 and routes.dtype == torch.uint8
     loss = model.loss_fn((logits, probs, routes), labels)
     loss.backward()
@@ -398,7 +398,7 @@ def test_grouped_gemm_and_expert_loop_match_hf_with_idle_experts(dirs, reference
     input_ids, labels = idle_expert_batch()
     out = reference(input_ids=input_ids, labels=labels, output_router_logits=True)
     out.loss.backward()
-    logits, probs, routes = ours(input_ids)
+    logits, probs, routes = ours.outputs(input_ids)
     counts = torch.stack([torch.bincount(routes[0, :, i].reshape(-1).long(), minlength=4) for i in range(4)])
     idle = {int(e) for e in (counts == 0).nonzero()[:, 1]}
     assert {0, 3} <= idle and idle & {1, 2}, counts  # leading, trailing and middle empty groups
@@ -527,7 +527,7 @@ def test_deepspeed_layer_checkpoint_round_trip(dirs, tmp_path, monkeypatch):
     input_ids = torch.randint(0, 512, (2, 8))
     with torch.no_grad():
         expected = saved((input_ids, torch.arange(8).expand(2, 8)))[0]
-        torch.testing.assert_close(load_sequential(tmp_path)(input_ids)[0], expected, rtol=0, atol=0)
+        torch.testing.assert_close(load_sequential(tmp_path)(input_ids), expected, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
