@@ -13,14 +13,17 @@ skipped: if it cannot set the cluster up it fails and says why.
 """
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, deepspeed_bin, run_deepspeed, train_config
+from tests.conftest import ROOT, deepspeed_bin, extensions_dir, run_deepspeed, train_config
 from tests.multinode.netns_cluster import ClusterError, NetnsCluster, ensure_tools
 
 pytestmark = pytest.mark.multinode
@@ -32,7 +35,20 @@ DS_ENV = {  # what every node needs; DeepSpeed's runner exports only PYTHON*/MLF
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-FORWARD = ("TORCH_EXTENSIONS_DIR",)  # passed on to the nodes when set here (JIT op cache of this venv)
+# DeepSpeed's JIT-compiled CPU ops (the shm comm op in init_distributed, FusedAdam in
+# deepspeed.initialize) must come ready-built from the per-venv cache every other test uses
+# (conftest.extensions_dir), built before the timed launch by the same `ninja` as the nodes use.
+# Without TORCH_EXTENSIONS_DIR the ranks used ~/.cache/torch_extensions, which no test fills, and
+# with the PATH of an ssh session (no venv bin) they ran /usr/bin/ninja, not the venv's: ninja
+# versions do not share their build logs (1.11 and 1.13 rebuild everything the other built). So on a
+# fresh CI machine the ranks compiled both ops (one node compiling, the other waiting on the lock,
+# ~100 s per op on 2 busy cores) and the launch hit its timeout before the first step.
+CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+LAUNCH_TIMEOUT = 240
+# Written into the job directory, which DeepSpeed's runner puts on PYTHONPATH on every node, so every
+# Python process there (launcher and ranks) prints all its threads' stacks on SIGUSR1; the test sends
+# it to the ranks when the launch times out, so that a hang explains itself.
+SITECUSTOMIZE = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +67,36 @@ def cluster(tmp_path_factory, request):
     return c
 
 
-def _text(data) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+def build_cpu_ops() -> None:
+    """Compile (or find in the cache) the JIT ops both runs load, outside their timeouts."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions_dir())  # as run_deepspeed
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            f"for name in {CPU_OPS!r}:\n"
+            "    get_accelerator().create_op_builder(name).load()\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"building DeepSpeed's CPU ops failed: {res.stderr[-3000:]}"
+
+
+def rank_stacks(cluster, proc: subprocess.Popen) -> str:
+    """SIGUSR1 to every rank on every node (faulthandler, see SITECUSTOMIZE), then the launch's whole
+    output once the dumps came back through ssh and pdsh; the launch is killed."""
+    ranks = []
+    for name in cluster.names:
+        for pid in cluster.pids(name):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"train_ds.py") for a in argv) and any(a.startswith(b"--local_rank=") for a in argv):
+                ranks.append(pid)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(3)
+    proc.kill()  # `unshare --kill-child`: takes the runner, pdsh and ssh along
+    return f"{proc.communicate()[0]}\n[sent SIGUSR1 to ranks {ranks}]"
 
 
 def metrics(save_path: Path) -> list[dict]:
@@ -79,8 +123,10 @@ def test_hostfile_launch_over_pdsh_equals_single_host(cluster, tiny_llama_pp, tm
     cfg = train_config(pp, job / "out", dims=(2, 1), max_steps=4)
     (job / "cfg.yml").write_text(yaml.safe_dump(cfg))
     (job / "hostfile").write_text("".join(f"{name} slots=1\n" for name in cluster.names))
-    ds_env = dict(DS_ENV, **{k: os.environ[k] for k in FORWARD if os.environ.get(k)})
+    ds_env = dict(DS_ENV, TORCH_EXTENSIONS_DIR=extensions_dir(), PATH=os.environ["PATH"])  # see CPU_OPS
     (job / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in ds_env.items()))
+    (job / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    build_cpu_ops()
 
     # the single-host reference runs meanwhile (host network namespace, its own port and shm names)
     ref = tmp_path / "ref"
@@ -94,15 +140,21 @@ def test_hostfile_launch_over_pdsh_equals_single_host(cluster, tiny_llama_pp, tm
               "--launcher", "pdsh", str(ROOT / "train_ds.py"), "--config", "cfg.yml"]
     # the launcher's own environment does not reach the other node; only .deepspeed_env does
     env = {k: v for k, v in os.environ.items() if k not in DS_ENV and not k.startswith("PDSH_")}
+    # one pipe for stdout and stderr: the log in the order it was written (stdout + stderr put every
+    # stderr line, c10d's and ours, after all of stdout and made a compile look like a hang after init)
+    proc = subprocess.Popen(cluster.cmd("node1", launch), cwd=job, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        res = subprocess.run(cluster.cmd("node1", launch), cwd=job, env=env, capture_output=True, text=True,
-                             timeout=240)
-        out = res.stdout + res.stderr
-    except subprocess.TimeoutExpired as e:  # the finalizer kills what is left in the namespaces
-        res, out = None, f"timed out after {e.timeout}s\n{_text(e.stdout)}{_text(e.stderr)}"
+        out = proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
+        failure = f"multinode run failed: {out[-6000:]}"
+    except subprocess.TimeoutExpired:  # the finalizer kills what is left in the namespaces
+        out = rank_stacks(cluster, proc)
+        start = out.find("most recent call first")  # faulthandler's "Thread 0x... (most recent call first):"
+        start = out.rfind("\n", 0, start) + 1 if start >= 0 else len(out)
+        failure = (f"multinode run timed out after {LAUNCH_TIMEOUT}s: {out[:start][-4000:]}\n"
+                   f"--- every rank's Python stacks (SIGUSR1) ---\n{out[start:]}")
     single = single_future.result()
-    assert res is not None and res.returncode == 0, \
-        f"multinode run failed: {out[-6000:]}\nsshd node2: {cluster.sshd_log('node2')}"
+    assert proc.returncode == 0, f"{failure}\nsshd node2: {cluster.sshd_log('node2')}"
 
     # pdsh ran one DeepSpeed launcher per node, with the node rank and the .deepspeed_env exports
     assert "deepspeed_env file = ./.deepspeed_env" in out

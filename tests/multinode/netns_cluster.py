@@ -271,6 +271,11 @@ class NetnsCluster:
     def exec(self, name: str, argv: list[str], check: bool = True, timeout: float = 60, **kw):
         return _run(self.cmd(name, argv), check=check, timeout=timeout, **kw)
 
+    def pids(self, name: str) -> list[int]:
+        """Host pids of every process on node `name` (its network namespace), sshd and its sessions included."""
+        res = _run([_ip(), "netns", "pids", self.netns[name]], check=False)
+        return [int(p) for p in res.stdout.split() if p.isdigit()]
+
     # -- tear down ----------------------------------------------------------------------------------
     def close(self) -> None:
         for proc in self.sshd.values():  # `unshare --kill-child` takes sshd and its PID namespace along
