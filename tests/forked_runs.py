@@ -8,7 +8,7 @@ Each job of JOBS.json (a list, run in order) is a dict:
   config     the YAML; log: the file the child's stdout and stderr go to
   copy       optional [src, dst]: copy the save dir src to dst first (names in `exclude` left out)
   plant      optional [file, marker]: replace `file` (its tensors kept) by a pickle that touches `marker`
-             when unpickled with weights_only=False
+             when unpickled with weights_only=False (its tag dir's MANIFEST.json is rewritten to match)
   skip_scan  disable utils.safe_load.scan_checkpoint in the child, so a planted file reaches DeepSpeed's
              own loads in `engine.load_checkpoint`
   hash_dir   optional dir whose file hashes are recorded before and after the run
@@ -46,6 +46,13 @@ def plant(file, marker) -> None:
 
     state = safe_load(file, map_location="cpu")  # our own file: tensors and DeepSpeed's allow-listed types
     torch.save({"planted": Planted(str(marker)), "state": state}, file)
+    # Whoever can rewrite a checkpoint file can rewrite its MANIFEST.json too (it finds damage, not
+    # tampering): the planted file must meet the weights_only layers, not a hash mismatch and a fallback.
+    from utils import checkpoint as ckpt
+
+    tag_dir = os.path.dirname(os.path.abspath(file))
+    if os.path.exists(os.path.join(tag_dir, ckpt.MANIFEST)):
+        ckpt.write_manifest(tag_dir)
 
 
 def hashes(root) -> dict[str, str]:

@@ -46,8 +46,39 @@ def write_rank_stats(save_path: str, rank: int, stats: dict) -> None:
     atomic_write_text(os.path.join(out, f"rank{rank}.json"), json.dumps(stats))
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Before a run resumed at `step` appends to `path` (metrics.jsonl): rewrite it keeping only the rows of
+    steps <= `step`, so that the steps the crashed run wrote after its checkpoint are not there twice.
+    Rows without a `step` are kept; a line that is no JSON object (a row cut by the crash) is dropped. The
+    new file replaces the old one atomically (temp file + os.replace). Returns how many lines were dropped."""
+    from utils.checkpoint import atomic_write_text
+
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        row_step = row.get("step")
+        if isinstance(row_step, (int, float)) and not isinstance(row_step, bool) and row_step > step:
+            continue
+        kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped or (text and not text.endswith("\n")):  # also a last row cut just before its newline
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
 class MetricsWriter:
-    """Appends to `save_path/metrics.jsonl` (never truncates, so a resumed run continues the file)."""
+    """Appends to `save_path/metrics.jsonl` (never truncates, so a resumed run continues the file; the
+    resume drops the rows written after its checkpoint first: `drop_rows_after`)."""
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
