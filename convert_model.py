@@ -6,7 +6,8 @@
     python convert_model.py verify --hf-path HF_DIR --pp-path PP_DIR
 
 The logic lives in `models/convert.py` and is driven by each family's weight map.
-User errors print one line `error: ...` and exit 2; `verify` exits 1 when the logits differ.
+User errors (bad or unreadable inputs, a full disk) print one line `error: ...` naming the file and exit 2;
+an existing output is only replaced once the new one is complete. `verify` exits 1 when the logits differ.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, OSError) as err:  # ModelError is a ValueError; FileNotFoundError an OSError
-        print(f"error: {err}", file=sys.stderr)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"error: {'; '.join(lines) or type(err).__name__}", file=sys.stderr)  # one line, never a traceback
         return 2
 
 

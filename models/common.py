@@ -133,7 +133,16 @@ def cfg_get(cfg: dict, key: str, kind: type | tuple[type, ...], default: Any = .
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise ModelError(f"config.json: '{key}' must be {names}, got {value!r}")
+    if key in POSITIVE_CONFIG_KEYS and value < 1:
+        raise ModelError(f"config.json: '{key}' must be >= 1, got {value!r}")
     return value
+
+
+# sizes and counts of config.json: 0 or less divides by zero or builds an empty model
+POSITIVE_CONFIG_KEYS = {"hidden_size", "n_embed", "num_hidden_layers", "n_layer", "num_layers", "num_attention_heads",
+                        "n_head", "num_key_value_heads", "multi_query_group_num", "intermediate_size",
+                        "ffn_hidden_size", "vocab_size", "padded_vocab_size", "head_dim", "kv_channels",
+                        "num_local_experts", "num_experts_per_tok"}
 
 
 # ----------------------------------------------------------------------------------------------

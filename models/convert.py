@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import resource
 import shutil
 import tempfile
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +67,10 @@ def model_info(cfg_dir: str | Path) -> ModelInfo:
 
     cfg = read_hf_config(cfg_dir)
     family = get_family(cfg["model_type"])
-    args = family.read_config(cfg)
+    try:
+        args = family.read_config(cfg)
+    except ModelError as err:  # "config.json: 'x' must be ..." -> the file's full path
+        raise ModelError(f"{Path(cfg_dir) / 'config.json'}: {str(err).removeprefix('config.json: ')}") from None
     num_files = family.num_layers(args) + 2
     with torch.device("meta"):
         specs = family.build_layers(args, ModelOptions())
@@ -200,8 +205,15 @@ def _download(repo_id: str) -> Path:
 
 
 def _index_files(src: Path, index_name: str) -> list[Path]:
-    data = json.loads((src / index_name).read_text())
-    files = sorted(set(data.get("weight_map", {}).values()))
+    path = src / index_name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {path}: {_reason(err)}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{path} has no 'weight_map' of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
     for name in files:
         if not (src / name).is_file():
             raise ModelError(f"{index_name} lists {name}, which is missing from {src}")
@@ -223,29 +235,90 @@ def hf_weight_files(src: Path) -> list[Path]:
     raise ModelError(f"no *.safetensors or pytorch_model*.bin weights in {src}")
 
 
-def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, one file open at a time; a name seen twice is an error."""
+def _reason(err: BaseException) -> str:
+    """One line for an I/O or format error: the OS's words for an errno anywhere in the chain (torch wraps
+    them in RuntimeErrors, safetensors quotes them as `os error N`), else the error's first line."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        return os.strerror(int(match.group(1)))
+    return f"{type(err).__name__}: {(text.strip().splitlines() or [''])[0]}"
+
+
+def open_safetensors(path: Path):
+    """`safe_open` on a file that must be safetensors: a truncated or foreign file is a ModelError naming it."""
     from safetensors import safe_open
 
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        handle.keys()
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: reported by name, in one line
+        raise ModelError(f"cannot read {path}: not a complete safetensors file ({_reason(err)})") from None
+    return handle
+
+
+def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor, one file open at a time; a name seen twice is an error."""
     seen: set[str] = set()
     for path in files:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
+            with open_safetensors(path) as handle:
                 for name in handle.keys():
-                    yield _once(name, seen, path), handle.get_tensor(name)
+                    try:
+                        tensor = handle.get_tensor(name)
+                    except Exception as err:  # noqa: BLE001 - as in open_safetensors
+                        raise ModelError(f"cannot read tensor '{name}' of {path}: {_reason(err)}") from None
+                    yield _once(name, seen, path), tensor
         else:
-            state = _load_bin(path)
+            state = load_bin(path)
             for name in list(state):
                 yield _once(name, seen, path), state.pop(name)
             del state
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A `.bin` state_dict, memory-mapped when it is in the zip format (legacy files cannot be)."""
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state_dict read with `weights_only=True` (memory-mapped when it is in the zip format; legacy
+    files cannot be). A file pickling anything but tensors is refused, and any unreadable file is a ModelError
+    naming it: never a traceback, never torch's advice to retry with weights_only=False."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-    except RuntimeError:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it is about to refuse
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            except RuntimeError:
+                state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text:
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            raise ModelError(f"refused {path}: it pickles more than tensors (loading it could run code: "
+                             f"{detail[0] if detail else 'unsupported pickle content'}); only plain state_dicts "
+                             f"of tensors are read") from None
+        raise ModelError(f"cannot read {path}: not a PyTorch state_dict ({_reason(err)})") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, not a pickle, I/O: reported by name, in one line
+        raise ModelError(f"cannot read {path}: not a PyTorch state_dict ({_reason(err)})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ModelError(f"{path} is not a state_dict of named tensors")
+    return state
+
+
+def check_hf_weight_files(src: Path) -> list[Path]:
+    """The weight files of an HF dir, each opened once (safetensors: header only) so that a truncated,
+    foreign or pickled file is reported by name before transformers reads them."""
+    files = hf_weight_files(src)
+    for path in files:
+        if path.suffix == ".safetensors":
+            with open_safetensors(path):
+                pass
+        else:
+            load_bin(path)
+    return files
 
 
 def _once(name: str, seen: set[str], path: Path) -> str:
@@ -259,9 +332,37 @@ def _once(name: str, seen: set[str], path: Path) -> str:
 # Output handling
 
 
+class WriteError(ModelError):
+    """A file of the output could not be written (full disk, quota, I/O error)."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` (OSError, torch's RuntimeError, safetensors' error) into one WriteError
+    naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise WriteError(f"cannot write {path}: {_reason(err)}") from None
+
+
+def save_layer(state: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.save through a Python file object, so a full disk surfaces as OSError(ENOSPC), not as torch's
+    'unexpected pos' RuntimeError."""
+    with writing(path), open(path, "wb") as f:
+        torch.save(state, f)
+
+
 @contextmanager
 def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> Iterator[Path]:
-    """Yield a temp dir next to `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temp dir next to `target`; on success it replaces `target`, on error it is removed.
+
+    An existing `target` (with `overwrite`) is moved aside before the new output takes its name and deleted
+    only after that: a failure at any point leaves either the old output or the new one under `target`,
+    never a partial one (the temp dir's name starts with '.' and never looks like a finished output).
+    """
     target = Path(target)
     if target.exists():
         if not target.is_dir():
@@ -273,19 +374,38 @@ def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> I
         src = src.resolve()
         if src == resolved or resolved in src.parents:
             raise ModelError(f"save path {target} contains the input {src}; choose another save path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise ModelError(f"cannot write to save path {target}: {_reason(err)}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+    except WriteError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = "left as it was" if target.exists() else "not created"
+        raise WriteError(f"{err}; the partial output was removed and {target} was {state}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    old = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except OSError as err:
+        if old is not None and (old / target.name).exists() and not target.exists():
+            os.replace(old / target.name, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise ModelError(f"cannot move the new output into {target}: {_reason(err)}; {target} is unchanged") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_aux_files(src_dirs: list[Path], dst: Path) -> list[str]:
@@ -295,7 +415,8 @@ def copy_aux_files(src_dirs: list[Path], dst: Path) -> list[str]:
         for pattern in AUX_FILE_PATTERNS:
             for path in sorted(src.glob(pattern)):
                 if path.is_file() and not (dst / path.name).exists():
-                    shutil.copy2(path, dst / path.name)
+                    with writing(dst / path.name):
+                        shutil.copy2(path, dst / path.name)
                     copied.append(path.name)
     return copied
 
@@ -390,12 +511,12 @@ def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
     collector = _LayerCollector(info, mapper)
     with staged_output(save_path, overwrite, [src]) as tmp:
         for idx in collector.empty_layers():
-            torch.save(collector.take(idx), tmp / layer_file_name(idx))
+            save_layer(collector.take(idx), tmp / layer_file_name(idx))
         for name, tensor in canonical_hf_tensors(info, iter_hf_tensors(files)):
             idx = collector.add(name, tensor)
             if idx is not None:
                 local = collector.take(idx)
-                torch.save({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
+                save_layer({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
         collector.check_complete()
         copy_aux_files([src], tmp)
     if collector.dropped:
@@ -448,7 +569,9 @@ class ShardWriter:
 
         if not self.current:
             return
-        save_file(self.current, str(self._part(len(self.shards))), metadata={"format": "pt"})
+        part = self._part(len(self.shards))
+        with writing(part):
+            save_file(self.current, str(part), metadata={"format": "pt"})
         self.shards.append(list(self.current))
         self.current, self.current_bytes = {}, 0
 
@@ -467,7 +590,8 @@ class ShardWriter:
             os.replace(self._part(i), self.out_dir / final)
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        with writing(self.out_dir / SAFETENSORS_INDEX):
+            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return total
 
 
@@ -505,7 +629,8 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
             del state
         num_shards = writer.finish()
         if export is not None:
-            (tmp / "config.json").write_text(json.dumps(export.config(info.hf_cfg), indent=2) + "\n")
+            with writing(tmp / "config.json"):
+                (tmp / "config.json").write_text(json.dumps(export.config(info.hf_cfg), indent=2) + "\n")
         copy_aux_files(cfg_dirs, tmp)
     log(f"wrote {num_shards} safetensors shard(s) to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
     return Path(save_path)
@@ -531,15 +656,21 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
         raise ModelError(f"HF model directory {hf_dir} does not exist")
     hf_cfg = read_hf_config(hf_dir)
     ours = load_sequential(pp_path, torch.float32).eval()
+    check_hf_weight_files(hf_dir)
     from . import REGISTRY
 
     family = REGISTRY.get(hf_cfg["model_type"])
-    if family is not None and family.reference_model is not None:
-        reference = family.reference_model(hf_dir).float().eval()
-    else:
-        remote = "auto_map" in hf_cfg
-        reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                         trust_remote_code=remote).eval()
+    try:
+        if family is not None and family.reference_model is not None:
+            reference = family.reference_model(hf_dir).float().eval()
+        else:
+            remote = "auto_map" in hf_cfg
+            reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                             trust_remote_code=remote).eval()
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever transformers makes of a broken dir: one line naming it
+        raise ModelError(f"cannot load the HF model in {hf_dir} with transformers: {_reason(err)}") from None
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, int(reference.config.vocab_size), (batch, seq_len), generator=generator)
     with torch.no_grad():

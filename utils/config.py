@@ -2,15 +2,23 @@
 
 `load_config(path, overrides)` returns a `TrainConfig`: `.ours` (our keys, defaults filled in) and
 `.ds` (the dict handed to `deepspeed.initialize`). Every user mistake raises `ConfigError` whose
-message names the dotted key and what is accepted, so scripts can print one line and exit.
+message names the config file, the dotted key and what is accepted, so scripts can print one line and
+exit. DeepSpeed's keys are checked here too (`check_deepspeed`), before any model is built: optimizer and
+scheduler params against the constructors DeepSpeed would call, its pydantic sections strictly, then
+DeepSpeed's own `DeepSpeedConfig`. `preflight` adds what one trainer's run needs (optimizer, writable
+save_path).
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import inspect
+import math
 import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 
@@ -56,7 +64,8 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "num_workers": ((int,), 1, "DataLoader workers that tokenize"),
 }
 
-# DeepSpeed's top-level keys we pass through untouched (DeepSpeed validates their insides).
+# DeepSpeed's top-level keys, passed to DeepSpeed as given (numeric strings of optimizer/scheduler params
+# become numbers); their insides are checked by check_deepspeed.
 DS_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print",
     "optimizer", "scheduler", "fp16", "bf16", "amp", "zero_optimization", "gradient_clipping",
@@ -117,10 +126,10 @@ def _type_name(types: tuple[type, ...]) -> str:
                        for t in types)
 
 
-def _check_type(key: str, value: Any, types: tuple[type, ...]) -> None:
+def _check_type(key: str, value: Any, types: tuple[type, ...], path: str) -> None:
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{path}: {key}: expected {_type_name(types)}, got {type(value).__name__} {value!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -168,20 +177,21 @@ def validate(raw: dict, path: str = "<config>") -> TrainConfig:
         if key in OUR_KEYS:
             ours[key] = value
         elif key.split(".")[0] in DS_KEYS:
-            ds[key] = value
+            ds[key] = copy.deepcopy(value)  # numeric strings get coerced below; the caller's dict stays as given
         else:
             raise ConfigError(f"{path}: unknown key '{key}'{_suggest(key, set(OUR_KEYS) | DS_KEYS)}")
     if isinstance(optimizer, dict) and "no_wd_kws" in optimizer:
         ours["optimizer.no_wd_kws"] = optimizer["no_wd_kws"]
-        ds["optimizer"] = {k: v for k, v in optimizer.items() if k != "no_wd_kws"}
+        ds["optimizer"] = {k: copy.deepcopy(v) for k, v in optimizer.items() if k != "no_wd_kws"}
     for key, (types, default, _help) in OUR_KEYS.items():
         if key not in ours:
             if default is REQUIRED:
                 raise ConfigError(f"{path}: missing required key '{key}' ({_help})")
             ours[key] = copy.deepcopy(default)
         elif ours[key] is not None or default is not None:
-            _check_type(key, ours[key], types)
+            _check_type(key, ours[key], types, path)
     _check_values(ours, ds, path)
+    check_deepspeed(ds, path)
     return TrainConfig(ours=ours, ds=ds, path=path, raw=raw)
 
 
@@ -222,6 +232,509 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
         if key in ds:
             need(isinstance(ds[key], int) and not isinstance(ds[key], bool) and ds[key] >= 1,
                  f"{key}: expected a positive integer, got {ds[key]!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's keys, checked against what DeepSpeed and torch accept, before any model is built: the optimizer's
+# and scheduler's params against the signatures of the classes DeepSpeed would construct, the sections DeepSpeed
+# models with pydantic against those models (strictly: pydantic would read `enabled: "false"` as false while our
+# trainers read the raw dict), then DeepSpeed's own `DeepSpeedConfig` on the dict as the last word.
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(params: dict, key: str, where: str, path: str, allow_list: bool = False) -> None:
+    """`params[key]` must be a finite number (a list of them with `allow_list`: per parameter group).
+    A numeric string is replaced by its float: PyYAML reads `3e-4` (no dot) as the string '3e-4'."""
+    def coerce(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        return value if _is_number(value) and math.isfinite(value) else None
+
+    value = params[key]
+    if allow_list and isinstance(value, list) and value:
+        coerced = [coerce(v) for v in value]
+        if all(v is not None for v in coerced):
+            params[key] = coerced
+            return
+    elif coerce(value) is not None:
+        params[key] = coerce(value)
+        return
+    raise ConfigError(f"{path}: {where}: expected a number{' (or a list of numbers)' if allow_list else ''}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+# natural bounds of optimizer and scheduler params: name -> (check, what it must be)
+_BOUNDS: dict[str, tuple[Any, str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "muon_lr": (lambda v: v > 0, "> 0"),
+    "adam_lr": (lambda v: v > 0, "> 0"),
+    "eps": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "momentum": (lambda v: v >= 0, ">= 0"),
+    "betas": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "warmup_num_steps": (lambda v: v >= 1, ">= 1"),
+    "total_num_steps": (lambda v: v >= 1, ">= 1"),
+    "warmup_min_lr": (lambda v: v >= 0, ">= 0"),
+    "warmup_max_lr": (lambda v: v > 0, "> 0"),
+    "warmup_min_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "cos_min_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "last_batch_iteration": (lambda v: v >= -1, ">= -1"),
+    "cycle_min_lr": (lambda v: v >= 0, ">= 0"),
+    "cycle_max_lr": (lambda v: v > 0, "> 0"),
+    "lr_range_test_min_lr": (lambda v: v > 0, "> 0"),
+}
+_CHOICES = {"warmup_type": ("log", "linear")}  # DeepSpeed falls back to 'log' on anything else, with a warning
+
+
+def _check_bounds(params: dict, section: str, path: str) -> None:
+    for key, value in params.items():
+        where = f"{section}.params.{key}"
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"{path}: {where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if key not in _BOUNDS:
+            continue
+        check, text = _BOUNDS[key]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if _is_number(v) and not check(v):
+                raise ConfigError(f"{path}: {where}: must be {text}, got {value!r}")
+
+
+def _check_param_type(params: dict, key: str, param: inspect.Parameter | None, where: str, path: str,
+                      allow_list: bool) -> None:
+    """Check `params[key]` against the annotation (plain float/int/bool/str) or else the default of `param`."""
+    value = params[key]
+    if param is None:
+        return
+    plain = {bool: bool, int: int, float: float, str: str, "bool": bool, "int": int, "float": float, "str": str}
+    annotation = plain.get(param.annotation) if isinstance(param.annotation, (type, str)) else None
+    default = param.default
+    if annotation is bool or (annotation is None and isinstance(default, bool)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {where}: expected true/false, got {type(value).__name__} {value!r}")
+    elif annotation is int or (annotation is None and _is_int(default) and key not in _FLOAT_KEYS):
+        if not _is_int(value):
+            raise ConfigError(f"{path}: {where}: expected an integer, got {type(value).__name__} {value!r}")
+    elif annotation is float or (annotation is None and _is_number(default)) or key in _FLOAT_KEYS:
+        _number(params, key, where, path, allow_list)
+    elif annotation is str or (annotation is None and isinstance(default, str)):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: {where}: expected a string, got {type(value).__name__} {value!r}")
+    elif isinstance(default, tuple) and all(_is_number(d) for d in default):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{path}: {where}: expected a list of {len(default)} numbers, got {value!r}")
+        items = dict(enumerate(value))
+        for i in items:
+            _number(items, i, f"{where}[{i}]", path)
+        params[key] = [items[i] for i in range(len(value))]
+
+
+# params whose defaults are integers (weight_decay=0) but which take any number
+_FLOAT_KEYS = {"lr", "weight_decay", "eps", "momentum", "dampening", "warmup_min_lr", "warmup_max_lr",
+               "decay_lr_rate", "cycle_min_lr", "cycle_max_lr", "cycle_min_mom", "cycle_max_mom", "decay_mom_rate",
+               "max_coeff", "min_coeff", "lr_decay", "initial_accumulator_value", "alpha", "rho", "lambd"}
+
+
+def _signature_params(classes: list, drop: set[str]) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Keyword params of the constructors of `classes` (less the first: the parameters or the optimizer, and
+    less `drop`), and whether one of them takes **kwargs."""
+    accepted: dict[str, inspect.Parameter] = {}
+    var_kw = False
+    for cls in classes:
+        for name, prm in list(inspect.signature(cls).parameters.items())[1:]:  # skip params/optimizer
+            if prm.kind is inspect.Parameter.VAR_KEYWORD:
+                var_kw = True
+            elif prm.kind is not inspect.Parameter.VAR_POSITIONAL and name not in drop:
+                accepted.setdefault(name, prm)
+    return accepted, var_kw
+
+
+def _offloads_optimizer(ds: dict) -> bool:
+    zero = ds.get("zero_optimization")
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    return isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
+
+
+_DS_OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb", "lion": "Lion", "adagrad": "Adagrad",
+                       "muadam": "MuAdam", "muadamw": "MuAdamW", "musgd": "MuSGD", "muon": "Muon"}
+# keys DeepSpeed pops from optimizer.params before building the Adam classes (engine.get_optimizer_configuration)
+_ADAM_EXTRA = {"torch_adam": False, "adam_w_mode": True, "fp32_optimizer_states": True}
+
+
+def _optimizer_classes(name: str, params: dict, ds: dict, path: str) -> tuple[list, dict[str, Any], set[str]]:
+    """(classes DeepSpeed 0.19.8's engine would construct for `optimizer.type`, extra keys it pops with their
+    defaults, keys it passes itself), following `DeepSpeedEngine._configure_basic_optimizer`."""
+    import torch
+
+    lower = name.lower()
+    offload = _offloads_optimizer(ds)
+    if lower in ("adam", "adamw"):
+        if params.get("torch_adam") is True:
+            adamw = lower == "adamw" or params.get("adam_w_mode", True)
+            return [torch.optim.AdamW if adamw else torch.optim.Adam], _ADAM_EXTRA, set()
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return [DeepSpeedCPUAdam], _ADAM_EXTRA, {"adamw_mode"}
+        from deepspeed.ops.adam import FusedAdam
+        return [FusedAdam], _ADAM_EXTRA, set()
+    if lower == "lamb":
+        from deepspeed.ops.lamb import FusedLamb
+        return [FusedLamb], {}, {"max_grad_norm"}
+    if lower == "lion":
+        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+        return [DeepSpeedCPULion if offload else FusedLion], {}, set()
+    if lower == "adagrad":
+        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+        return [DeepSpeedCPUAdagrad if offload else torch.optim.Adagrad], {}, set()
+    if lower in ("muadam", "muadamw", "musgd"):
+        try:
+            import mup
+        except ImportError:
+            raise ConfigError(f"{path}: optimizer.type: {name} needs the mup package (pip install mup)") from None
+        return [getattr(mup, _DS_OPTIMIZER_NAMES[lower])], {}, set()
+    if lower == "muon":
+        return [], {}, set()  # Muon splits its params between its two halves itself: names are not checked
+    cls = getattr(torch.optim, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = list(_DS_OPTIMIZER_NAMES.values()) + [
+            n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+            and c is not torch.optim.Optimizer]
+        close = [k for k in known if k.lower() == lower] or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{path}: optimizer.type: unknown optimizer {name!r}{hint}; DeepSpeed takes "
+                          f"{', '.join(_DS_OPTIMIZER_NAMES.values())} or a torch.optim class name")
+    return [cls], {}, set()
+
+
+def _check_optimizer(ds: dict, path: str) -> None:
+    opt = ds.get("optimizer")
+    if opt is None:
+        return
+    _need_mapping(opt, "optimizer", path)
+    for key in opt:
+        if key not in ("type", "params", "legacy_fusion"):
+            raise ConfigError(f"{path}: optimizer.{key}: unknown key{_suggest(key, ['type', 'params', 'no_wd_kws'])}"
+                              f"; the optimizer takes type, params and our no_wd_kws")
+    name = opt.get("type")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: optimizer.type: missing or not a string (e.g. AdamW, Lion), got {name!r}")
+    params = opt.setdefault("params", {})
+    _need_mapping(params, "optimizer.params", path)
+    if "max_grad_norm" in params:
+        raise ConfigError(f"{path}: optimizer.params.max_grad_norm: not taken by DeepSpeed; set the top-level "
+                          f"gradient_clipping instead")
+    classes, extra, passed = _optimizer_classes(name, params, ds, path)
+    accepted, var_kw = _signature_params(classes, passed)
+    extra_params = {k: inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=d) for k, d in extra.items()}
+    accepted = {**accepted, **extra_params}
+    label = "/".join(c.__name__ for c in classes)
+    for key in list(params):
+        where = f"optimizer.params.{key}"
+        if classes and not var_kw and key not in accepted:
+            raise ConfigError(f"{path}: {where}: unknown parameter of {name} ({label}){_suggest(key, accepted)}; "
+                              f"accepted: {', '.join(accepted)}")
+        _check_param_type(params, key, accepted.get(key), where, path, allow_list=False)
+    for key, prm in accepted.items():
+        if prm.default is inspect.Parameter.empty and key not in params:
+            raise ConfigError(f"{path}: optimizer.params.{key}: missing (required by {label})")
+    _check_bounds(params, "optimizer", path)
+
+
+def _scheduler_class(name: Any, path: str):
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    if name in lr_schedules.VALID_LR_SCHEDULES:
+        return getattr(lr_schedules, name)
+    base = getattr(torch.optim.lr_scheduler, "LRScheduler", None) or torch.optim.lr_scheduler._LRScheduler
+    cls = getattr(torch.optim.lr_scheduler, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, base) and cls is not base:
+        return cls
+    known = list(lr_schedules.VALID_LR_SCHEDULES) + [
+        n for n, c in vars(torch.optim.lr_scheduler).items() if isinstance(c, type) and issubclass(c, base)
+        and c is not base and not n.startswith("_")]
+    hint = _suggest(name, known) if isinstance(name, str) else ""
+    raise ConfigError(f"{path}: scheduler.type: unknown scheduler {name!r}{hint}; DeepSpeed takes "
+                      f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a torch.optim.lr_scheduler class name")
+
+
+def _check_scheduler(ds: dict, path: str) -> None:
+    sched = ds.get("scheduler")
+    if sched is None:
+        return
+    _need_mapping(sched, "scheduler", path)
+    for key in sched:
+        if key not in ("type", "params"):
+            raise ConfigError(f"{path}: scheduler.{key}: unknown key{_suggest(key, ['type', 'params'])}; "
+                              f"the scheduler takes type and params")
+    cls = _scheduler_class(sched.get("type"), path)
+    params = sched.setdefault("params", {})
+    _need_mapping(params, "scheduler.params", path)
+    accepted, var_kw = _signature_params([cls], set())
+    auto_total = cls.__name__ in ("WarmupDecayLR", "WarmupCosineLR")  # train_ds.fill_scheduler_steps fills it
+    ours = cls.__module__.startswith("deepspeed")
+    for key in list(params):
+        where = f"scheduler.params.{key}"
+        if not var_kw and key not in accepted:
+            raise ConfigError(f"{path}: {where}: unknown parameter of {cls.__name__}{_suggest(key, accepted)}; "
+                              f"accepted: {', '.join(accepted)}")
+        if key == "total_num_steps" and auto_total and params[key] == "auto":
+            continue
+        # DeepSpeed's schedulers take a list (one value per parameter group) wherever they take a float
+        _check_param_type(params, key, accepted.get(key), where, path, allow_list=ours)
+    for key, prm in accepted.items():
+        if prm.default is inspect.Parameter.empty and key not in params and not (key == "total_num_steps" and auto_total):
+            raise ConfigError(f"{path}: scheduler.params.{key}: missing (required by {cls.__name__})")
+    _check_bounds({k: v for k, v in params.items() if v != "auto"}, "scheduler", path)
+    low, high = params.get("warmup_min_lr"), params.get("warmup_max_lr")
+    if _is_number(low) and _is_number(high) and low > high:
+        raise ConfigError(f"{path}: scheduler.params.warmup_min_lr: {low} is above warmup_max_lr {high}")
+
+
+def _need_mapping(value: Any, where: str, path: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where}: expected a mapping of keys, got {type(value).__name__} {value!r}")
+
+
+# DeepSpeed's top-level keys that hold a mapping
+_DS_SECTIONS = {"optimizer", "scheduler", "fp16", "bf16", "amp", "zero_optimization", "tensorboard", "csv_monitor",
+                "wandb", "comet", "flops_profiler", "activation_checkpointing", "pipeline", "checkpoint", "data_types",
+                "aio", "elasticity", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+                "eigenvalue", "progressive_layer_drop", "sparse_attention", "weight_quantization", "hybrid_engine",
+                "nebula", "compile", "timers", "torch_autocast"}
+# DeepSpeed's top-level scalars: key -> (kind, check or None, what it must be)
+_DS_SCALARS: dict[str, tuple[str, Any, str]] = {
+    "gradient_clipping": ("number", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "steps_per_print": ("integer", lambda v: v >= 1, ">= 1"),
+    "gradient_predivide_factor": ("number", lambda v: v > 0, "> 0"),
+    "prescale_gradients": ("bool", None, ""),
+    "wall_clock_breakdown": ("bool", None, ""),
+    "memory_breakdown": ("bool", None, ""),
+    "dump_state": ("bool", None, ""),
+    "sparse_gradients": ("bool", None, ""),
+    "dataloader_drop_last": ("bool", None, ""),
+    "disable_allgather": ("bool", None, ""),
+    "zero_allow_untested_optimizer": ("bool", None, ""),
+    "zero_force_ds_cpu_optimizer": ("bool", None, ""),
+    "communication_data_type": ("choice", ("fp16", "bf16", "fp32"), ""),
+    "seq_parallel_communication_data_type": ("choice", ("fp16", "bf16", "fp32"), ""),
+}
+
+
+# top-level spellings DeepSpeed ignores: it reads these keys inside a section
+_DS_MISPLACED = {"zero_quantized_weights": "zero_optimization.zero_quantized_weights",
+                 "zero_quantized_gradients": "zero_optimization.zero_quantized_gradients",
+                 "zero_hpz_partition_size": "zero_optimization.zero_hpz_partition_size",
+                 "load_universal_checkpoint": "checkpoint.load_universal",
+                 "use_node_local_storage": "checkpoint.use_node_local_storage"}
+
+
+def _check_ds_scalars(ds: dict, path: str) -> None:
+    for key in _DS_MISPLACED.keys() & set(ds):
+        raise ConfigError(f"{path}: {key}: DeepSpeed reads it as {_DS_MISPLACED[key]}; at the top level it "
+                          f"would be ignored")
+    for key in _DS_SECTIONS & set(ds):
+        _need_mapping(ds[key], key, path)
+    for key, (kind, check, text) in _DS_SCALARS.items():
+        if key not in ds:
+            continue
+        value = ds[key]
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{path}: {key}: expected true/false, got {type(value).__name__} {value!r}")
+        if kind == "choice" and value not in check:
+            raise ConfigError(f"{path}: {key}: expected one of {', '.join(check)}, got {value!r}")
+        if kind == "integer" and not _is_int(value):
+            raise ConfigError(f"{path}: {key}: expected an integer, got {type(value).__name__} {value!r}")
+        if kind == "number":
+            _number(ds, key, key, path)
+        if kind in ("integer", "number") and not check(ds[key]):
+            raise ConfigError(f"{path}: {key}: must be {text}, got {ds[key]!r}")
+    enabled = [k for k in ("fp16", "bf16") if isinstance(ds.get(k), dict) and ds[k].get("enabled") is True]
+    if len(enabled) == 2:
+        raise ConfigError(f"{path}: fp16.enabled, bf16.enabled: both true; enable one of them (bf16 on GPUs that "
+                          f"have it), or neither for fp32")
+
+
+def _pydantic_models() -> dict[str, Any]:
+    """DeepSpeed's pydantic model per top-level section (absent in other DeepSpeed versions: skipped)."""
+    found = {}
+    for key, module, name in (("zero_optimization", "deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+                              ("fp16", "deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+                              ("bf16", "deepspeed.runtime.precision_config", "DeepSpeedBF16Config"),
+                              ("tensorboard", "deepspeed.monitor.config", "TensorBoardConfig"),
+                              ("csv_monitor", "deepspeed.monitor.config", "CSVConfig"),
+                              ("wandb", "deepspeed.monitor.config", "WandbConfig"),
+                              ("comet", "deepspeed.monitor.config", "CometConfig"),
+                              ("compile", "deepspeed.compile.config", "CompileConfig"),
+                              ("hybrid_engine", "deepspeed.runtime.config", "HybridEngineConfig")):
+        try:
+            found[key] = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+def _whole_number(value: Any) -> int | None:
+    """5e8, 5.0e8 or '5e8' (PyYAML's reading of 5e8) -> 500000000; anything else -> None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _model_field_type(annotation: Any) -> Any:
+    """`Optional[X]` -> X; other unions and generics -> None (not checked here)."""
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 and isinstance(args[0], type) else None
+    return annotation if isinstance(annotation, type) else None
+
+
+def _check_model_section(model: Any, data: dict, where: str, path: str) -> None:
+    """Keys of `data` against the pydantic `model`'s fields (names and aliases): unknown keys with a suggestion,
+    and bool/int/float/enum fields strictly (pydantic's lax mode takes "yes" for true and "1" for 1)."""
+    from pydantic import BaseModel
+
+    fields = {}
+    for name, info in model.model_fields.items():
+        fields[name] = info
+        if info.alias:
+            fields[info.alias] = info
+    for key, value in data.items():
+        dotted = f"{where}.{key}"
+        if key not in fields:
+            if model.model_config.get("extra") == "forbid":
+                raise ConfigError(f"{path}: {dotted}: unknown key{_suggest(key, fields)}")
+            continue
+        kind = _model_field_type(fields[key].annotation)
+        if value is None or kind is None:
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{path}: {dotted}: expected true/false, got {type(value).__name__} {value!r}")
+        if kind is int and not _is_int(value):  # DeepSpeed's docs write sizes as 5e8: whole floats are taken
+            whole = _whole_number(value)
+            if whole is None:
+                raise ConfigError(f"{path}: {dotted}: expected an integer, got {type(value).__name__} {value!r}")
+            data[key] = whole
+        if kind is float and not _is_number(value):
+            _number(data, key, dotted, path)
+        if issubclass(kind, Enum):
+            values = [e.value for e in kind]
+            if all(isinstance(v, (str, int)) for v in values) and not any(
+                    v == value and type(v) is type(value) for v in values):
+                raise ConfigError(f"{path}: {dotted}: expected one of {', '.join(map(str, dict.fromkeys(values)))}, "
+                                  f"got {value!r}")
+        if issubclass(kind, BaseModel) and isinstance(value, dict):
+            _check_model_section(kind, value, dotted, path)
+
+
+# natural bounds DeepSpeed's models leave open
+_DS_NESTED_BOUNDS = {
+    "fp16.initial_scale_power": (lambda v: v >= 0, ">= 0"),
+    "fp16.loss_scale_window": (lambda v: v >= 1, ">= 1"),
+    "fp16.hysteresis": (lambda v: v >= 1, ">= 1"),
+    "fp16.min_loss_scale": (lambda v: v > 0, "> 0"),
+}
+
+
+def _run_deepspeed_config(ds: dict, path: str) -> None:
+    """DeepSpeed's own `DeepSpeedConfig` (no engine, no process group) on a copy whose batch keys are those
+    of one process (ours were checked above and are resolved for the real world size later)."""
+    import logging
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    probe = {k: v for k, v in copy.deepcopy(ds).items()
+             if k not in ("train_batch_size", "gradient_accumulation_steps")}
+    probe["train_micro_batch_size_per_gpu"] = 1
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        DeepSpeedConfig(probe)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        prefix = {"DeepSpeedZeroConfig": "zero_optimization.", "DeepSpeedFP16Config": "fp16.",
+                  "DeepSpeedBF16Config": "bf16.", "CompileConfig": "compile.",
+                  "HybridEngineConfig": "hybrid_engine."}.get(err.title, "")
+        where = prefix + ".".join(str(p) for p in first["loc"])
+        got = "" if first["type"] == "missing" or isinstance(first.get("input"), dict) else f", got {first['input']!r}"
+        msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        raise ConfigError(f"{path}: {where}: {msg}{got}") from None
+    except Exception as err:  # noqa: BLE001 - DeepSpeed's asserts, ValueErrors, TypeErrors on odd values
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: DeepSpeed rejects the config: {text}") from None
+    finally:
+        logger.setLevel(level)
+
+
+def check_deepspeed(ds: dict, path: str = "<config>") -> None:
+    """DeepSpeed's keys of a config (after `validate` split them off): raises ConfigError naming the key."""
+    _check_ds_scalars(ds, path)
+    for key, model in _pydantic_models().items():
+        if isinstance(ds.get(key), dict):
+            _check_model_section(model, ds[key], key, path)
+    for dotted, (check, text) in _DS_NESTED_BOUNDS.items():
+        section, key = dotted.split(".")
+        value = ds.get(section, {}).get(key)
+        if _is_number(value) and not check(value):
+            raise ConfigError(f"{path}: {dotted}: must be {text}, got {value!r}")
+    _check_optimizer(ds, path)
+    _check_scheduler(ds, path)
+    _run_deepspeed_config(ds, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of one trainer's run, before any model is built (train_ds.prepare, train_ds_zero.plan_run)
+
+
+def check_save_path(save_path: str) -> None:
+    """`save_path` is a directory we can write, or can be created: probed with a temp file in it (or in its
+    nearest existing parent) that is removed at once; nothing is created otherwise."""
+    target = os.path.abspath(save_path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"save_path: {save_path} exists and is not a directory")
+    probe = target
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"save_path: cannot create {save_path}: {probe} is a file, not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        where = "" if probe == target else f" (its nearest existing parent {probe} is not writable)"
+        raise ConfigError(f"save_path: cannot write to {save_path}{where}: {reason}") from None
+
+
+def preflight(cfg: TrainConfig, trainer: str) -> None:
+    """What a run of `trainer` ('pipeline' or 'zero') needs beyond `validate`: an optimizer, a ZeRO stage the
+    pipeline engine takes, a writable save_path."""
+    path = cfg.path or "<config>"
+    if not isinstance(cfg.ds.get("optimizer"), dict):
+        raise ConfigError(f"{path}: missing required key 'optimizer' (e.g. optimizer: {{type: AdamW, params: "
+                          f"{{lr: 2.0e-5}}}}); without it DeepSpeed builds no optimizer and nothing trains")
+    if trainer == "pipeline":
+        stage = (cfg.ds.get("zero_optimization") or {}).get("stage", 0)
+        if _is_int(stage) and stage >= 2:
+            raise ConfigError(f"{path}: zero_optimization.stage: {stage}: DeepSpeed's pipeline engine takes ZeRO "
+                              f"stage 0 or 1 (train_ds_zero.py runs stages 2 and 3)")
+    check_save_path(cfg["save_path"])
 
 
 def check_parts_sum(parts: list[int], num_layers: int) -> None:
