@@ -90,6 +90,17 @@ def check_layer_tensors(state: dict[str, torch.Tensor], expected: dict[str, torc
                              f"config.json implies {tuple(expected[key])}")
 
 
+def check_intact(layer_dir: Path) -> Path:
+    """`layer_dir` when its checkpoint manifest (utils.checkpoint, training checkpoints only) matches the files
+    on disk, else ModelError naming the damaged file."""
+    from utils.checkpoint import verify_dir
+
+    problem = verify_dir(str(layer_dir))
+    if problem is not None:
+        raise ModelError(f"checkpoint {layer_dir}: {problem}; use another checkpoint (save_path/global_stepN)")
+    return layer_dir
+
+
 def resolve_pp_dir(path: str | Path) -> tuple[Path, list[Path]]:
     """Directory holding the layer files, plus the directories to take config/tokenizer files from.
 
@@ -100,10 +111,10 @@ def resolve_pp_dir(path: str | Path) -> tuple[Path, list[Path]]:
     if not root.is_dir():
         raise ModelError(f"pipeline model directory {root} does not exist")
     if layer_indices_on_disk(root):
-        return root, [root]
+        return check_intact(root), [root]
     latest = root / "latest"
     if latest.is_file():
         tag_dir = root / latest.read_text().strip()
         if tag_dir.is_dir() and layer_indices_on_disk(tag_dir):
-            return tag_dir, [tag_dir, root]
+            return check_intact(tag_dir), [tag_dir, root]
     raise ModelError(f"no layer_XX-model_states.pt files in {root}")

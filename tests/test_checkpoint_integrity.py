@@ -240,6 +240,27 @@ def test_metrics_rewrite_leaves_a_clean_file_alone(tmp_path):
 # A real run: killed, newest checkpoint truncated, resumed
 
 
+def test_conversion_refuses_a_damaged_checkpoint_naming_the_file(tiny_llama_pp, tmp_path):
+    """pp_to_hg (and verify, through the same resolve_pp_dir) on a tag dir whose manifest no longer matches:
+    one error line naming the file, no output; intact, it converts."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    _, pp = tiny_llama_pp
+    tag = tmp_path / "global_step4"
+    shutil.copytree(pp, tag)
+    ckpt.write_manifest(str(tag))
+    ok = run_cli("convert_model.py", "pp_to_hg", "--input-path", str(tag), "--save-path", str(tmp_path / "hf_ok"))
+    assert ok.returncode == 0, ok.stderr
+    layer = tag / "layer_01-model_states.pt"
+    truncate(layer, layer.stat().st_size // 2)
+    res = run_cli("convert_model.py", "pp_to_hg", "--input-path", str(tag), "--save-path", str(tmp_path / "hf"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"checkpoint {tag}: layer_01-model_states.pt is truncated" in res.stderr, res.stderr
+    assert not (tmp_path / "hf").exists()
+
+
 def read_rows(path):
     rows = []
     for line in path.read_text().splitlines():
