@@ -59,6 +59,16 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     assert not [p for p in tag_dir.iterdir() if ".tmp" in p.name]  # written through a temp file
 
 
+def test_ranks_share_the_hashing_one_file_each(tmp_path):
+    """`hash_files(rank, world)` shares (what each rank of `write_manifest_shared` hashes) partition the files,
+    and merged they give the single-rank manifest."""
+    tag_dir = make_tag(tmp_path, "global_step2", 2)
+    whole = json.loads((tag_dir / ckpt.MANIFEST).read_text())["files"]
+    shares = [ckpt.hash_files(str(tag_dir), rank, 3) for rank in range(3)]
+    assert all(shares) and sum(len(s) for s in shares) == len(whole) == len(FILES)
+    assert {rel: e for s in shares for rel, e in s.items()} == whole
+
+
 def test_hash_is_streamed_in_chunks(tmp_path, monkeypatch):
     data = os.urandom(1000)
     (tmp_path / "f").write_bytes(data)

@@ -5,7 +5,8 @@ that every rank reaches only once its own files are written, a `COMPLETE` marker
 and then `latest` (written to a temp file and renamed). A crash mid-save leaves a tag dir without
 marker: resume ignores it and pruning deletes it.
 
-Before the marker, the same rank writes `MANIFEST.json`: size and sha256 of every file of the tag dir.
+Before the marker, rank 0 writes `MANIFEST.json`: size and sha256 of every file of the tag dir (every rank
+hashes its share of the files: `write_manifest_shared`).
 `resume: true` verifies the newest complete checkpoint against it (`resume_tag`) and falls back to the
 newest intact one with a warning naming the bad file (a disk that truncated or flipped a file after the
 save). Checkpoints without a manifest (written before it existed) are accepted unverified. The manifest
@@ -132,16 +133,35 @@ def _tag_files(tag_dir: str) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(tag_dir: str) -> dict:
-    """`tag_dir/MANIFEST.json` (atomically): size and hash of every file of the tag dir. Called by one rank
-    once every rank's files and the model files are written, before `mark_complete`."""
+def hash_files(tag_dir: str, rank: int = 0, world: int = 1) -> dict:
+    """{relative path: {"size", HASH}} of every `world`-th file of the tag dir from the `rank`-th on, so that
+    the ranks of a run share the hashing of a checkpoint (each file hashed by exactly one rank)."""
     files = {}
-    for rel in _tag_files(tag_dir):
+    for rel in _tag_files(tag_dir)[rank::world]:
         size, digest = _digest(os.path.join(tag_dir, rel))
         files[rel] = {"size": size, HASH: digest}
-    manifest = {"version": 1, "hash": HASH, "files": files}
+    return files
+
+
+def write_manifest(tag_dir: str, files: dict | None = None) -> dict:
+    """`tag_dir/MANIFEST.json` (atomically): size and hash of every file of the tag dir (`files`, as merged from
+    every rank's `hash_files`, or hashed here). Written once every rank's files and the model files are
+    written, before `mark_complete`."""
+    manifest = {"version": 1, "hash": HASH, "files": dict(sorted((files or hash_files(tag_dir)).items()))}
     atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def write_manifest_shared(tag_dir: str) -> None:
+    """`write_manifest` with the hashing spread over the ranks of the default process group (every rank
+    calls it, once the tag dir is complete on the shared filesystem); rank 0 writes the file."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: list = [None] * world
+    dist.all_gather_object(parts, hash_files(tag_dir, rank, world))
+    if rank == 0:
+        write_manifest(tag_dir, {rel: entry for part in parts for rel, entry in part.items()})
 
 
 def verify_dir(tag_dir: str) -> str | None:
