@@ -195,7 +195,7 @@ def load_layer_weights(pipe_module, model_path: str) -> None:
 
 def run_cli(train_fn, argv=None) -> int:
     """Config in, exit code out: user errors and refused checkpoint files are one `error:` line (2), a run
-    stopped on NaNs is 3."""
+    stopped on NaNs is 3, one stopped by SIGINT / SIGTERM / its launcher's exit (utils.preempt) 130 / 143."""
     try:
         args, overrides = parse_args(argv)
         cfg = load_config(args.config, overrides)
@@ -203,11 +203,17 @@ def run_cli(train_fn, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from models import ModelError
+    from utils import preempt
     from utils.checkpoint import CheckpointError
     from utils.guard import BadStepsError
 
+    restore_signals = preempt.install()
     try:
         return train_fn(cfg)
+    except preempt.Stopped as e:  # the step's checkpoint is written: one line, no traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            log(str(e), 0)
+        return e.code
     except (ConfigError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,6 +224,8 @@ def run_cli(train_fn, argv=None) -> int:
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        restore_signals()
 
 
 def main(argv=None) -> int:
@@ -240,6 +248,7 @@ class Prepared:
     gas: int
     steps_per_epoch: int
     total_steps: int
+    resume_tag: str | None = None  # the checkpoint `resume: true` loads (check_resume_files chose it)
 
 
 def resolve_compile_blocks(value: bool | str) -> bool:
@@ -254,10 +263,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
     import models
     from data import DataError
     from models.layout import find_layer_file
+    from utils.config import preflight
     from utils.pipeline import resolve_parts
     from utils.train_data import BatchPlan
 
     check_world(cfg, launched_world_size())
+    preflight(cfg, "pipeline")  # optimizer present, ZeRO stage <= 1, save_path writable
     num_stages, dp = cfg.dims
     tbs, mbs, gas = resolve_batch(cfg.ds, dp)
     try:
@@ -299,21 +310,24 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(cfg.ds, total_steps)
-    if cfg["resume"]:
-        check_resume_files(cfg["save_path"])
+    resume_tag = check_resume_files(cfg["save_path"]) if cfg["resume"] else None
     return Prepared(hf_cfg, family, margs, opts, costs, parts, tokenizer, dataset, tbs, mbs, gas,
-                    steps_per_epoch, total_steps)
+                    steps_per_epoch, total_steps, resume_tag)
 
 
-def check_resume_files(save_path: str) -> None:
-    """Before any process group: refuse the checkpoint to resume from if one of its files pickles more
-    than tensors and DeepSpeed's plain data types (utils.safe_load.scan_checkpoint), on every rank alike."""
+def check_resume_files(save_path: str, tag: str | None = None) -> str | None:
+    """Before any process group, on every rank alike: choose the checkpoint to resume from (`tag`, or
+    utils.checkpoint.resume_tag: the newest complete one whose files match its manifest, a warning for
+    each damaged newer one) and refuse it if one of its files pickles more than tensors and DeepSpeed's
+    plain data types (utils.safe_load.scan_checkpoint). Returns the tag to load (None: none to resume)."""
     from utils import checkpoint as ckpt
     from utils import safe_load
 
-    tag = ckpt.newest_complete(save_path)
+    if tag is None:
+        tag = ckpt.resume_tag(save_path)
     if tag is not None:
         safe_load.scan_checkpoint(os.path.join(save_path, tag))
+    return tag
 
 
 def varying_shapes(cfg: TrainConfig) -> bool:
@@ -334,7 +348,6 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     import models
-    from utils import checkpoint as ckpt
     from utils import safe_load
     from utils.guard import StepGuard
     from utils.pipeline import PartitionedPipelineModule, describe_parts, spec_bounds
@@ -354,7 +367,7 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
             f", fused_head_loss: {'on' if prep.opts.fused_head_loss else 'off'}", rank)
     if cfg["from_scratch"]:
         init_from_scratch(module, prep.hf_cfg, cfg["seed"])
-    elif not cfg["resume"] or ckpt.newest_complete(cfg["save_path"]) is None:
+    elif prep.resume_tag is None:
         load_layer_weights(module, cfg["model_path"])
     module.to(device)
 
@@ -378,37 +391,49 @@ def build_engine(cfg: TrainConfig, prep: Prepared, device: torch.device, rank: i
     return engine, loss_fn, guard
 
 
-def resume(cfg: TrainConfig, engine, rank: int) -> int:
-    """Load the newest complete checkpoint of `save_path` (same dims only); the step to continue from.
-    Every file is unpickled with weights_only=True (utils.safe_load): a file holding anything but
-    tensors and DeepSpeed's plain data types stops the run with one line naming it."""
+def resume(cfg: TrainConfig, engine, rank: int, tag: str | None) -> int:
+    """Load checkpoint `tag` of `save_path` (the one `prepare` chose and verified, same dims only); the
+    step to continue from. Every file is unpickled with weights_only=True (utils.safe_load): a file holding
+    anything but tensors and DeepSpeed's plain data types stops the run with one line naming it. The
+    reporting rank drops the metrics.jsonl rows of later steps (a crashed run's), so each step has one."""
     from utils import checkpoint as ckpt
     from utils import safe_load
+    from utils.metrics import drop_rows_after
 
-    tag = ckpt.newest_complete(cfg["save_path"])
+    step = 0
     if tag is None:
         log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
-        return 0
-    info = ckpt.read_info(cfg["save_path"], tag)
-    if info.get("dims") != list(cfg.dims):
-        raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
-                          f"this run has {list(cfg.dims)}; resume with the same dims")
-    safe_load.load_checkpoint(engine, cfg["save_path"], tag)
-    log(f"resumed from {cfg['save_path']}/{tag} at step {info['step']}", rank)
-    return int(info["step"])
+    else:
+        info = ckpt.read_info(cfg["save_path"], tag)
+        if info.get("dims") != list(cfg.dims):
+            raise ConfigError(f"resume: checkpoint {tag} was written with dims {info.get('dims')}, "
+                              f"this run has {list(cfg.dims)}; resume with the same dims")
+        safe_load.load_checkpoint(engine, cfg["save_path"], tag)
+        step = int(info["step"])
+        log(f"resumed from {cfg['save_path']}/{tag} at step {step}", rank)
+    if engine.is_last_stage() and engine.grid.data_parallel_id == 0:  # the rank writing metrics.jsonl
+        drop_rows_after(os.path.join(cfg["save_path"], "metrics.jsonl"), step)
+    return step
 
 
 def save(cfg: TrainConfig, engine, rank: int, tag: str, step: int, epoch: int) -> None:
-    """DeepSpeed's checkpoint, then (after every rank wrote its part) model files, COMPLETE, pruning."""
+    """DeepSpeed's checkpoint, then (after every rank wrote its part) model files, MANIFEST.json,
+    COMPLETE, pruning."""
     import torch.distributed as dist
 
     from utils import checkpoint as ckpt
 
     os.makedirs(cfg["save_path"], exist_ok=True)
+    if rank == 0:
+        ckpt.invalidate(cfg["save_path"], tag)  # a tag written again is incomplete until marked again
+    dist.barrier()
     engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False, client_state={"step": step, "epoch": epoch})
     dist.barrier()
     if rank == 0:
         ckpt.copy_model_files(cfg["model_path"], os.path.join(cfg["save_path"], tag))
+    dist.barrier()
+    ckpt.write_manifest_shared(os.path.join(cfg["save_path"], tag))
+    if rank == 0:
         ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": list(cfg.dims),
                                                     "samples": step * engine.train_batch_size()})
         removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
@@ -422,6 +447,7 @@ def train(cfg: TrainConfig) -> int:
 
     from data import pad_id_of
     from models.mixtral import expert_load_metrics
+    from utils import preempt
     from utils.guard import BadStepCounter
     from utils.metrics import MetricsWriter, family_flops_per_token, peak_mem_gib, step_row, write_rank_stats
     from utils.train_data import BatchPlan, PipeFeeder
@@ -434,7 +460,7 @@ def train(cfg: TrainConfig) -> int:
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
     is_reporter = engine.is_last_stage() and dp_rank == 0
-    start_step = resume(cfg, engine, rank) if cfg["resume"] else 0
+    start_step = resume(cfg, engine, rank, prep.resume_tag) if cfg["resume"] else 0
 
     feeder = None
     if engine.is_first_stage() or engine.is_last_stage():
@@ -491,8 +517,13 @@ def train(cfg: TrainConfig) -> int:
                 bar.update(1)
             if not engine.fp16_enabled():
                 bad_steps.update(step, norm)
-            if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < total_steps:
+            stop = preempt.agreed(device) if step < total_steps else 0  # a signal on any rank: all stop now
+            if step < total_steps and (stop or cfg["save_interval"] and step % cfg["save_interval"] == 0):
                 save(cfg, engine, rank, f"global_step{step}", step, epoch)
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise preempt.Stopped(stop, step, os.path.join(cfg["save_path"], f"global_step{step}"))
             if step >= total_steps:
                 break
         else:

@@ -139,9 +139,12 @@ def model_dtype(ds: dict) -> torch.dtype:
 
 
 def resume_tag(cfg: TrainConfig) -> str | None:
+    """The checkpoint `resume: true` loads: the newest complete one whose files match its manifest (a
+    warning for each damaged newer one, utils.checkpoint.resume_tag); every rank alike, before any
+    process group."""
     from utils import checkpoint as ckpt
 
-    return ckpt.newest_complete(cfg["save_path"]) if cfg["resume"] else None
+    return ckpt.resume_tag(cfg["save_path"]) if cfg["resume"] else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +380,10 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     """Check everything a user can get wrong before any process group exists."""
     from data import DataError
     from utils import checkpoint as ckpt
+    from utils.config import preflight
     from utils.train_data import BatchPlan
 
+    preflight(cfg, "zero")  # optimizer present, save_path writable
     if cfg["packing"]:
         raise ConfigError("packing: true is a train_ds.py (pipeline) feature: transformers' SDPA attention "
                           "ignores the document boundaries in position_ids, so packed samples would attend "
@@ -388,7 +393,7 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
     tag = resume_tag(cfg)
     if tag is not None:
         check_resume_info(ckpt.read_info(cfg["save_path"], tag), tag, world)
-        check_resume_files(cfg["save_path"])
+        check_resume_files(cfg["save_path"], tag)
     hf_cfg = read_model_config(cfg, resuming=tag is not None)
     attn, attn_note = choose_attention(cfg, causal_lm_class(cfg, hf_cfg))
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
@@ -410,13 +415,17 @@ def plan_run(cfg: TrainConfig, world: int) -> RunPlan:
 
 def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int, epoch: int,
                     export: bool = False) -> None:
-    """DeepSpeed's files (+ the HF export), model files, then the COMPLETE marker once every rank is done."""
+    """DeepSpeed's files (+ the HF export), model files, then MANIFEST.json and the COMPLETE marker once
+    every rank is done."""
     import torch.distributed as dist
 
     from utils import checkpoint as ckpt
 
     rank = dist.get_rank()
     os.makedirs(cfg["save_path"], exist_ok=True)
+    if rank == 0:
+        ckpt.invalidate(cfg["save_path"], tag)  # a tag written again is incomplete until marked again
+    dist.barrier()
     engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False, client_state={"step": step, "epoch": epoch})
     dist.barrier()
     tag_dir = os.path.join(cfg["save_path"], tag)
@@ -425,6 +434,7 @@ def save_checkpoint(engine, cfg: TrainConfig, plan: RunPlan, tag: str, step: int
     if export:
         export_hf(engine.module, plan.tokenizer, tag_dir)
     dist.barrier()
+    ckpt.write_manifest_shared(tag_dir)
     if rank == 0:
         ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "dims": [1, plan.world],
                                                     "samples": step * plan.tbs, "trainer": TRAINER,
@@ -448,18 +458,24 @@ def build_engine(cfg: TrainConfig, plan: RunPlan):
 
 
 def restore(engine, cfg: TrainConfig, plan: RunPlan, rank: int) -> int:
-    """Load the newest complete checkpoint (when resuming); returns the step to continue from. Every file
-    is unpickled with weights_only=True (utils.safe_load), as in train_ds.py."""
+    """Load the checkpoint plan_run chose (when resuming); returns the step to continue from. Every file
+    is unpickled with weights_only=True (utils.safe_load), as in train_ds.py. Rank 0 (the one writing
+    metrics.jsonl) drops the rows of later steps (a crashed run's), so each step has one row."""
     from utils import checkpoint as ckpt
     from utils import safe_load
+    from utils.metrics import drop_rows_after
 
-    if plan.resume_tag is None:
-        if cfg["resume"]:
-            log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+    if not cfg["resume"]:
         return 0
-    safe_load.load_checkpoint(engine, cfg["save_path"], plan.resume_tag)
-    step = int(ckpt.read_info(cfg["save_path"], plan.resume_tag)["step"])
-    log(f"resumed from {cfg['save_path']}/{plan.resume_tag} at step {step}", rank)
+    step = 0
+    if plan.resume_tag is None:
+        log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+    else:
+        safe_load.load_checkpoint(engine, cfg["save_path"], plan.resume_tag)
+        step = int(ckpt.read_info(cfg["save_path"], plan.resume_tag)["step"])
+        log(f"resumed from {cfg['save_path']}/{plan.resume_tag} at step {step}", rank)
+    if rank == 0:
+        drop_rows_after(os.path.join(cfg["save_path"], "metrics.jsonl"), step)
     return step
 
 
@@ -479,6 +495,7 @@ def train(cfg: TrainConfig) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from models.common import CausalLMLoss
+    from utils import preempt
     from utils.metrics import MetricsWriter, peak_mem_gib, step_row
 
     plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -535,8 +552,13 @@ def train(cfg: TrainConfig) -> int:
                 bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
                                 tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
                 bar.update(1)
-            if cfg["save_interval"] and step % cfg["save_interval"] == 0 and step < plan.total_steps:
+            stop = preempt.agreed(device) if step < plan.total_steps else 0  # any rank signalled: all stop
+            if step < plan.total_steps and (stop or cfg["save_interval"] and step % cfg["save_interval"] == 0):
                 save_checkpoint(engine, cfg, plan, f"global_step{step}", step, epoch)
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise preempt.Stopped(stop, step, os.path.join(cfg["save_path"], f"global_step{step}"))
             if step >= plan.total_steps:
                 done = True
                 break

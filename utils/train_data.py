@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.metrics import log
+from utils.preempt import workers_ignore_stop_signals
 
 IGNORE = -100
 
@@ -261,7 +262,8 @@ class PipeFeeder:
     def start_epoch(self, epoch: int, start_step: int = 0) -> None:
         loader = DataLoader(self.dataset, batch_sampler=StepSampler(self.plan, epoch, start_step),
                             collate_fn=self.collate, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                            worker_init_fn=workers_ignore_stop_signals if self.num_workers else None)
         self._it = iter(loader)
         self._pending = []
 

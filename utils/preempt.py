@@ -1,0 +1,121 @@
+"""Clean stop on SIGTERM, SIGINT or the launcher's exit: every rank finishes its step, the ranks agree on
+the step, one checkpoint is written, rank 0 says so in one line, and each rank exits 128 + the signal
+(130 SIGINT, 143 SIGTERM; 143 too when the launcher is gone).
+
+Why the ranks must do this themselves (DeepSpeed 0.19.8, `deepspeed` on one node):
+- the `deepspeed` runner (launcher/runner.py) installs no signal handler on one node: SIGTERM kills it
+  at once and launch.py and the ranks train on to the end, orphaned; SIGINT raises KeyboardInterrupt in
+  its `Popen.wait()` (its own traceback) and it exits, again without telling launch.py;
+- launch.py, on SIGTERM or SIGINT, sends SIGTERM to each rank's process tree in turn, waits up to 30 s
+  for each, SIGKILLs what is left and exits 1; when a rank exits non-zero it does the same to the other
+  ranks and exits with that rank's code (which the runner passes on).
+So here: SIGINT/SIGTERM only set a flag (never an exception in the middle of a step or a collective;
+a second SIGINT to the same process raises KeyboardInterrupt, the way to stop at once without a checkpoint);
+at each step boundary a rank started by DeepSpeed's launch.py also checks that launch.py is still its
+parent and that launch.py's parent (the runner) is still alive; then one all_reduce(MAX) makes every
+rank stop at the same step even when only one of them was signalled.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+LAUNCHER_EXITED = 64  # a stop reason above the signal numbers caught; exits as SIGTERM would (143)
+_reason = 0  # first stop reason seen by this process (a signal number, or LAUNCHER_EXITED)
+_watch: list[tuple[int, int]] = []  # (pid, the parent it must keep): this rank and launch.py
+
+
+class Stopped(Exception):
+    """Raised by a trainer's step loop after the stop checkpoint; run_cli prints it on rank 0 and
+    returns `code`."""
+
+    def __init__(self, reason: int, step: int, checkpoint: str):
+        self.code = 128 + (signal.SIGTERM if reason == LAUNCHER_EXITED else reason)
+        why = "the launcher's exit" if reason == LAUNCHER_EXITED else signal.Signals(reason).name
+        super().__init__(f"stopped by {why} after step {step}: saved checkpoint {checkpoint}; "
+                         "resume with resume: true")
+
+
+def _on_signal(signum, frame) -> None:
+    global _reason
+    if signum == _reason == signal.SIGINT:  # Ctrl-C twice: stop now, as Python would (no checkpoint)
+        raise KeyboardInterrupt
+    _reason = _reason or signum
+
+
+def _launcher_chain() -> list[tuple[int, int]]:
+    """When DeepSpeed's launch.py started this rank: [(this rank, launch.py), (launch.py, its parent)]."""
+    try:
+        import psutil
+
+        launch = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in launch.cmdline():
+            return []
+        chain = [(os.getpid(), launch.pid)]
+        if launch.ppid() > 1:
+            chain.append((launch.pid, launch.ppid()))
+        return chain
+    except Exception:  # noqa: BLE001 - no psutil, no /proc: signals alone
+        return []
+
+
+def _launcher_exited() -> bool:
+    import psutil
+
+    for pid, parent in _watch:
+        try:
+            if psutil.Process(pid).ppid() != parent:  # reparented: its parent is gone
+                return True
+        except psutil.Error:
+            return True
+    return False
+
+
+def install():
+    """At rank start (run_cli): SIGINT/SIGTERM set the stop flag. Returns what restores the previous
+    handlers (for in-process callers)."""
+    global _reason, _watch
+    _reason, _watch = 0, _launcher_chain()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
+    return restore
+
+
+def workers_ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ignores SIGINT, and SIGTERM unless its rank sent it. A SIGTERM
+    to the whole process group (SLURM) or launch.py's to each rank's process tree would otherwise kill it
+    (torch's worker handler re-raises a SIGTERM from anyone else) and torch would raise in the rank mid-step.
+    Its rank's SIGTERM (multiprocessing's shutdown at exit) still ends it at once, as torch's handler does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: torch's handling as it is
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+
+    def wait_for_the_rank() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+    threading.Thread(target=wait_for_the_rank, daemon=True).start()
+
+
+def agreed(device) -> int:
+    """Called by every rank at every step boundary: the reason to stop now (0: go on), the same on all
+    ranks. One all_reduce of one integer."""
+    global _reason
+    if not _reason and _watch and _launcher_exited():
+        _reason = LAUNCHER_EXITED
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _reason
+    flag = torch.tensor([_reason], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
