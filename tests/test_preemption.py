@@ -194,3 +194,18 @@ def test_dataloader_worker_ignores_a_strangers_sigterm_but_not_its_ranks():
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+def test_sigusr1_prints_every_threads_stack_and_training_goes_on():
+    """`kill -USR1 PID` on a rank (after preempt.install, as run_cli does): the Python stack of every thread
+    on stderr, naming the function it is in, and the process carries on."""
+    import sys
+
+    code = ("import os, signal, time; from utils import preempt; preempt.install()\n"
+            "def waiting_in_a_collective():\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2); return 'still here'\n"
+            "print(waiting_in_a_collective())\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "still here", res.stderr
+    assert "waiting_in_a_collective" in res.stderr and "Current thread" in res.stderr, res.stderr

@@ -18,6 +18,7 @@ rank stop at the same step even when only one of them was signalled.
 from __future__ import annotations
 
 import os
+import faulthandler
 import signal
 import threading
 
@@ -80,8 +81,10 @@ def install():
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
 
     def restore() -> None:
+        faulthandler.unregister(signal.SIGUSR1)
         for s, handler in previous.items():
             if handler is not None:
                 signal.signal(s, handler)
