@@ -29,12 +29,19 @@ def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def launch_env() -> dict:
+    """Environment of a CPU DeepSpeed launch: gloo ranks on the CPU, one thread each, this venv's op cache and
+    this venv's `ninja` first on PATH (another ninja version rebuilds every cached op, see test_multinode)."""
+    return dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions_dir(),
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def run_deepspeed(script: str, config: dict, tmp_path: Path, num_procs: int, *extra: str, timeout: int = 300):
     """Launch `script` with DeepSpeed's own launcher on `num_procs` CPU ranks (gloo)."""
     cfg_path = tmp_path / f"cfg_{free_port()}.yml"
     cfg_path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions_dir())
+    env = launch_env()
     cmd = [deepspeed_bin(), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
            str(ROOT / script), "--config", str(cfg_path), *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

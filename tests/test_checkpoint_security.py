@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, extensions_dir, train_config
+from tests.conftest import ROOT, launch_env, train_config
 from tests.forked_runs import Planted, hashes, plant
 
 PIPE_FILES = ["mp_rank_00_model_states.pt", "layer_00-model_states.pt", "layer_05-model_states.pt",
@@ -79,8 +79,7 @@ def runs(tiny_llama_pp, tmp_path_factory):
                 hash_dir=str(dst))
     jobs_path, results_path = tmp / "jobs.json", tmp / "results.json"
     jobs_path.write_text(json.dumps(jobs))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions_dir())
+    env = launch_env()
     res = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_runs.py"), str(jobs_path), str(results_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

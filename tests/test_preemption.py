@@ -11,7 +11,7 @@ import time
 import psutil
 import yaml
 
-from tests.conftest import ROOT, deepspeed_bin, extensions_dir, free_port, run_deepspeed, train_config
+from tests.conftest import ROOT, deepspeed_bin, free_port, launch_env, run_deepspeed, train_config
 from utils import checkpoint as ckpt
 from utils import preempt
 
@@ -27,8 +27,7 @@ def start(script, cfg, tmp_path, name):
     """`deepspeed --num_gpus 2 script` in its own session, output to a file (a pipe nobody reads could fill)."""
     cfg_path = tmp_path / f"{name}.yml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", TORCH_EXTENSIONS_DIR=extensions_dir())
+    env = launch_env()
     cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / script),
            "--config", str(cfg_path)]
     log = open(tmp_path / f"{name}.log", "w")

@@ -7,7 +7,7 @@ import time
 
 import yaml
 
-from tests.conftest import ROOT, deepspeed_bin, extensions_dir, free_port, run_deepspeed, train_config
+from tests.conftest import ROOT, deepspeed_bin, free_port, launch_env, run_deepspeed, train_config
 
 
 def losses_by_step(save_path):
@@ -21,8 +21,7 @@ def losses_by_step(save_path):
 def launch(cfg, tmp_path, name):
     cfg_path = tmp_path / f"{name}.yml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=extensions_dir())  # as run_deepspeed: never the shared ~/.cache build
+    env = launch_env()  # as run_deepspeed
     cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train_ds.py"),
            "--config", str(cfg_path)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
