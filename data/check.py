@@ -1,33 +1,48 @@
 """Check a training file before spending GPU time on it.
 
-    python -m data.check --data FILE --tokenizer DIR --max-seq-len N [--dump OUT.jsonl] [--show I]
+    python -m data.check --data FILE --tokenizer DIR --max-seq-len N [--workers W] [--dump OUT.jsonl] [--show I]
 
 Validates every sample, renders each with the real tokenizer, and prints counts per type, token
 lengths (before truncation, which is what `max_seq_len` should be chosen from), how many samples get
 truncated and the share of tokens that are trained. `--show I` prints sample I as the model sees it,
 trained spans marked; `--dump` writes the exact ids and labels the trainer will use.
-User errors print one `error: ...` line and exit with status 2.
+Samples that load but will not train as meant (no trained token left after truncation, a dialogue
+ending with `ask` or starting with an answer, a repeated JSON key) get one `warning:` line per kind on
+stderr, with a count and the first lines/samples. User errors print one `error: ...` line and exit with
+status 2; so does a file in which no sample keeps a trained token (training refuses it too).
+
+Large files: the file is streamed (flat memory), samples are tokenized in batches with the fast
+tokenizer, `--workers W` spreads chunks of samples over W processes, and a progress bar with the
+throughput goes to stderr when it is a terminal.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
-from collections import Counter
-from typing import TextIO
+import time
+from array import array
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, TextIO
 
-from .loading import open_samples
-from .render import IGNORE_INDEX, Rendered, load_tokenizer, render_validated
+from .loading import Record, is_jsonl, iter_array_records, iter_jsonl_records, parse_sample
+from .notes import Notes, key_detail, nothing_trains_message, round_notes
+from .render import (IGNORE_INDEX, Rendered, first_trained_positions, load_tokenizer, render_many,
+                     render_validated)
 from .schema import SAMPLE_TYPES, DataError
 from .templates import TEMPLATE_VERSION
 
 EXIT_USER_ERROR = 2
 # How `--show` marks trained text: ANSI green on a terminal, brackets when piped or captured.
 MARKERS = {True: ("\033[32m", "\033[0m"), False: ("[[", "]]")}
+# A chunk (one batch call to the tokenizer, one task for a worker): this many samples or bytes of JSON.
+CHUNK_SAMPLES = 512
+CHUNK_BYTES = 1 << 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="training file (.json array or .jsonl)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (anything AutoTokenizer loads)")
     parser.add_argument("--max-seq-len", type=int, required=True, help="truncation length used in training")
+    parser.add_argument("--workers", type=int, default=1, metavar="W",
+                        help="processes that parse and tokenize (default 1; each uses one core)")
     parser.add_argument("--dump", metavar="OUT.jsonl", help="write every rendered sample (ids, labels)")
     parser.add_argument("--show", type=int, metavar="I", help="print sample I with its trained spans marked")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -42,33 +59,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Chunk:
+    """What checking one chunk of samples found (summed over chunks, in file order)."""
+
+    count: int = 0
+    types: Counter = field(default_factory=Counter)
+    lengths: array = field(default_factory=lambda: array("q"))
+    truncated: int = 0
+    tokens: int = 0
+    trained: int = 0
+    shortest_untrained: int | None = None  # fewest prompt tokens before the first trained one, among untrained
+    notes: Notes | None = None
+    dump: str = ""
+    shown: Rendered | None = None
+
+
 class Stats:
     """Running totals over rendered samples."""
 
-    def __init__(self):
+    def __init__(self, path: str, jsonl: bool):
         self.types: Counter[str] = Counter()
-        self.lengths: list[int] = []
+        self.lengths = array("q")
         self.truncated = 0
         self.tokens = 0
         self.trained = 0
+        self.shortest_untrained: int | None = None
+        self.notes = Notes(path, by_line=jsonl)
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
 
     def add(self, rendered: Rendered) -> None:
         self.types[rendered.type] += 1
         self.lengths.append(rendered.full_length)
         self.truncated += rendered.truncated
         self.tokens += len(rendered.labels)
-        self.trained += sum(label != IGNORE_INDEX for label in rendered.labels)
+        self.trained += len(rendered.labels) - rendered.labels.count(IGNORE_INDEX)
+
+    def add_chunk(self, chunk: Chunk) -> None:
+        self.types.update(chunk.types)
+        self.lengths.extend(chunk.lengths)
+        self.truncated += chunk.truncated
+        self.tokens += chunk.tokens
+        self.trained += chunk.trained
+        if chunk.shortest_untrained is not None:
+            self.shortest_untrained = min(chunk.shortest_untrained, self.shortest_untrained or math.inf)
+        self.notes.merge(chunk.notes)
 
     def report(self, path: str, max_seq_len: int, out: TextIO) -> None:
-        count = len(self.lengths)
-        lengths = sorted(self.lengths)
-        p95 = lengths[math.ceil(0.95 * count) - 1]
+        import numpy as np
+
+        count = self.count
+        lengths = np.sort(np.frombuffer(self.lengths, dtype=np.int64)) if count else np.zeros(1, np.int64)
+        p95 = int(lengths[math.ceil(0.95 * count) - 1])
+        middle = count // 2
+        median = int(lengths[middle]) if count % 2 else (int(lengths[middle - 1]) + int(lengths[middle])) / 2
         print(f"{path}: {count} samples, all valid (template version {TEMPLATE_VERSION})", file=out)
         for kind in SAMPLE_TYPES:
             if self.types[kind]:
                 print(f"  {kind:<16}{self.types[kind]:>8}", file=out)
-        print(f"tokens per sample (before truncation): min {lengths[0]}, median {statistics.median(lengths):g}, "
-              f"p95 {p95}, max {lengths[-1]}", file=out)
+        print(f"tokens per sample (before truncation): min {int(lengths[0])}, median {median:g}, "
+              f"p95 {p95}, max {int(lengths[-1])}", file=out)
         print(f"truncated to {max_seq_len} tokens: {self.truncated} of {count} samples "
               f"({100 * self.truncated / count:.1f}%)", file=out)
         print(f"trained tokens: {self.trained} of {self.tokens} ({100 * self.trained / max(self.tokens, 1):.1f}%)",
@@ -90,37 +143,197 @@ def _dump_record(index: int, rendered: Rendered) -> str:
                        "labels": rendered.labels, "truncated": rendered.truncated})
 
 
-def run(args: argparse.Namespace, out: TextIO) -> None:
+# ---------------------------------------------------------------------------------------------- one chunk
+
+@dataclass
+class Job:
+    """What every chunk is checked against; set in the parent, inherited by forked workers."""
+
+    path: str
+    jsonl: bool
+    tokenizer: object
+    max_seq_len: int
+    dump: bool
+    show: int | None
+
+
+_JOB: Job | None = None
+
+
+def check_chunk(records: list[Record], error: DataError | None = None, job: Job | None = None) -> Chunk:
+    """Parse, validate, render and count one chunk of records (in a worker or in-process).
+
+    `error` is what reading the file raised right after these records: it is raised once they are
+    validated, so the first problem in file order is the one reported, with any number of workers.
+    """
+    job = job or _JOB
+    notes = Notes(job.path, by_line=job.jsonl)
+    samples = []
+    for record in records:
+        sample, repeated = parse_sample(job.path, record, job.jsonl)
+        if repeated:
+            notes.add("duplicate_key", record.index, record.line, key_detail(repeated))
+        for kind in round_notes(sample):
+            notes.add(kind, record.index, record.line)
+        samples.append(sample)
+    if error is not None:
+        raise error
+    chunk = Chunk(count=len(samples), notes=notes)
+    dump = []
+    untrained = []
+    for record, sample, rendered in zip(records, samples, render_many(samples, job.tokenizer, job.max_seq_len,
+                                                                        keep_segments=False)):
+        chunk.types[rendered.type] += 1
+        chunk.lengths.append(rendered.full_length)
+        chunk.truncated += rendered.truncated
+        chunk.tokens += len(rendered.labels)
+        trained = len(rendered.labels) - rendered.labels.count(IGNORE_INDEX)
+        chunk.trained += trained
+        if not trained:
+            notes.add("untrained", record.index, record.line)
+            untrained.append(sample)
+        if job.dump:
+            dump.append(_dump_record(record.index, rendered) + "\n")
+        if record.index == job.show:
+            chunk.shown = render_validated(sample, job.tokenizer, job.max_seq_len)
+    if untrained:
+        chunk.shortest_untrained = min(p for p in first_trained_positions(untrained, job.tokenizer) if p is not None)
+    chunk.dump = "".join(dump)
+    return chunk
+
+
+def _init_worker(job: Job | None, tokenizer_path: str, trust_remote_code: bool) -> None:
+    """Pool initializer: a forked worker already has the parent's job; a spawned one loads the tokenizer."""
+    global _JOB
+    if _JOB is None:
+        job.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        _JOB = job
+
+
+def _chunks(path: str, jsonl: bool) -> Iterator[tuple[list[Record], DataError | None, int]]:
+    """Records in chunks of about CHUNK_SAMPLES samples or CHUNK_BYTES bytes, with the error that ended
+    the reading (None but for the last chunk) and the bytes read so far."""
+    position = [0]
+    if jsonl:
+        def records():
+            for offset, record in iter_jsonl_records(path):
+                if record is not None:
+                    position[0] = offset + len(record.text)
+                    yield record
+    else:
+        def records():
+            return iter_array_records(path, progress=lambda read: position.__setitem__(0, read))
+    chunk, size = [], 0
+    try:
+        for record in records():
+            chunk.append(record)
+            size += len(record.text)
+            if len(chunk) >= CHUNK_SAMPLES or size >= CHUNK_BYTES:
+                yield chunk, None, position[0]
+                chunk, size = [], 0
+    except DataError as exc:  # a syntax error: reported after the samples before it
+        yield chunk, exc, position[0]
+        return
+    if chunk:
+        yield chunk, None, os.path.getsize(path)
+
+
+def _results(chunks: Iterable[tuple[list[Record], DataError | None, int]], workers: int, job: Job,
+             args) -> Iterator[tuple[Chunk, int]]:
+    """Checked chunks in file order; with workers, at most a few chunks in flight (flat memory)."""
+    if workers == 1:
+        for records, error, position in chunks:
+            yield check_chunk(records, error, job), position
+        return
+    global _JOB
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    inherited = context.get_start_method() == "fork"
+    _JOB = job if inherited else None
+    try:
+        with context.Pool(workers, initializer=_init_worker,
+                          initargs=(None if inherited else Job(job.path, job.jsonl, None, job.max_seq_len, job.dump,
+                                                                job.show),
+                                    args.tokenizer, args.trust_remote_code)) as pool:
+            pending: deque = deque()
+            for records, error, position in chunks:
+                pending.append((pool.apply_async(check_chunk, (records, error)), position))
+                if len(pending) > 2 * workers:
+                    result, at = pending.popleft()
+                    yield result.get(), at
+            while pending:
+                result, at = pending.popleft()
+                yield result.get(), at
+    finally:
+        _JOB = None
+
+
+def _progress_bar(path: str):
+    from tqdm import tqdm
+
+    return tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                disable=None, desc=os.path.basename(path), dynamic_ncols=True, smoothing=0.1)
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> None:
+    err = err or sys.stderr
     if args.max_seq_len < 2:
         raise DataError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.workers < 1:
+        raise DataError(f"--workers must be at least 1, got {args.workers}")
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    samples = open_samples(args.data)
-    if args.show is not None and not 0 <= args.show < len(samples):
-        raise DataError(f"--show {args.show}: {args.data} has samples 0..{len(samples) - 1}")
+    path, jsonl = args.data, is_jsonl(args.data)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
     dump = _open_dump(args.dump) if args.dump else None
-    stats = Stats()
+    job = Job(path, jsonl, tokenizer, args.max_seq_len, dump is not None, args.show)
+    stats = Stats(path, jsonl)
     shown = None
+    bar = _progress_bar(path)
+    start, done = time.perf_counter(), 0
     try:
-        for index in range(len(samples)):
-            rendered = render_validated(samples[index], tokenizer, args.max_seq_len)
-            stats.add(rendered)
+        for chunk, position in _results(_chunks(path, jsonl), args.workers, job, args):
+            stats.add_chunk(chunk)
             if dump:
-                dump.write(_dump_record(index, rendered) + "\n")
-            if index == args.show:
-                shown = rendered
+                dump.write(chunk.dump)
+            if chunk.shown is not None:
+                shown = chunk.shown
+            bar.update(position - done)
+            done = position
+            bar.set_postfix_str(f"{stats.count} samples, {stats.count / (time.perf_counter() - start):,.0f} samples/s",
+                                refresh=False)
     except BaseException:
+        bar.close()
         if dump:
             dump.close()
             os.unlink(dump.name)
         raise
+    bar.close()
     if dump:
         dump.close()
-        os.replace(dump.name, args.dump)
-    stats.report(args.data, args.max_seq_len, out)
+    if not stats.count:
+        if dump:
+            os.unlink(dump.name)
+        raise DataError(f"{path}: no samples")
+    if args.show is not None and not 0 <= args.show < stats.count:
+        if dump:
+            os.unlink(dump.name)
+        raise DataError(f"--show {args.show}: {path} has samples 0..{stats.count - 1}")
     if dump:
-        print(f"wrote {len(samples)} rendered samples to {args.dump}", file=out)
+        os.replace(dump.name, args.dump)
+    stats.report(path, args.max_seq_len, out)
+    if dump:
+        print(f"wrote {stats.count} rendered samples to {args.dump}", file=out)
     if shown is not None:
         show(args.show, shown, out)
+    out.flush()
+    for line in stats.notes.warnings(stats.count, args.max_seq_len):
+        print(line, file=err)
+    if stats.notes.count("untrained") == stats.count:
+        raise DataError(nothing_trains_message(path, stats.count, args.max_seq_len, stats.shortest_untrained,
+                                               stats.notes.positions("untrained")))
 
 
 def _open_dump(path: str) -> TextIO:

@@ -12,6 +12,7 @@ Labels are aligned with `input_ids` (not shifted): label[i] == input_ids[i] on t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -201,3 +202,250 @@ def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int,
             text = kept + tokenizer.eos_token
         segments.append((text, trained))
     return Rendered(input_ids, labels, True, rendered.type, segments, rendered.full_length)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+#
+# Rendering one sample costs a few tokenizer calls per segment, each with Python overhead far larger
+# than the tokenization itself. `render_many` renders many samples with one batch call to the fast
+# tokenizer for all their pieces (identical pieces, such as the template tags, encoded once), then
+# assembles each sample exactly as `render_validated` does: same pieces, same at-start/mid-text
+# encoding, same eos ids, same truncation. A sample whose layout `render_many` does not predict (its
+# first segment encodes to nothing, so the next one would be encoded as a text start) is rendered by
+# `render_validated` itself. Tests pin `render_many == [render_validated(...)]` on every sample type.
+
+
+@contextlib.contextmanager
+def _serial_tokenizers():
+    """The Rust tokenizer's own thread pool off during a batch call: parallelism comes from processes
+    (`data.check --workers`), and a tokenizer that used its pool warns and goes serial in forked
+    DataLoader workers."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+_PROBE_TEXTS = ("a", "Hello, world!", " leading space", "trailing space ", "two\nlines\n", "\n", "  ",
+                "### Assistant: ", "tab\tand unicode caf\u00e9 \u4f60\u597d \u2603", "1234567890",
+                "</s> <s> <unk> <pad> <eos> <|im_end|> <|endoftext|>")
+
+
+def _backend_of(tokenizer):
+    """The `tokenizers.Tokenizer` to batch-encode with directly, or None to go through `tokenizer(list)`.
+
+    Direct use skips transformers' per-text Python conversion. Only for the stock fast-tokenizer class
+    (no subclass reworking `_encode_plus` or `__call__`), and only if it agrees with `__call__` on probe
+    texts (special-token text included).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if cls._encode_plus is not TokenizersBackend._encode_plus or cls.__call__ is not PreTrainedTokenizerBase.__call__:
+        return None
+    probes = list(_PROBE_TEXTS) + [t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str)]
+    if _backend_encode(backend, probes) != [_encode_raw(tokenizer, text) for text in probes]:
+        return None
+    return backend
+
+
+def _backend_encode(backend, texts: list[str]) -> list[list[int]]:
+    """What `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)` computes, which also
+    switches off any truncation or padding set on the backend before encoding."""
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+    old = backend.encode_special_tokens
+    backend.encode_special_tokens = True  # special-token text in data is plain text (split_special_tokens)
+    try:
+        with _serial_tokenizers():
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = old
+
+
+class BatchEncoder:
+    """`encode(tokenizer, text, at_start)` for many pieces at once, with the same ids.
+
+    One per tokenizer object (`batch_encoder`); holds the mid-text anchor and the encoding route.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = weakref.ref(tokenizer)  # the cache below is keyed by the tokenizer: no strong ref
+        self.anchor = mid_text_anchor(tokenizer)
+        self.backend = _backend_of(tokenizer)
+
+    def raw(self, texts: list[str]) -> list[list[int]]:
+        """`_encode_raw` of every text."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            return _backend_encode(self.backend, texts)
+        tokenizer = self._tokenizer()
+        if getattr(tokenizer, "is_fast", False):
+            with _serial_tokenizers():
+                return [list(ids) for ids in tokenizer(texts, add_special_tokens=False,
+                                                       split_special_tokens=True)["input_ids"]]
+        return [_encode_raw(tokenizer, text) for text in texts]
+
+    def encode(self, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+        """`encode(tokenizer, text, at_start)` of every `(text, at_start)`; equal pieces share one list."""
+        index: dict[tuple[str, bool], int] = {}
+        slots = [index.setdefault(piece, len(index)) if piece[0] else -1 for piece in pieces]
+        unique = list(index)
+        ids: list[list[int]] = [[]] * len(unique)
+        raw_at = [i for i, (_, at_start) in enumerate(unique) if at_start or self.anchor is None]
+        mid_at = [i for i, (_, at_start) in enumerate(unique) if not at_start and self.anchor is not None]
+        if mid_at:
+            anchor, anchor_ids = self.anchor
+            cut = len(anchor_ids)
+            for i, got in zip(mid_at, self.raw([anchor + unique[i][0] for i in mid_at])):
+                if got[:cut] == anchor_ids:
+                    ids[i] = got[cut:]
+                else:  # anchor and text merged: encode the text alone, as `encode` does
+                    raw_at.append(i)
+        for i, got in zip(raw_at, self.raw([unique[i][0] for i in raw_at])):
+            ids[i] = got
+        return [ids[slot] if slot >= 0 else [] for slot in slots]
+
+
+_BATCH_ENCODER_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def batch_encoder(tokenizer) -> BatchEncoder:
+    try:
+        return _BATCH_ENCODER_OF[tokenizer]
+    except KeyError:
+        encoder = _BATCH_ENCODER_OF[tokenizer] = BatchEncoder(tokenizer)
+        return encoder
+
+
+def _pieces(segments: list[Segment]) -> list[tuple[str, bool]]:
+    """The texts `_segment_ids` encodes, assuming the first segment encodes to at least one token."""
+    pieces = []
+    for number, segment in enumerate(segments):
+        pieces.append((segment.chunks[0], number == 0))
+        pieces.extend((chunk, False) for chunk in segment.chunks[1:])
+    return pieces
+
+
+def _assemble(segments: list[Segment], piece_ids: list[list[int]], eos_id: int):
+    """(input_ids, labels, spans) from the pieces' ids; None when the first segment came out empty."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    spans: list[tuple[int, int]] = []
+    k = 0
+    for segment in segments:
+        ids = list(piece_ids[k])
+        k += 1
+        for _ in segment.chunks[1:]:
+            ids.append(eos_id)
+            ids += piece_ids[k]
+            k += 1
+        if not ids and not input_ids:
+            return None
+        spans.append((len(input_ids), len(input_ids) + len(ids)))
+        input_ids += ids
+        labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels, spans
+
+
+def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
+                keep_segments: bool = True) -> list[Rendered]:
+    """`[render_validated(s, tokenizer, max_seq_len) for s in samples]`, tokenized in one batch.
+
+    `keep_segments=False` leaves `Rendered.segments` empty (no segment texts, no decoding of a cut
+    segment): ids, labels, `truncated`, `type` and `full_length` are the same.
+    """
+    if max_seq_len is not None and max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+    eos_id = eos_id_of(tokenizer)
+    eos_text = tokenizer.eos_token
+    encoder = batch_encoder(tokenizer)
+    all_segments = [segments_of(sample) for sample in samples]
+    layouts = [_pieces(segments) for segments in all_segments]
+    flat = encoder.encode([piece for pieces in layouts for piece in pieces])
+    out, k = [], 0
+    for sample, segments, pieces in zip(samples, all_segments, layouts):
+        assembled = _assemble(segments, flat[k:k + len(pieces)], eos_id)
+        k += len(pieces)
+        if assembled is None:
+            out.append(render_validated(sample, tokenizer, max_seq_len))
+            continue
+        input_ids, labels, spans = assembled
+        texts = [(segment.text(eos_text), segment.trained) for segment in segments] if keep_segments else []
+        rendered = Rendered(input_ids, labels, False, sample["type"], texts, len(input_ids))
+        if max_seq_len is not None and len(input_ids) > max_seq_len:
+            rendered = truncate(rendered, spans, max_seq_len, tokenizer) if keep_segments else \
+                _cut(rendered, max_seq_len, eos_id)
+        out.append(rendered)
+    return out
+
+
+def _cut(rendered: Rendered, max_seq_len: int, eos_id: int) -> Rendered:
+    """`truncate` without the segment texts."""
+    last = max_seq_len - 1
+    input_ids = rendered.input_ids[:max_seq_len]
+    labels = rendered.labels[:max_seq_len]
+    input_ids[last] = eos_id
+    labels[last] = eos_id if rendered.labels[last] != IGNORE_INDEX else IGNORE_INDEX
+    return Rendered(input_ids, labels, True, rendered.type, [], rendered.full_length)
+
+
+def _masked_prefix(segments: list[Segment]) -> list[Segment] | None:
+    """The segments before the first trained token: the masked ones, plus the first trained segment
+    when it has no eos of its own (then it may encode to nothing). None when nothing is trained."""
+    for number, segment in enumerate(segments):
+        if segment.trained:
+            return segments[:number] if len(segment.chunks) > 1 else segments[:number + 1]
+    return None
+
+
+def first_trained_positions(samples: list[dict], tokenizer) -> list[int | None]:
+    """Index of the first trained token of each sample before truncation (None if nothing is trained).
+
+    A sample keeps a trained token after truncation to `max_seq_len` iff this is `< max_seq_len`
+    (`truncate` keeps the label of the last kept position). Only the masked text before the first
+    answer is tokenized: for pretraining documents, nothing.
+    """
+    eos_id = eos_id_of(tokenizer)
+    encoder = batch_encoder(tokenizer)
+    prefixes = [_masked_prefix(segments_of(sample)) for sample in samples]
+    layouts = [_pieces(prefix) if prefix else [] for prefix in prefixes]
+    flat = encoder.encode([piece for pieces in layouts for piece in pieces])
+    out, k = [], 0
+    for sample, prefix, pieces in zip(samples, prefixes, layouts):
+        ids = flat[k:k + len(pieces)]
+        k += len(pieces)
+        if prefix == []:  # the first segment is trained and holds an eos: token 0 is trained
+            out.append(0)
+            continue
+        assembled = _assemble(prefix, ids, eos_id) if prefix else None
+        position = None
+        if assembled is not None:
+            input_ids, labels, _ = assembled
+            if not prefix[-1].trained:  # the next segment is trained and not empty (it holds an eos)
+                position = len(input_ids)
+            else:
+                position = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        if position is None:  # a layout not predicted here: render the whole sample
+            position = _first_trained(render_validated(sample, tokenizer))
+        out.append(position)
+    return out
+
+
+def _first_trained(rendered: Rendered) -> int | None:
+    return next((i for i, label in enumerate(rendered.labels) if label != IGNORE_INDEX), None)

@@ -200,7 +200,8 @@ def test_trailing_ask_and_leading_answer_are_noted(capsys, tok_dir, tmp_path):
     code, _, err = run_check(capsys, path, tok_dir)
     assert code == 0
     assert err.splitlines() == [
-        f"warning: {path}: 2 of 6 samples end with an 'ask' round, which is never answered or trained (first: lines 2, 4)",
+        f"warning: {path}: 2 of 6 samples end with an 'ask' round, which is never answered or trained "
+        "(first: lines 2, 4)",
         f"warning: {path}: 2 of 6 samples start with an answer round ('ans' or 'ans-api') that answers no question "
         "(first: lines 3, 5)"]
 
@@ -209,7 +210,8 @@ def test_duplicate_keys_are_noted_with_the_key(capsys, tok_dir, tmp_path):
     rows = [json.dumps(GOOD),
             '{"type": "instruct", "instruct": "a", "output": "first", "output": "second"}',
             '{"type": "conver_has_api", "api_desc": "d", "rounds": [["ask", "q"], ["ans-api", {"actions": '
-            '[{"inner_thought": "t", "api_name": "f", "api_name": "g", "api_param": {}, "api_res": "r"}], "ans": "a"}]]}']
+            '[{"inner_thought": "t", "api_name": "f", "api_name": "g", "api_param": {}, "api_res": "r"}], '
+            '"ans": "a"}]]}']
     path = write_jsonl(tmp_path / "dups.jsonl", rows)
     code, _, err = run_check(capsys, path, tok_dir)
     assert code == 0
@@ -282,9 +284,9 @@ def test_dataset_refuses_a_file_where_nothing_trains(tok, tmp_path, suffix):
 
 
 def test_trainer_build_dataset_refuses_before_any_model(tok, tmp_path):
-    """The trainers' data entry point (train_ds.build_dataset, also used by train_ds_zero) raises the
+    """The trainers' data entry point (training.setup.build_dataset, both trainers) raises the
     DataError that `prepare` / `plan_run` turn into one `error:` line before any model or process group."""
-    import train_ds
+    from training import setup as train_ds
 
     path = write_jsonl(tmp_path / "data.jsonl", [LONG_PROMPT] * 3)
     cfg = {"synthetic_data": False, "data_path": str(path), "max_seq_len": 32, "packing": False, "seed": 0}
@@ -395,7 +397,8 @@ def test_first_problem_in_file_order_wins_over_a_later_syntax_error(capsys, tok_
                             f"error: {path}: line 9, column 1: invalid JSON")
 
 
-LENIENT = ('\ufeff[\n  // first, with [brackets] and {braces}\n  {"type": "pretrain", "text": "see http://x.org /* no */",},\n'
+LENIENT = ('\ufeff[\n  // first, with [brackets] and {braces}\n'
+           '  {"type": "pretrain", "text": "see http://x.org /* no */",},\n'
            '  /* block\n comment, ] */ {"type": "pretrain", "text": "\\"quoted // text\\" [x] {y}"},\n'
            '  {"type": "conversation", "rounds": [["ask", "caf\u00e9 \u4f60\u597d"], ["ans", "a, ]"],],},\n'
            '  {"type": "instruct", "instruct": "i", "output": "o", "output": "p"}, // trailing\n]  // end\n')
