@@ -40,6 +40,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import launch, report, workload  # noqa: E402
+from utils.plot import read_metrics  # noqa: E402
 from benchmarks import run as pairs  # noqa: E402  (host_and_date, versions, measure_device, tidy_run_dir)
 
 FAMILIES = ("llama2", "llama3", "bloom", "baichuan", "chatglm", "mixtral")
@@ -168,12 +169,8 @@ def hf_config(family: str, cfg: dict) -> dict | None:
 def pipeline_flops_per_token(cfg: dict, seq: int) -> float:
     """train_ds.py's count: 6·(active parameters without the input embedding) + 12·L·h·s."""
     import models
-    from utils.metrics import flops_per_token
 
-    fam = models.get_family(cfg["model_type"])
-    args = fam.read_config(cfg)
-    active = sum(fam.layer_flops(args, 1)) / 2
-    return flops_per_token(active, fam.num_layers(args), args.hidden_size, seq)
+    return models.resolve(cfg).flops_per_token(seq)
 
 
 def pipeline_dims(gpus: int, blocks: int) -> list[int]:
@@ -453,7 +450,7 @@ def shown_command(s: Settings, cmd: list[str]) -> str:
 
 def measure(save_path: str, warmup: int, global_batch: int, gpus: int, fpt: float, smi: list[float]) -> dict | None:
     """Averages over the steps after the warm-up, as the trainer reported them; None if none was logged."""
-    rows = report.read_metrics(save_path)
+    rows = read_metrics(save_path, missing_ok=True)
     tp = report.throughput(rows, warmup, global_batch)
     if tp is None:
         return None

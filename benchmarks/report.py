@@ -10,19 +10,6 @@ TARGET_VS_BEST_ZERO = 1.25
 TARGET_VS_ZERO_MBS1 = 3.0
 
 
-def read_metrics(save_path: str) -> list[dict]:
-    path = os.path.join(save_path, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
-
-
 def read_rank_files(save_path: str, folder: str) -> list[dict]:
     """The `save_path/<folder>/rank{R}.json` records of every rank, in rank order ([] if none)."""
     records = []

@@ -32,6 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import launch, report, workload  # noqa: E402
+from utils.plot import read_metrics  # noqa: E402
 
 TRAINER_SCRIPT = {"pipeline": "train_ds.py", "zero": "train_ds_zero.py"}
 DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense bf16
@@ -250,7 +251,7 @@ class Runner:
 
     def measurements(self, save_path: str, seq: int, status: str) -> dict:
         s = self.settings
-        rows = report.read_metrics(save_path)
+        rows = read_metrics(save_path, missing_ok=True)
         tp = report.throughput(rows, s.work.warmup, s.work.global_batch)
         if tp is None:
             return {"status": "failed" if status == "ok" else status, "steps_logged": len(rows)}

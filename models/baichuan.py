@@ -16,9 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 
-from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig, Rotary,
-                     WeightRule, apply_rope, causal_attention, causal_lm_loss_fn, cfg_get, check_attention_backend,
-                     load_renamed_weights, make_linear, PreNormBlock)
+from .common import (EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig, Rotary, apply_rope,
+                     causal_attention, causal_lm_loss_fn, cfg_get, check_attention_backend, load_renamed_weights,
+                     make_linear, PreNormBlock)
+from .family import Family, WeightRule, pipeline_specs
+from .hf_files import hf_weight_files, iter_hf_tensors, read_hf_config
 from .llama import LlamaArgs, LlamaMLP
 from .llama import default_parts as llama_default_parts
 from .llama import layer_flops as llama_layer_flops
@@ -125,11 +127,11 @@ class NormHeadLMExit(NormHeadExit):
 def build_layers(args: BaichuanArgs, opts: ModelOptions) -> list:
     """Enter, BaichuanBlock x L, Exit (NormHead); always untied: L+2 specs."""
     check_attention_backend(opts)
-    return [LayerSpec(EmbeddingEnter, args.vocab_size, args.hidden_size, args.pad_token_id, args.initializer_range,
-                      opts.dtype),
-            *[LayerSpec(BaichuanBlock, args, opts) for _ in range(args.num_layers)],
-            LayerSpec(NormHeadLMExit, args.hidden_size, args.vocab_size, args.rms_norm_eps, args.initializer_range,
-                      opts.dtype, opts.fused_head_loss)]
+    return pipeline_specs((EmbeddingEnter, args.vocab_size, args.hidden_size, args.pad_token_id,
+                           args.initializer_range, opts.dtype),
+                          [LayerSpec(BaichuanBlock, args, opts) for _ in range(args.num_layers)],
+                          LayerSpec(NormHeadLMExit, args.hidden_size, args.vocab_size, args.rms_norm_eps,
+                                    args.initializer_range, opts.dtype, opts.fused_head_loss))
 
 
 def loss_fn(args: BaichuanArgs, opts: ModelOptions):
@@ -190,9 +192,6 @@ def reference_model(hf_dir: str | Path) -> nn.Module:
     from torch.nn.utils import parametrize
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .convert import hf_weight_files, iter_hf_tensors
-    from .layout import read_hf_config
-
     model = LlamaForCausalLM(LlamaConfig(**llama_config_dict(read_hf_config(hf_dir)))).float()
     pairs = ((new, t) for name, tensor in iter_hf_tensors(hf_weight_files(Path(hf_dir)))
              for new, t in split_w_pack(name, tensor).items())
@@ -206,10 +205,8 @@ FAMILY = Family(
     read_config=read_config,
     build_layers=build_layers,
     weight_map=BAICHUAN_WEIGHT_MAP,
-    default_parts=llama_default_parts,
     layer_flops=llama_layer_flops,
+    default_parts=llama_default_parts,
     loss_fn=loss_fn,
-    num_layers=lambda args: args.num_layers,
-    tied=lambda args: False,
     reference_model=reference_model,
 )

@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from deepspeed.pipe import LayerSpec
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, WeightRule, alibi_causal_attention,
-                     alibi_slopes, balanced_parts, causal_lm_loss_fn, cfg_get, check_attention_backend,
-                     document_ids, make_linear, maybe_checkpoint, tied_head_fn)
+from .common import (EmbeddingEnter, ModelError, ModelOptions, alibi_causal_attention, alibi_slopes, cfg_get,
+                     check_attention_backend, document_ids, make_linear, maybe_checkpoint, tied_head_fn)
+from .family import Family, WeightRule, even_parts, pipeline_specs
 
 BLOOM_7B_LAYERS = 30
 
@@ -309,14 +309,10 @@ def build_layers(args: BloomArgs, opts: ModelOptions) -> list:
     if opts.packed_sequences and opts.use_flash_attn:
         raise ModelError("bloom: packing: true needs the SDPA path (use_flash_attn: false); flash-attn's varlen "
                          "kernel is not wired up with ALiBi here")
-    blocks = [LayerSpec(BloomBlock, args, opts) for _ in range(args.num_layers)]
-    exit_spec = LayerSpec(BloomExit, args, opts.dtype, opts.fused_head_loss)
-    if not args.tie_word_embeddings:
-        return [LayerSpec(BloomEnter, args, opts.dtype), *blocks, exit_spec]
-    return [TiedLayerSpec("embed", BloomEnter, args, opts.dtype, tied_weight_attr="embed_tokens.weight"),
-            *blocks, exit_spec,
-            TiedLayerSpec("embed", BloomEnter, args, opts.dtype, forward_fn=tied_head_fn(opts),
-                          tied_weight_attr="embed_tokens.weight")]
+    return pipeline_specs((BloomEnter, args, opts.dtype),
+                          [LayerSpec(BloomBlock, args, opts) for _ in range(args.num_layers)],
+                          LayerSpec(BloomExit, args, opts.dtype, opts.fused_head_loss),
+                          args.tie_word_embeddings, tied_head_fn(opts))
 
 
 def layer_flops(args: BloomArgs, seq_len: int) -> list[float]:
@@ -339,8 +335,8 @@ def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
     """
     layers = BLOOM_7B_LAYERS if num_layers is None else num_layers
     if num_stages < 3 or layers < num_stages - 2:
-        return balanced_parts(layers + 2, num_stages)
-    return [1, *balanced_parts(layers, num_stages - 2), 1]
+        return even_parts(layers + 2, num_stages)
+    return [1, *even_parts(layers, num_stages - 2), 1]
 
 
 BLOOM_WEIGHT_MAP = (
@@ -370,11 +366,9 @@ FAMILY = Family(
     read_config=read_config,
     build_layers=build_layers,
     weight_map=BLOOM_WEIGHT_MAP,
-    default_parts=default_parts,
     layer_flops=layer_flops,
-    loss_fn=causal_lm_loss_fn,
-    num_layers=lambda args: args.num_layers,
-    tied=lambda args: args.tie_word_embeddings,
+    default_parts=default_parts,
+    width_keys=("hidden_size", "n_embed"),
     tied_hf_names=("lm_head.weight",),
     canonical_hf_name=canonical_hf_name,
 )

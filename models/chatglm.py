@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 
-from .common import (EmbeddingEnter, Family, HfFormat, ModelError, ModelOptions, NormHeadExit, PairRotary, RMSNorm,
-                     RopeConfig, WeightRule, apply_rope_pairs, causal_attention, causal_lm_loss_fn, cfg_get,
-                     check_attention_backend, load_renamed_weights, make_linear, PreNormBlock)
+from .common import (EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, PairRotary, RMSNorm, RopeConfig,
+                     apply_rope_pairs, causal_attention, cfg_get, check_attention_backend, load_renamed_weights,
+                     make_linear, PreNormBlock)
+from .family import Family, HfFormat, WeightRule, even_parts, pipeline_specs
+from .hf_files import hf_weight_files, iter_hf_tensors, read_hf_config
 
 CHATGLM3_6B_LAYERS = 28
 CHATGLM_ROPE_BASE = 10000.0
@@ -178,10 +180,10 @@ class ChatGLMBlock(PreNormBlock):
 def build_layers(args: ChatGLMArgs, opts: ModelOptions) -> list:
     """Enter, ChatGLMBlock x L, Exit (final RMSNorm + output_layer); untied: L+2 specs."""
     check_attention_backend(opts)
-    return [LayerSpec(ChatGLMEnter, args, opts.dtype),
-            *[LayerSpec(ChatGLMBlock, args, opts) for _ in range(args.num_layers)],
-            LayerSpec(NormHeadExit, args.hidden_size, args.vocab_size, args.layernorm_eps, args.initializer_range,
-                      opts.dtype, opts.fused_head_loss)]
+    return pipeline_specs((ChatGLMEnter, args, opts.dtype),
+                          [LayerSpec(ChatGLMBlock, args, opts) for _ in range(args.num_layers)],
+                          LayerSpec(NormHeadExit, args.hidden_size, args.vocab_size, args.layernorm_eps,
+                                    args.initializer_range, opts.dtype, opts.fused_head_loss))
 
 
 def layer_flops(args: ChatGLMArgs, seq_len: int) -> list[float]:
@@ -196,15 +198,7 @@ def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
     """Balanced split of L+2 with the leftover layers on the middle stages, so the end stages stay light:
     the first holds the most in-flight activations under 1F1B, the last also computes the 65024-token head.
     chatglm3-6b (28 blocks) on 8 stages -> [3, 4, 4, 4, 4, 4, 4, 3]."""
-    total = (CHATGLM3_6B_LAYERS if num_layers is None else num_layers) + 2
-    if num_stages < 1 or total < num_stages:
-        raise ModelError(f"cannot split {total} pipeline layers over {num_stages} stages")
-    base, extra = divmod(total, num_stages)
-    parts = [base] * num_stages
-    order = [*range(1, num_stages - 1), 0, num_stages - 1] if num_stages > 2 else list(range(num_stages))
-    for stage in order[:extra]:
-        parts[stage] += 1
-    return parts
+    return even_parts((CHATGLM3_6B_LAYERS if num_layers is None else num_layers) + 2, num_stages, ends_first=False)
 
 
 _LAYER = "transformer.encoder.layers.{}."
@@ -282,9 +276,6 @@ def reference_model(hf_dir: str | Path) -> nn.Module:
     """transformers' `GlmForCausalLM` (fp32) holding the chatglm checkpoint's weights, renamed and split."""
     from transformers import GlmConfig, GlmForCausalLM
 
-    from .convert import hf_weight_files, iter_hf_tensors
-    from .layout import read_hf_config
-
     cfg = read_hf_config(hf_dir)
     args = read_config(cfg)
     skip = ("architectures", "model_type", "torch_dtype")
@@ -300,11 +291,10 @@ FAMILY = Family(
     read_config=read_config,
     build_layers=build_layers,
     weight_map=CHATGLM_WEIGHT_MAP,
-    default_parts=default_parts,
     layer_flops=layer_flops,
-    loss_fn=causal_lm_loss_fn,
-    num_layers=lambda args: args.num_layers,
-    tied=lambda args: False,
+    default_parts=default_parts,
+    width_keys=("hidden_size", "ffn_hidden_size", "kv_channels"),
+    vocab_keys=("vocab_size", "padded_vocab_size"),
     reference_model=reference_model,
     hf_formats={"glm": HfFormat(config=glm_config, tensors=to_glm_tensors)},
 )

@@ -1,13 +1,13 @@
-"""Pieces shared by every model family: options, the `Family` record, norms, RoPE, attention, the loss.
+"""Pieces shared by every model family: options, errors, norms, RoPE, attention, Enter/Exit layers, the loss.
 
 Family files (`models/llama.py`, ...) hold only what differs between architectures; everything here is
-written once. Tensor layout throughout: `[batch B, seq S, hidden H]`; attention runs as
-`[B, heads, S, head_dim]`.
+written once (the `Family` record and the spec-list assembly: `models/family.py`). Tensor layout
+throughout: `[batch B, seq S, hidden H]`; attention runs as `[B, heads, S, head_dim]`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -49,75 +49,6 @@ class ModelOptions:
     moe_grouped_gemm: bool = True
 
 
-@dataclass(frozen=True)
-class WeightRule:
-    """One row of a weight map: HF name pattern <-> (pipeline layer kind, local state_dict key pattern).
-
-    The first `{}` of `hf` is the transformer layer index (only for kind 'block'); any further `{}`
-    (e.g. an expert index) are carried over into `local` in order. `kind is None` marks an HF tensor
-    that is dropped on import (e.g. a stale `rotary_emb.inv_freq` buffer) and never written on export.
-    """
-    hf: str
-    kind: str | None
-    local: str | None = None
-
-
-@dataclass
-class Family:
-    """Everything the trainer and the converter need to know about one `model_type`.
-
-    read_config(hf_cfg) -> args: parse config.json (a dict) into the family's args dataclass; errors
-        are `ModelError`s naming the key.
-    build_layers(args, opts) -> list of DeepSpeed `LayerSpec`/`TiedLayerSpec`: Enter, Block x L, Exit
-        (+ a trailing tied-head spec with no file when embeddings are tied).
-    weight_map: tuple of `WeightRule`, the one table used by both conversion directions.
-    default_parts(num_stages, num_layers=None) -> logical layers per stage (sums to L+2).
-    layer_flops(args, seq_len) -> forward FLOPs per logical layer for one sequence (len L+2).
-    loss_fn(args, opts) -> callable(outputs, labels) used by the last pipeline stage.
-    num_layers(args) -> L, the number of transformer blocks.
-    tied(args) -> whether the LM head shares the embedding matrix.
-    tied_hf_names: HF names that duplicate the embedding when tied; dropped on import when present.
-    to_pp_hook / to_hf_hook (args, kind, tensors) -> tensors: optional split/fuse step applied to one
-        pipeline layer's local tensors after mapping from HF names / before mapping back to HF names.
-    reference_model(hf_dir) -> fp32 transformers model with the same math, for `verify`; None means
-        `AutoModelForCausalLM` (families whose HF class needs remote code map onto a built-in class).
-    hf_formats: extra layouts `pp_to_hg --format NAME` can write instead of the family's own.
-    canonical_hf_name(name) -> name: optional respelling of checkpoint tensor names before the weight map
-        sees them (BLOOM hub files omit the `transformer.` prefix that transformers writes).
-    from_hf_tensor(args, hf_name, tensor) -> {hf_name: tensor}: optional per-tensor rewrite of another
-        layout of the same weights into the names of `weight_map`, applied on import after
-        `canonical_hf_name` (mixtral: transformers 5's fused `experts.gate_up_proj` -> per-expert w1/w3).
-    """
-    model_type: str
-    read_config: Callable[[dict], Any]
-    build_layers: Callable[[Any, ModelOptions], list]
-    weight_map: tuple[WeightRule, ...]
-    default_parts: Callable[..., list[int]]
-    layer_flops: Callable[[Any, int], list[float]]
-    loss_fn: Callable[[Any, ModelOptions], Callable]
-    num_layers: Callable[[Any], int]
-    tied: Callable[[Any], bool]
-    tied_hf_names: tuple[str, ...] = ()
-    to_pp_hook: Callable[[Any, str, dict], dict] | None = None
-    to_hf_hook: Callable[[Any, str, dict], dict] | None = None
-    reference_model: Callable[[Any], nn.Module] | None = None
-    hf_formats: dict[str, HfFormat] = field(default_factory=dict)
-    canonical_hf_name: Callable[[str], str] | None = None
-    from_hf_tensor: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]] | None = None
-
-
-@dataclass(frozen=True)
-class HfFormat:
-    """Another model_type's checkpoint layout that `pp_to_hg` can write (e.g. chatglm -> transformers' glm).
-
-    config(hf_cfg) -> the config.json dict to write in place of the source one.
-    tensors(args, hf_name, tensor) -> {name: tensor} in the other layout ({} drops the tensor); called per
-        tensor while streaming, so it may split one fused tensor into several but never needs two inputs.
-    """
-    config: Callable[[dict], dict]
-    tensors: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]]
-
-
 # ----------------------------------------------------------------------------------------------
 # Config helpers
 
@@ -143,43 +74,6 @@ POSITIVE_CONFIG_KEYS = {"hidden_size", "n_embed", "num_hidden_layers", "n_layer"
                         "n_head", "num_key_value_heads", "multi_query_group_num", "intermediate_size",
                         "ffn_hidden_size", "vocab_size", "padded_vocab_size", "head_dim", "kv_channels",
                         "num_local_experts", "num_experts_per_tok"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Pipeline partitioning
-
-
-def balanced_parts(num_items: int, num_stages: int) -> list[int]:
-    """Split `num_items` logical layers over `num_stages` as evenly as possible.
-
-    Leftover layers go to the end stages first (first, last, second, second-to-last, ...): the first
-    stage's embedding is almost free, and the ends are where a user most often rebalances by hand.
-    Example: 34 layers (llama-7b: 32 blocks + Enter + Exit) over 8 stages -> [5, 4, 4, 4, 4, 4, 4, 5].
-    """
-    if num_stages < 1 or num_items < num_stages:
-        raise ModelError(f"cannot split {num_items} pipeline layers over {num_stages} stages")
-    base, extra = divmod(num_items, num_stages)
-    parts = [base] * num_stages
-    order = [i // 2 if i % 2 == 0 else num_stages - 1 - i // 2 for i in range(num_stages)]
-    for stage in order[:extra]:
-        parts[stage] += 1
-    return parts
-
-
-def parts_to_boundaries(parts: list[int], num_specs: int) -> list[int]:
-    """Turn per-stage logical layer counts into DeepSpeed's `PipelineModule.parts` boundaries.
-
-    `sum(parts)` is L+2 (one per layer file); with tied embeddings the spec list has one more entry
-    (the tied LM head, no file), which always joins the last stage together with Exit.
-    """
-    total = sum(parts)
-    if num_specs not in (total, total + 1):
-        raise ModelError(f"parts {parts} cover {total} layers but the model has {num_specs} layer specs")
-    bounds = [0]
-    for count in parts:
-        bounds.append(bounds[-1] + count)
-    bounds[-1] = num_specs
-    return bounds
 
 
 # ----------------------------------------------------------------------------------------------

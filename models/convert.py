@@ -4,18 +4,17 @@ Both directions stream: hg_to_pp reads one safetensors shard at a time and write
 soon as all its tensors have arrived; pp_to_hg reads one layer file at a time and flushes safetensors
 shards of at most `max_shard_size`. The expected tensors (names and shapes) come from building the
 layers from config.json on the meta device, so every source tensor must be consumed and every target
-filled, and a mismatch is an error naming the tensor.
+filled, and a mismatch is an error naming the tensor. Reading HF files (config.json, safetensors, `.bin`) is
+`models/hf_files.py`'s job; the pipeline side's file layout is `models/layout.py`'s.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import resource
 import shutil
 import tempfile
-import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,15 +23,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .common import Family, ModelError, ModelOptions, WeightRule
-from .layout import (check_layer_tensors, check_no_extra_layers, layer_file_name, load_layer_file,
-                     read_hf_config, resolve_pp_dir)
+from .common import ModelError, ModelOptions
+from .family import Family, WeightRule
+from .hf_files import (AUX_FILE_PATTERNS, SAFETENSORS_INDEX, check_hf_weight_files, error_reason, hf_weight_files,
+                       iter_hf_tensors, read_hf_config, resolve_hf_source)
+from .layout import check_layer_tensors, check_no_extra_layers, layer_file_name, load_layer_file, resolve_pp_dir
+from .registry import REGISTRY
+from .resolved import ResolvedModel, resolve_dir
 
-AUX_FILE_PATTERNS = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                     "added_tokens.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template*",
-                     "*.py")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 KINDS = ("enter", "block", "exit")
 
 
@@ -42,15 +40,25 @@ KINDS = ("enter", "block", "exit")
 
 @dataclass
 class ModelInfo:
-    """A family, its parsed args, and per layer file the expected local tensors (name -> meta tensor)."""
-    family: Family
-    args: Any
-    hf_cfg: dict
+    """A resolved model (family + parsed args) and per layer file the expected local tensors (name -> meta tensor)."""
+    model: ResolvedModel
     layer_tensors: list[dict[str, torch.Tensor]]
 
     @property
+    def family(self) -> Family:
+        return self.model.family
+
+    @property
+    def args(self) -> Any:
+        return self.model.args
+
+    @property
+    def hf_cfg(self) -> dict:
+        return self.model.hf_config
+
+    @property
     def num_blocks(self) -> int:
-        return self.family.num_layers(self.args)
+        return self.model.num_blocks
 
     def kind_of(self, idx: int) -> tuple[str, int | None]:
         """File index -> ('enter', None) | ('block', block index) | ('exit', None)."""
@@ -63,19 +71,11 @@ class ModelInfo:
 
 def model_info(cfg_dir: str | Path) -> ModelInfo:
     """Build every layer that owns a file on the meta device to learn its tensor names and shapes."""
-    from . import get_family
-
-    cfg = read_hf_config(cfg_dir)
-    family = get_family(cfg["model_type"])
-    try:
-        args = family.read_config(cfg)
-    except ModelError as err:  # "config.json: 'x' must be ..." -> the file's full path
-        raise ModelError(f"{Path(cfg_dir) / 'config.json'}: {str(err).removeprefix('config.json: ')}") from None
-    num_files = family.num_layers(args) + 2
+    model = resolve_dir(cfg_dir)
     with torch.device("meta"):
-        specs = family.build_layers(args, ModelOptions())
-        layer_tensors = [dict(spec.build().state_dict()) for spec in specs[:num_files]]
-    return ModelInfo(family, args, cfg, layer_tensors)
+        specs = model.specs(ModelOptions())
+        layer_tensors = [dict(spec.build().state_dict()) for spec in specs[:model.num_pipeline_layers]]
+    return ModelInfo(model, layer_tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,165 +170,6 @@ def plan_hf_tensors(info: ModelInfo, mapper: WeightMapper) -> HfPlan:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading HF checkpoints
-
-
-def _repo_id_like(path: str) -> bool:
-    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None and not path.startswith(".")
-
-
-def resolve_hf_source(path: str | Path) -> Path:
-    """A local HF directory, or a hub id fetched with `huggingface_hub.snapshot_download`."""
-    local = Path(path)
-    if local.exists():
-        if not local.is_dir():
-            raise ModelError(f"input path {local} is not a directory")
-        return local
-    if not _repo_id_like(str(path)):
-        raise ModelError(f"input path {path} does not exist")
-    return _download(str(path))
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = list(AUX_FILE_PATTERNS) + ["*.safetensors", SAFETENSORS_INDEX]
-    try:
-        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if not list(local.glob("*.safetensors")):
-            local = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin*"]))
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: all reported in one line
-        first_line = (str(err).splitlines() or [""])[0]
-        raise ModelError(f"input path '{repo_id}' does not exist locally and could not be downloaded from the "
-                         f"Hugging Face hub ({type(err).__name__}: {first_line})") from None
-    return local
-
-
-def _index_files(src: Path, index_name: str) -> list[Path]:
-    path = src / index_name
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"cannot read {path}: {_reason(err)}") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ModelError(f"{path} has no 'weight_map' of tensor name -> file name")
-    files = sorted(set(weight_map.values()))
-    for name in files:
-        if not (src / name).is_file():
-            raise ModelError(f"{index_name} lists {name}, which is missing from {src}")
-    return [src / name for name in files]
-
-
-def hf_weight_files(src: Path) -> list[Path]:
-    """Safetensors shards (via the index, or all `*.safetensors`), else `pytorch_model*.bin` files."""
-    if (src / SAFETENSORS_INDEX).is_file():
-        return _index_files(src, SAFETENSORS_INDEX)
-    found = sorted(src.glob("*.safetensors"))
-    if found:
-        return found
-    if (src / BIN_INDEX).is_file():
-        return _index_files(src, BIN_INDEX)
-    found = sorted(src.glob("pytorch_model*.bin"))
-    if found:
-        return found
-    raise ModelError(f"no *.safetensors or pytorch_model*.bin weights in {src}")
-
-
-def _reason(err: BaseException) -> str:
-    """One line for an I/O or format error: the OS's words for an errno anywhere in the chain (torch wraps
-    them in RuntimeErrors, safetensors quotes them as `os error N`), else the error's first line."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno:
-            return os.strerror(seen.errno)
-        seen = seen.__cause__ or seen.__context__
-    text = str(err)
-    match = re.search(r"os error (\d+)", text)
-    if match:
-        return os.strerror(int(match.group(1)))
-    return f"{type(err).__name__}: {(text.strip().splitlines() or [''])[0]}"
-
-
-def open_safetensors(path: Path):
-    """`safe_open` on a file that must be safetensors: a truncated or foreign file is a ModelError naming it."""
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        handle.keys()
-    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: reported by name, in one line
-        raise ModelError(f"cannot read {path}: not a complete safetensors file ({_reason(err)})") from None
-    return handle
-
-
-def iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor, one file open at a time; a name seen twice is an error."""
-    seen: set[str] = set()
-    for path in files:
-        if path.suffix == ".safetensors":
-            with open_safetensors(path) as handle:
-                for name in handle.keys():
-                    try:
-                        tensor = handle.get_tensor(name)
-                    except Exception as err:  # noqa: BLE001 - as in open_safetensors
-                        raise ModelError(f"cannot read tensor '{name}' of {path}: {_reason(err)}") from None
-                    yield _once(name, seen, path), tensor
-        else:
-            state = load_bin(path)
-            for name in list(state):
-                yield _once(name, seen, path), state.pop(name)
-            del state
-
-
-def load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A `.bin` state_dict read with `weights_only=True` (memory-mapped when it is in the zip format; legacy
-    files cannot be). A file pickling anything but tensors is refused, and any unreadable file is a ModelError
-    naming it: never a traceback, never torch's advice to retry with weights_only=False."""
-    try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it is about to refuse
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            try:
-                state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            except RuntimeError:
-                state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        if "Weights only load failed" in text:
-            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-            raise ModelError(f"refused {path}: it pickles more than tensors (loading it could run code: "
-                             f"{detail[0] if detail else 'unsupported pickle content'}); only plain state_dicts "
-                             f"of tensors are read") from None
-        raise ModelError(f"cannot read {path}: not a PyTorch state_dict ({_reason(err)})") from None
-    except Exception as err:  # noqa: BLE001 - truncated zip, not a pickle, I/O: reported by name, in one line
-        raise ModelError(f"cannot read {path}: not a PyTorch state_dict ({_reason(err)})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise ModelError(f"{path} is not a state_dict of named tensors")
-    return state
-
-
-def check_hf_weight_files(src: Path) -> list[Path]:
-    """The weight files of an HF dir, each opened once (safetensors: header only) so that a truncated,
-    foreign or pickled file is reported by name before transformers reads them."""
-    files = hf_weight_files(src)
-    for path in files:
-        if path.suffix == ".safetensors":
-            with open_safetensors(path):
-                pass
-        else:
-            load_bin(path)
-    return files
-
-
-def _once(name: str, seen: set[str], path: Path) -> str:
-    if name in seen:
-        raise ModelError(f"tensor '{name}' appears twice (again in {path.name})")
-    seen.add(name)
-    return name
-
-
-# ----------------------------------------------------------------------------------------------
 # Output handling
 
 
@@ -345,7 +186,7 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
-        raise WriteError(f"cannot write {path}: {_reason(err)}") from None
+        raise WriteError(f"cannot write {path}: {error_reason(err)}") from None
 
 
 def save_layer(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -378,7 +219,7 @@ def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> I
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as err:
-        raise ModelError(f"cannot write to save path {target}: {_reason(err)}") from None
+        raise ModelError(f"cannot write to save path {target}: {error_reason(err)}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -403,7 +244,8 @@ def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> I
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        raise ModelError(f"cannot move the new output into {target}: {_reason(err)}; {target} is unchanged") from None
+        raise ModelError(f"cannot move the new output into {target}: {error_reason(err)}; "
+                         f"{target} is unchanged") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -657,8 +499,6 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
     hf_cfg = read_hf_config(hf_dir)
     ours = load_sequential(pp_path, torch.float32).eval()
     check_hf_weight_files(hf_dir)
-    from . import REGISTRY
-
     family = REGISTRY.get(hf_cfg["model_type"])
     try:
         if family is not None and family.reference_model is not None:
@@ -670,7 +510,7 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever transformers makes of a broken dir: one line naming it
-        raise ModelError(f"cannot load the HF model in {hf_dir} with transformers: {_reason(err)}") from None
+        raise ModelError(f"cannot load the HF model in {hf_dir} with transformers: {error_reason(err)}") from None
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, int(reference.config.vocab_size), (batch, seq_len), generator=generator)
     with torch.no_grad():

@@ -6,7 +6,6 @@ L+1 = Exit. Each file is the `state_dict()` of that one layer module.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,20 +14,6 @@ import torch
 from .common import ModelError
 
 LAYER_FILE_RE = re.compile(r"layer_(\d+)-(?:.*)?model_states\.pt$")
-
-
-def read_hf_config(model_dir: str | Path) -> dict:
-    """`model_dir/config.json` as a plain dict (never runs remote code); must name a `model_type`."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ModelError(f"no config.json in {model_dir}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
-        raise ModelError(f"{path} has no 'model_type'")
-    return cfg
 
 
 def layer_file_name(idx: int) -> str:

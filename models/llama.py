@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from deepspeed.pipe import LayerSpec
 
-from .common import (EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig,
-                     Rotary, WeightRule, apply_rope, balanced_parts, causal_attention, causal_lm_loss_fn,
-                     cfg_get, check_attention_backend, make_linear, PreNormBlock, read_rope_config, tied_head_fn)
+from .common import (EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, RMSNorm, RopeConfig, Rotary, apply_rope,
+                     causal_attention, cfg_get, check_attention_backend, make_linear, PreNormBlock, read_rope_config,
+                     tied_head_fn)
+from .family import Family, WeightRule, even_parts, pipeline_specs
 
 LLAMA_7B_LAYERS = 32
 
@@ -53,12 +54,13 @@ def read_attention_shape(cfg: dict, family: str) -> tuple[int, int, int, int]:
     return hidden, heads, kv_heads, head_dim
 
 
-def read_config(cfg: dict) -> LlamaArgs:
-    """config.json dict -> LlamaArgs; refuses activations and shapes this implementation does not compute."""
-    hidden, heads, kv_heads, head_dim = read_attention_shape(cfg, "llama")
+def read_decoder_fields(cfg: dict, family: str, eps_default: float) -> dict:
+    """The fields every llama-style args dataclass shares (LlamaArgs, MixtralArgs), read from config.json:
+    sizes and heads (`read_attention_shape`), norm eps, tying, pad id (None when outside the vocabulary), init std."""
+    hidden, heads, kv_heads, head_dim = read_attention_shape(cfg, family)
     pad = cfg_get(cfg, "pad_token_id", int, None)
     vocab = cfg_get(cfg, "vocab_size", int)
-    return LlamaArgs(
+    return dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=cfg_get(cfg, "intermediate_size", int),
@@ -66,11 +68,19 @@ def read_config(cfg: dict) -> LlamaArgs:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(cfg_get(cfg, "rms_norm_eps", (int, float), 1e-6)),
-        rope=read_rope_config(cfg, head_dim),
+        rms_norm_eps=float(cfg_get(cfg, "rms_norm_eps", (int, float), eps_default)),
         tie_word_embeddings=cfg_get(cfg, "tie_word_embeddings", bool, False),
         pad_token_id=pad if pad is not None and 0 <= pad < vocab else None,
         initializer_range=float(cfg_get(cfg, "initializer_range", (int, float), 0.02)),
+    )
+
+
+def read_config(cfg: dict) -> LlamaArgs:
+    """config.json dict -> LlamaArgs; refuses activations and shapes this implementation does not compute."""
+    fields = read_decoder_fields(cfg, "llama", 1e-6)
+    return LlamaArgs(
+        **fields,
+        rope=read_rope_config(cfg, fields["head_dim"]),
         attention_bias=cfg_get(cfg, "attention_bias", bool, False),
         mlp_bias=cfg_get(cfg, "mlp_bias", bool, False),
     )
@@ -139,18 +149,13 @@ def build_layers(args: LlamaArgs, opts: ModelOptions) -> list:
     `hidden @ embed_tokens.weightᵀ` on the last stage with DeepSpeed keeping both copies in sync.
     """
     check_attention_backend(opts)
-    enter_args = (args.vocab_size, args.hidden_size, args.pad_token_id, args.initializer_range, opts.dtype)
-    blocks = [LayerSpec(LlamaBlock, args, opts) for _ in range(args.num_layers)]
-    if not args.tie_word_embeddings:
-        exit_spec = LayerSpec(NormHeadExit, args.hidden_size, args.vocab_size, args.rms_norm_eps,
-                              args.initializer_range, opts.dtype, opts.fused_head_loss)
-        return [LayerSpec(EmbeddingEnter, *enter_args), *blocks, exit_spec]
-    exit_spec = LayerSpec(NormHeadExit, args.hidden_size, None, args.rms_norm_eps, args.initializer_range,
-                          opts.dtype)
-    return [TiedLayerSpec("embed", EmbeddingEnter, *enter_args, tied_weight_attr="embed_tokens.weight"),
-            *blocks, exit_spec,
-            TiedLayerSpec("embed", EmbeddingEnter, *enter_args, forward_fn=tied_head_fn(opts),
-                          tied_weight_attr="embed_tokens.weight")]
+    tied = args.tie_word_embeddings
+    exit_spec = LayerSpec(NormHeadExit, args.hidden_size, None if tied else args.vocab_size, args.rms_norm_eps,
+                          args.initializer_range, opts.dtype, opts.fused_head_loss)
+    return pipeline_specs((EmbeddingEnter, args.vocab_size, args.hidden_size, args.pad_token_id,
+                           args.initializer_range, opts.dtype),
+                          [LayerSpec(LlamaBlock, args, opts) for _ in range(args.num_layers)], exit_spec,
+                          tied, tied_head_fn(opts))
 
 
 def layer_flops(args: LlamaArgs, seq_len: int) -> list[float]:
@@ -170,7 +175,7 @@ def layer_flops(args: LlamaArgs, seq_len: int) -> list[float]:
 
 def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
     """Logical layers per stage; `num_layers` (L) defaults to llama-7b's 32: 8 stages -> [5,4,4,4,4,4,4,5]."""
-    return balanced_parts((LLAMA_7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
+    return even_parts((LLAMA_7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
 
 
 def _same_name(hf_prefix: str, kind: str, *locals_: str) -> tuple[WeightRule, ...]:
@@ -190,23 +195,13 @@ HEAD_RULES = (WeightRule("model.norm.weight", "exit", "norm.weight"),
               WeightRule("lm_head.weight", "exit", "lm_head.weight"))
 LLAMA_WEIGHT_MAP = EMBED_RULES + ATTENTION_RULES + MLP_RULES + HEAD_RULES
 
-def num_layers(args: LlamaArgs) -> int:
-    return args.num_layers
-
-
-def is_tied(args: LlamaArgs) -> bool:
-    return args.tie_word_embeddings
-
 
 FAMILY = Family(
     model_type="llama",
     read_config=read_config,
     build_layers=build_layers,
     weight_map=LLAMA_WEIGHT_MAP,
-    default_parts=default_parts,
     layer_flops=layer_flops,
-    loss_fn=causal_lm_loss_fn,
-    num_layers=num_layers,
-    tied=is_tied,
+    default_parts=default_parts,
     tied_hf_names=("lm_head.weight",),
 )

@@ -33,13 +33,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from deepspeed.pipe import LayerSpec
 
-from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, Family, ModelError, ModelOptions, NormHeadExit,
-                     RMSNorm, RopeConfig, Rotary, WeightRule, balanced_parts, cfg_get, check_attention_backend,
-                     make_linear, maybe_checkpoint, read_rope_config, split_labels)
-from .llama import (ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, is_tied, num_layers,
-                    read_attention_shape)
+from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, RMSNorm,
+                     RopeConfig, Rotary, cfg_get, check_attention_backend, make_linear, maybe_checkpoint,
+                     read_rope_config, split_labels)
+from .family import Family, WeightRule, even_parts, pipeline_specs
+from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, read_decoder_fields
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -73,7 +73,7 @@ class MixtralArgs:
 
 def read_config(cfg: dict) -> MixtralArgs:
     """config.json dict -> MixtralArgs; refuses settings this implementation does not compute."""
-    hidden, heads, kv_heads, head_dim = read_attention_shape(cfg, "mixtral")
+    fields = read_decoder_fields(cfg, "mixtral", 1e-5)
     dropout = float(cfg_get(cfg, "attention_dropout", (int, float), 0.0))
     if dropout:
         raise ModelError(f"config.json: attention_dropout {dropout} is not supported (only 0.0)")
@@ -82,30 +82,17 @@ def read_config(cfg: dict) -> MixtralArgs:
     if not 1 <= top_k <= experts:
         raise ModelError(f"config.json: num_experts_per_tok ({top_k}) must be between 1 and "
                          f"num_local_experts ({experts})")
-    window = cfg_get(cfg, "sliding_window", int, None)
     rope_cfg = dict(cfg)
     if rope_cfg.get("rope_theta") is None:
         rope_cfg["rope_theta"] = DEFAULT_ROPE_THETA
-    pad = cfg_get(cfg, "pad_token_id", int, None)
-    vocab = cfg_get(cfg, "vocab_size", int)
     return MixtralArgs(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=cfg_get(cfg, "intermediate_size", int),
-        num_layers=cfg_get(cfg, "num_hidden_layers", int),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg_get(cfg, "rms_norm_eps", (int, float), 1e-5)),
-        rope=read_rope_config(rope_cfg, head_dim),
+        **fields,
+        rope=read_rope_config(rope_cfg, fields["head_dim"]),
         num_experts=experts,
         top_k=top_k,
         router_aux_loss_coef=float(cfg_get(cfg, "router_aux_loss_coef", (int, float), 0.001)),
         router_jitter_noise=float(cfg_get(cfg, "router_jitter_noise", (int, float), 0.0)),
-        sliding_window=window,
-        tie_word_embeddings=cfg_get(cfg, "tie_word_embeddings", bool, False),
-        pad_token_id=pad if pad is not None and 0 <= pad < vocab else None,
-        initializer_range=float(cfg_get(cfg, "initializer_range", (int, float), 0.02)),
+        sliding_window=cfg_get(cfg, "sliding_window", int, None),
     )
 
 
@@ -416,19 +403,13 @@ def compiled_attention_half() -> Callable:
 def build_layers(args: MixtralArgs, opts: ModelOptions) -> list:
     """Spec list: MixtralEnter, MixtralBlock x L, MixtralExit (+ a trailing tied head sharing key 'embed')."""
     check_attention_backend(opts)
-    enter_args = (args.vocab_size, args.hidden_size, args.pad_token_id, args.initializer_range, args.num_layers,
-                  args.num_experts, args.top_k, opts.dtype)
-    blocks = [LayerSpec(MixtralBlock, args, opts, i) for i in range(args.num_layers)]
     head_vocab = None if args.tie_word_embeddings else args.vocab_size
-    exit_spec = LayerSpec(MixtralExit, args.hidden_size, head_vocab, args.rms_norm_eps, args.initializer_range,
-                          opts.dtype, opts.fused_head_loss)
-    if not args.tie_word_embeddings:
-        return [LayerSpec(MixtralEnter, *enter_args), *blocks, exit_spec]
-    return [TiedLayerSpec("embed", MixtralEnter, *enter_args, tied_weight_attr="embed_tokens.weight"),
-            *blocks, exit_spec,
-            TiedLayerSpec("embed", MixtralEnter, *enter_args,
-                          forward_fn=tied_moe_head_weight if opts.fused_head_loss else tied_moe_lm_head,
-                          tied_weight_attr="embed_tokens.weight")]
+    return pipeline_specs((MixtralEnter, args.vocab_size, args.hidden_size, args.pad_token_id, args.initializer_range,
+                           args.num_layers, args.num_experts, args.top_k, opts.dtype),
+                          [LayerSpec(MixtralBlock, args, opts, i) for i in range(args.num_layers)],
+                          LayerSpec(MixtralExit, args.hidden_size, head_vocab, args.rms_norm_eps,
+                                    args.initializer_range, opts.dtype, opts.fused_head_loss),
+                          args.tie_word_embeddings, tied_moe_head_weight if opts.fused_head_loss else tied_moe_lm_head)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +537,7 @@ def layer_flops(args: MixtralArgs, seq_len: int) -> list[float]:
 
 def default_parts(num_stages: int, num_layers: int | None = None) -> list[int]:
     """Logical layers per stage; L defaults to mixtral-8x7b's 32: 8 stages -> [5,4,4,4,4,4,4,5]."""
-    return balanced_parts((MIXTRAL_8X7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
+    return even_parts((MIXTRAL_8X7B_LAYERS if num_layers is None else num_layers) + 2, num_stages)
 
 
 # The hub layout (transformers 4.x files; what transformers 5 `save_pretrained` writes too) is the one table.
@@ -614,11 +595,10 @@ FAMILY = Family(
     read_config=read_config,
     build_layers=build_layers,
     weight_map=MIXTRAL_WEIGHT_MAP,
-    default_parts=default_parts,
     layer_flops=layer_flops,
+    default_parts=default_parts,
     loss_fn=moe_loss_fn,
-    num_layers=num_layers,
-    tied=is_tied,
+    step_metrics=expert_load_metrics,
     tied_hf_names=("lm_head.weight",),
     from_hf_tensor=from_v5_layout,
 )

@@ -14,7 +14,9 @@ import torch.nn as nn
 from deepspeed.pipe import TiedLayerSpec
 
 from .common import ModelError, ModelOptions
-from .layout import check_layer_tensors, check_no_extra_layers, load_layer_file, resolve_pp_dir, read_hf_config
+from .hf_files import read_hf_config
+from .layout import check_layer_tensors, check_no_extra_layers, load_layer_file, resolve_pp_dir
+from .resolved import resolve
 
 
 class SequentialModel(nn.Module):
@@ -62,11 +64,8 @@ class SequentialModel(nn.Module):
 
 def build_sequential(hf_cfg: dict, opts: ModelOptions) -> SequentialModel:
     """Randomly initialised SequentialModel for a config dict."""
-    from . import get_family
-
-    family = get_family(hf_cfg.get("model_type"))
-    args = family.read_config(hf_cfg)
-    return SequentialModel(family.build_layers(args, opts), family.loss_fn(args, opts))
+    model = resolve(hf_cfg)
+    return SequentialModel(model.specs(opts), model.loss_fn(opts))
 
 
 def load_sequential(pp_dir: str | Path, dtype: torch.dtype = torch.float32,

@@ -81,3 +81,49 @@ def train_config(pp_dir: Path, save_path: Path, dims=(2, 1), **overrides) -> dic
             node = node.setdefault(p, {})
         node[last] = value
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the family tests (test_llama, test_families, test_mixtral, test_convert)
+
+
+def read_hf_tensors(model_dir: Path) -> dict:
+    """Every tensor of every *.safetensors file in `model_dir`, by name."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return tensors
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    """Same names, dtypes and values, bit for bit."""
+    import torch
+
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), name
+
+
+def token_batch(vocab: int, seed: int = 0):
+    """input_ids [2, 24], position_ids (second row offset, as in a packed/continued sequence), labels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (2, 24), generator=g)
+    position_ids = torch.stack([torch.arange(24), torch.arange(24) + 7])
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    labels[1, 18:] = -100
+    return input_ids, position_ids, labels
+
+
+def hf_name(model, mapper, param_name: str) -> str:
+    """`layers.{idx}.{local}` of a SequentialModel -> HF name through the family's weight map (a WeightMapper)."""
+    _, idx, local = param_name.split(".", 2)
+    idx, num_blocks = int(idx), len(model.layers) - 2
+    kind, block = ("enter", None) if idx == 0 else ("block", idx - 1) if idx <= num_blocks else ("exit", None)
+    return mapper.to_hf(kind, block, local)

@@ -315,16 +315,16 @@ def test_families_config_writers_at_released_widths():
     }
     for fam, (hidden, heads, kv, vocab, inter, blocks, theta) in expect.items():
         cfg = families.family_config(fam, seq=2048)
-        family = models.get_family(cfg["model_type"])
-        args = family.read_config(cfg)
-        assert (args.hidden_size, args.num_heads, args.vocab_size, family.num_layers(args)) == (hidden, heads, vocab,
-                                                                                               blocks), fam
+        model = models.resolve(cfg)
+        args = model.args
+        assert (args.hidden_size, args.num_heads, args.vocab_size, model.num_blocks) == (hidden, heads, vocab,
+                                                                                        blocks), fam
         assert getattr(args, "num_kv_heads", getattr(args, "num_kv_groups", heads)) == kv, fam
         assert getattr(args, "intermediate_size", getattr(args, "ffn_hidden_size", None)) == inter, fam
         if theta is not None:
             rope = args.rope
             assert rope.theta == theta, fam
-        family.read_config(families.family_config(fam, released=False))  # the CPU smoke's tiny config too
+        models.resolve(families.family_config(fam, released=False))  # the CPU smoke's tiny config too
         hf = families.hf_config(fam, cfg)
         if fam == "baichuan":
             assert hf is None
@@ -340,7 +340,7 @@ def test_families_config_writers_at_released_widths():
     assert families.family_config("bloom")["tie_word_embeddings"] is True
     glm = families.hf_config("chatglm", families.family_config("chatglm"))
     assert glm["head_dim"] == 128 and glm["partial_rotary_factor"] == 0.5 and glm["attention_bias"] is True
-    moe = models.get_family("mixtral").read_config(families.family_config("mixtral"))
+    moe = models.resolve(families.family_config("mixtral")).args
     assert (moe.num_experts, moe.top_k) == (8, 2)
     assert json.loads(json.dumps(families.family_config("llama3")))  # plain JSON
 

@@ -190,7 +190,7 @@ def test_weights_only_scan_reads_the_chosen_checkpoint(tmp_path):
     import torch
 
     from tests.forked_runs import Planted
-    from train_ds import check_resume_files
+    from training.checkpoints import check_resume_files
 
     for tag, step in (("global_step2", 2), ("global_step4", 4)):
         tag_dir = make_tag(tmp_path, tag, step)

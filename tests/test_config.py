@@ -138,7 +138,7 @@ def test_compile_blocks_takes_true_false_or_auto(tmp_path):
 
 
 def test_compile_blocks_auto_compiles_only_on_cuda(monkeypatch):
-    import train_ds
+    from training import pipeline as train_ds
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_ds.resolve_compile_blocks("auto") is False
     assert train_ds.resolve_compile_blocks(True) is True

@@ -9,31 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import convert_model
 from models.convert import hg_to_pp, parse_size, pp_to_hg
+from tests.conftest import assert_same_tensors, read_hf_tensors
 from utils.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda msg: None}
-
-
-def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in `model_dir`, by name."""
-    tensors = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
-
-
-def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype, name
-        assert torch.equal(actual[name], tensor), name
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:

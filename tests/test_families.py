@@ -15,7 +15,6 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
@@ -23,6 +22,7 @@ import models
 from models import ModelError, ModelOptions, get_family, load_sequential
 from models.common import CausalLMLoss, alibi_slopes
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg, verify
+from tests.conftest import assert_same_tensors, hf_name, read_hf_tensors, token_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda msg: None}
@@ -35,21 +35,6 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-
-
-def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
-
-
-def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype, name
-        assert torch.equal(actual[name], tensor), name
 
 
 def write_checkpoint(out: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -224,21 +209,7 @@ def case(request, tmp_path_factory) -> Case:
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids [2, 24], position_ids (second row offset, as in a continued sequence), labels."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (2, 24), generator=g)
-    position_ids = torch.stack([torch.arange(24), torch.arange(24) + 7])
-    labels = input_ids.clone()
-    labels[0, :5] = -100
-    labels[1, 18:] = -100
-    return input_ids, position_ids, labels
-
-
-def hf_name(model: models.SequentialModel, mapper: WeightMapper, param_name: str) -> str:
-    _, idx, local = param_name.split(".", 2)
-    idx, num_blocks = int(idx), len(model.layers) - 2
-    kind, block = ("enter", None) if idx == 0 else ("block", idx - 1) if idx <= num_blocks else ("exit", None)
-    return mapper.to_hf(kind, block, local)
+    return token_batch(VOCAB, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,10 +410,10 @@ def test_layer_flops_cover_every_layer():
     cfgs = {"bloom": {"model_type": "bloom", "vocab_size": VOCAB, "hidden_size": 48, "n_layer": 3, "n_head": 6},
             "baichuan": BAICHUAN_CONFIG, "chatglm": chatglm_config(2, True, 1.0)}
     for model_type, cfg in cfgs.items():
-        family = get_family(model_type)
-        args = family.read_config(cfg)
-        flops = family.layer_flops(args, 64)
-        assert len(flops) == family.num_layers(args) + 2 == 5
+        model = models.resolve(cfg)
+        assert model.model_type == model_type
+        flops = model.layer_flops(64)
+        assert len(flops) == model.num_blocks + 2 == 5
         assert flops[1] > 0 and flops[-1] > 2 * 64 * 48 * VOCAB
 
 

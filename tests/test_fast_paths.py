@@ -60,7 +60,7 @@ def test_fused_head_loss_equals_logits_loss(name):
     z = 0.05 if name == "llama" else 0.0
     plain, fused = twin_models(CONFIGS[name](), fused_head_loss=True, aux_max_z_loss_weight=z)
     ids, labels = batch()
-    assert isinstance(fused(ids), tuple)  # the fused Exit hands over (hidden, weight), not logits
+    assert isinstance(fused.outputs(ids), tuple)  # the fused Exit hands over (hidden, weight), not logits
     ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
     loss, grads = loss_and_grads(fused, ids, labels)
     assert_close(loss, ref_loss)

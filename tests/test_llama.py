@@ -15,6 +15,8 @@ import models
 from models import ModelError, ModelOptions, get_family, load_sequential, parts_to_boundaries
 from models.common import CausalLMLoss, read_rope_config, rope_inv_freq
 from models.convert import WeightMapper, hg_to_pp
+from tests.conftest import hf_name
+from tests.conftest import token_batch as batch
 from utils.tiny import make_tiny_llama, tiny_llama_config
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -61,25 +63,6 @@ def case(request, tmp_path_factory):
     hg_to_pp(root / "hf", root / "pp", log=lambda msg: None)
     reference = LlamaForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
     return request.param, reference, root / "pp"
-
-
-def batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids [2, 24], position_ids (second row offset, as in a packed/continued sequence), labels."""
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (2, 24), generator=g)
-    position_ids = torch.stack([torch.arange(24), torch.arange(24) + 7])
-    labels = input_ids.clone()
-    labels[0, :5] = -100
-    labels[1, 18:] = -100
-    return input_ids, position_ids, labels
-
-
-def hf_name(model: models.SequentialModel, mapper: WeightMapper, param_name: str) -> str:
-    """`layers.{idx}.{local}` -> HF name through the family's weight map."""
-    _, idx, local = param_name.split(".", 2)
-    idx, num_blocks = int(idx), len(model.layers) - 2
-    kind, block = ("enter", None) if idx == 0 else ("block", idx - 1) if idx <= num_blocks else ("exit", None)
-    return mapper.to_hf(kind, block, local)
 
 
 def test_logits_match_hf(case):
@@ -247,12 +230,11 @@ def test_registry_and_parts():
 
 
 def test_layer_flops_shape_and_head_cost():
-    family = get_family("llama")
-    args = family.read_config(tiny_llama_config().to_dict())
-    flops = family.layer_flops(args, 128)
-    assert len(flops) == args.num_layers + 2
+    model = models.resolve(tiny_llama_config().to_dict())
+    flops = model.layer_flops(128)
+    assert len(flops) == model.num_blocks + 2
     assert flops[0] == 0 and len(set(flops[1:-1])) == 1 and flops[1] > 0
-    assert flops[-1] >= 2 * 128 * args.hidden_size * args.vocab_size
+    assert flops[-1] >= 2 * 128 * model.hidden_size * model.vocab_size
 
 
 @pytest.mark.skipif(models.common.flash_attn_available(), reason="flash-attn is installed")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -15,10 +14,15 @@ from models import ModelError, ModelOptions, get_family, load_sequential
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg
 from models.mixtral import (EXPERT_WEIGHTS, Experts, MoeCausalLMLoss, SparseMoe, debug_config, expert_load_metrics,
                             from_v5_layout, load_balancing_loss, unstack_experts, valid_tokens)
-from tests.conftest import run_cli
+from tests.conftest import read_hf_tensors, run_cli
 
 QUIET = {"log": lambda msg: None}
 FAMILY = get_family("mixtral")
+
+
+def mixtral_args(**overrides):
+    """The parsed args of `debug_config(**overrides)`."""
+    return models.resolve(debug_config(**overrides)).args
 
 
 def hf_config(**overrides) -> MixtralConfig:
@@ -44,14 +48,6 @@ def make_tiny_mixtral(out_dir: Path, seed: int = 0, **overrides) -> MixtralForCa
     model = make_model(seed, **overrides)
     model.save_pretrained(out_dir)
     return model
-
-
-def read_hf_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +83,7 @@ def batch(seed: int = 0, padded: bool = True):
 def hf_grads_by_pp_name(model: MixtralForCausalLM) -> dict[str, torch.Tensor]:
     """HF gradients keyed like `SequentialModel.named_parameters()`, via the converter's own tables."""
     mapper = WeightMapper(FAMILY.weight_map)
-    args = FAMILY.read_config(debug_config())
+    args = mixtral_args()
     out = {}
     for name, param in model.named_parameters():
         grad = param.grad if param.grad is not None else torch.zeros_like(param)
@@ -327,12 +323,13 @@ def test_v5_layout_wrong_expert_shape_is_a_clear_error(dirs, tmp_path):
 
 def test_config_checks_and_cost_model():
     with pytest.raises(ModelError, match="num_experts_per_tok \\(5\\) must be between 1 and num_local_experts"):
-        FAMILY.read_config(debug_config(num_experts_per_tok=5))
-    args = FAMILY.read_config({k: v for k, v in debug_config().items() if k != "rope_theta"})
+        models.resolve(debug_config(num_experts_per_tok=5))
+    resolved = models.resolve({k: v for k, v in debug_config().items() if k != "rope_theta"})
+    args = resolved.args
     assert args.rope.theta == 1e6 and args.router_aux_loss_coef == 0.02
-    flops = FAMILY.layer_flops(args, 128)
+    flops = resolved.layer_flops(128)
     assert len(flops) == args.num_layers + 2 and flops[0] == 0
-    dense_experts = FAMILY.layer_flops(FAMILY.read_config(debug_config(num_experts_per_tok=4)), 128)[1]
+    dense_experts = models.resolve(debug_config(num_experts_per_tok=4)).layer_flops(128)[1]
     assert flops[1] < dense_experts  # only the top-k experts count
     assert FAMILY.default_parts(8) == [5, 4, 4, 4, 4, 4, 4, 5]
     model = load_sequential_from_config(debug_config(sliding_window=16))
@@ -418,7 +415,7 @@ def test_grouped_gemm_and_expert_loop_match_hf_with_idle_experts(dirs, reference
 
 def moe_and_routing(dtype: torch.dtype = torch.float32) -> tuple[SparseMoe, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    moe = SparseMoe(FAMILY.read_config(debug_config()), dtype)
+    moe = SparseMoe(mixtral_args(), dtype)
     tokens = torch.randn(7, 64, dtype=dtype)
     weights = torch.softmax(torch.randn(7, 2), dim=-1)
     return moe, tokens, weights
@@ -457,7 +454,7 @@ def test_grouped_experts_need_no_data_on_the_host():
 
     for grouped in (True, False):
         with FakeTensorMode():
-            moe = SparseMoe(FAMILY.read_config(debug_config()), torch.bfloat16, grouped).train()
+            moe = SparseMoe(mixtral_args(), torch.bfloat16, grouped).train()
             x = torch.randn(2, 8, 64, dtype=torch.bfloat16, requires_grad=True)
             if not grouped:
                 with pytest.raises(DataDependentOutputException):

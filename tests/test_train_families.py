@@ -24,8 +24,7 @@ def one_process_first_step_loss(pp, cfg) -> float:
     import models
     from utils.train_data import BatchPlan, PipeFeeder, SyntheticDataset
 
-    hf = models.read_hf_config(pp)
-    args = models.get_family(hf["model_type"]).read_config(hf)
+    args = models.resolve(models.read_hf_config(pp)).args
     model = models.load_sequential(pp)
     tbs, mbs = cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"]
     gas = tbs // mbs

@@ -134,7 +134,7 @@ def test_errors_before_launching_collectives_are_one_line(tiny_llama_pp, tmp_pat
 def test_pipeline_dir_is_refused_with_a_hint(tiny_llama_pp, tmp_path):
     from utils.config import ConfigError, validate
 
-    import train_ds_zero
+    from training import zero as train_ds_zero
 
     _, pp = tiny_llama_pp
     cfg = validate(zero_config(pp, tmp_path / "x"))
@@ -178,7 +178,7 @@ def test_bloom_from_scratch_falls_back_to_eager_attention_without_model_topo(tmp
 def test_attention_choice_names_the_class(tmp_path, capsys):
     from transformers import BloomForCausalLM, GlmForCausalLM, LlamaForCausalLM
 
-    import train_ds_zero
+    from training import zero as train_ds_zero
     from utils.config import ConfigError, validate
 
     raw = from_scratch_config(TINY_BLOOM, tmp_path)
@@ -204,17 +204,19 @@ def test_glm_from_scratch_builds_and_trains_a_step_in_process(tmp_path):
     launch per family would double this file's time). Not in our registry: FLOPs from the parameter count."""
     from transformers import GlmForCausalLM
 
-    import train_ds_zero
+    from training import zero as train_ds_zero
     from models.chatglm import glm_config
     from models.common import CausalLMLoss
     from tests.test_families import chatglm_config
+    from training.setup import plan_run
     from utils.config import validate
 
     glm = glm_config(chatglm_config(groups=2, qkv_bias=True, rope_ratio=1.0))
     cfg = validate(from_scratch_config(glm, tmp_path))
-    plan = train_ds_zero.plan_run(cfg, 1)
-    assert (plan.attn, plan.attn_note) == ("sdpa", None)
-    model = train_ds_zero.build_model(cfg, {"zero_optimization": {"stage": 0}}, from_weights=False, attn=plan.attn)
+    plan = plan_run(cfg, train_ds_zero.ZeroTrainer())
+    assert (plan.model.attn, plan.model.attn_note) == ("sdpa", None)
+    model = train_ds_zero.build_model(cfg, {"zero_optimization": {"stage": 0}}, from_weights=False,
+                                      attn=plan.model.attn)
     assert isinstance(model, GlmForCausalLM) and model.config._attn_implementation == "sdpa"
     ids = torch.randint(0, glm["vocab_size"], (2, 32))
     out = model(input_ids=ids, position_ids=torch.arange(32).expand(2, 32), use_cache=False)
@@ -226,23 +228,22 @@ def test_glm_from_scratch_builds_and_trains_a_step_in_process(tmp_path):
 
 
 def test_flops_per_token_counts_active_experts_like_the_pipeline_trainer(tiny_llama_pp):
-    """Registered model types use train_ds.py's count (utils.metrics.family_flops_per_token): for mixtral
+    """Registered model types use train_ds.py's count (models.resolve(...).flops_per_token): for mixtral
     the idle experts drop out; for llama it matches the all-parameter count to within the norms."""
     from transformers import AutoModelForCausalLM
 
     import models
-    import train_ds_zero
+    from training import zero as train_ds_zero
     from models.mixtral import debug_config
     from tests.test_mixtral import make_model
     from utils.metrics import flops_per_token
 
     seq = 256
 
-    def pipeline_trainer(hf_cfg):  # train_ds.py's own lines
-        family = models.get_family(hf_cfg["model_type"])
-        margs = family.read_config(hf_cfg)
-        active_params = sum(family.layer_flops(margs, 1)) / 2
-        return flops_per_token(active_params, margs.num_layers, margs.hidden_size, seq)
+    def pipeline_trainer(hf_cfg):  # the pipeline trainer's count, spelled out
+        model = models.resolve(hf_cfg)
+        active_params = sum(model.layer_flops(1)) / 2
+        return flops_per_token(active_params, model.num_blocks, model.hidden_size, seq)
 
     mix_cfg = debug_config()
     mixtral = make_model()
@@ -268,7 +269,8 @@ def test_model_topo_is_optional_here_but_train_ds_names_it(tiny_llama_pp, tmp_pa
     import yaml
 
     import train_ds
-    import train_ds_zero
+    from training import zero as train_ds_zero
+    from training.setup import plan_run
     from utils.config import validate
 
     hf, pp = tiny_llama_pp
@@ -276,7 +278,8 @@ def test_model_topo_is_optional_here_but_train_ds_names_it(tiny_llama_pp, tmp_pa
     del raw["model_topo"]
     cfg = validate(raw)
     train_ds_zero.note_ignored_topology(cfg, 2, 0)
-    assert train_ds_zero.plan_run(cfg, 2).world == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert plan_run(cfg, train_ds_zero.ZeroTrainer()).world == 2
     assert "ignored" not in capsys.readouterr().err
     pipe = train_config(pp, tmp_path / "pp", dims=(1, 1))
     del pipe["model_topo"]
@@ -293,7 +296,7 @@ def test_model_topo_is_optional_here_but_train_ds_names_it(tiny_llama_pp, tmp_pa
 
 def test_random_init_runs_on_the_gpu_below_zero3(monkeypatch):
     import torch
-    import train_ds_zero as z
+    from training import zero as z
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert z.init_device({"zero_optimization": {"stage": 1}}) == torch.device("cuda", 1)

@@ -18,7 +18,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union, get_args, get_origin
+from types import MappingProxyType
+from typing import Any, Mapping, Union, get_args, get_origin
 
 import yaml
 
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 REQUIRED = object()
 _NUM = (int, float)
 OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
-    "model_path": ((str,), REQUIRED, "directory of a converted pipeline model (hg_to_pp) or, with from_scratch, any dir with config.json + tokenizer"),
+    "model_path": ((str,), REQUIRED, "train_ds.py: a converted pipeline model dir (hg_to_pp); train_ds_zero.py: an HF model dir; with from_scratch either: any dir with config.json + tokenizer"),
     "from_scratch": ((bool,), False, "random init from model_path/config.json instead of loading weights"),
     "save_path": ((str,), REQUIRED, "output directory for checkpoints and metrics.jsonl"),
     "data_path": ((str,), None, "training file (.json or .jsonl); required unless synthetic_data is set"),
@@ -82,12 +83,18 @@ DS_KEYS = {
 _OUR_SECTIONS = {k.split(".")[0] for k in OUR_KEYS if "." in k} - DS_KEYS
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    ours: dict[str, Any]
-    ds: dict[str, Any]
+    """The validated config, built once (`validate`) and never changed: `ours` (read-only, every key of
+    OUR_KEYS with its default filled in) and `ds`, DeepSpeed's keys as the user wrote them; a run hands
+    DeepSpeed a new dict built from it (training.setup.plan_run), never this one."""
+    ours: Mapping[str, Any]
+    ds: Mapping[str, Any]
     path: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ours", MappingProxyType(dict(self.ours)))
 
     def __getitem__(self, dotted: str) -> Any:
         return self.ours[dotted]
@@ -698,7 +705,7 @@ def check_deepspeed(ds: dict, path: str = "<config>") -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks of one trainer's run, before any model is built (train_ds.prepare, train_ds_zero.plan_run)
+# Checks of one trainer's run, before any model is built (training.setup.plan_run)
 
 
 def check_save_path(save_path: str) -> None:

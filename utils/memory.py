@@ -3,7 +3,7 @@
     python -m utils.memory --config CFG.yml [--gpus N] [--gpu-gib 80] [--min-gpus] [--json] [--key.sub=value ...]
 
 Reads the training YAML (same overrides as `train_ds.py`), the model's `config.json`, splits the layers as
-the trainer does (`parts` or `auto` via `utils.pipeline.resolve_parts` and the family's `layer_flops`) and
+the trainer does (`parts` or `auto` via `utils.pipeline.resolve_parts` and the model's `layer_flops`) and
 prints per stage: weights, gradients, optimizer state, activations and the total in GiB (2^30 bytes), and
 whether the stage fits a `--gpu-gib` card. `--gpus N` re-plans for N GPUs: dims `[N // data, data]` when the
 config's data-parallel size divides N, else `[N, 1]`. `--min-gpus` searches the smallest number of stages
@@ -48,18 +48,18 @@ picks the wrapper; then `bf16_optimizer.py`, `fp16/fused_optimizer.py`, `zero/st
   DeepSpeed shards), `step` = what exists only during `step()`, when activations are already freed.
 
 Activations, saved for backward per token, per logical layer kind (Enter, one block, Exit): measured, not
-guessed. `measure_bytes_per_token` builds the family's Enter, one block and Exit (+ tied head) from its
-layer specs at a scaled-down width (hidden, intermediate/ffn and head_dim divided by d, heads kept, vocab
-cut to 256), runs them on CPU with real tensors in the config's dtype (fp16 measured as bf16: same sizes)
-under `torch.autograd.graph.saved_tensors_hooks`, and sums each saved tensor's storage once (deduplicated
-by `untyped_storage().data_ptr()`), parameters excluded. Attention is accounted like a flash /
-memory-efficient kernel: during the measurement `torch.nn.functional.scaled_dot_product_attention` (which
-every family's attention ends in: `models.common.causal_attention` for llama, mixtral, baichuan, chatglm,
-`alibi_causal_attention` for bloom) is replaced by an autograd.Function that saves exactly q, k, v, the
-output (allocated [B, S, heads, hd] as those kernels do) and an fp32 log-sum-exp per head per token, never
-an S x S matrix. Everything saved is linear in the width, so two widths (d = 16 and 8 where the shapes
-allow) give a + b*width, extrapolated to the real width; models of hidden <= 1024 are measured as they
-are. Cached per (config.json, dtype). Per-micro-batch constants (e.g. baichuan's normalised head weight)
+guessed. `measure_bytes_per_token` builds the model's Enter, one block and Exit (+ tied head) from its
+layer specs at a scaled-down width (`models.ResolvedModel.shrunk_config`: hidden, MLP and head widths
+divided by d, heads kept, vocab cut to 256), runs them on CPU with real tensors in the config's dtype (fp16
+measured as bf16: same sizes) under `torch.autograd.graph.saved_tensors_hooks`, and sums each saved
+tensor's storage once (deduplicated by `untyped_storage().data_ptr()`), parameters excluded. Attention is
+accounted like a flash / memory-efficient kernel: during the measurement
+`torch.nn.functional.scaled_dot_product_attention` (which every family's attention ends in:
+`models.common.causal_attention`, or `alibi_causal_attention` with ALiBi) is replaced by an
+autograd.Function that saves exactly q, k, v, the output (allocated [B, S, heads, hd] as those kernels do)
+and an fp32 log-sum-exp per head per token, never an S x S matrix. Everything saved is linear in the
+width, so two widths (d = 16 and 8 where the shapes allow) give a + b*width, extrapolated to the real
+width; models of hidden <= 1024 are measured as they are. Cached per (config.json, dtype). Per-micro-batch constants (e.g. a NormHead's normalised head weight)
 are not per-token and are left out.
 
 Per stage, with n = min(P - s, gas) micro-batches in flight under 1F1B:
@@ -69,7 +69,7 @@ Per stage, with n = min(P - s, gas) micro-batches in flight under 1F1B:
   * boundary buffers: DeepSpeed keeps each in-flight micro-batch's received input (stages > 0) and its
     output until its gradient returns (stages < P-1), plus one receive buffer each way:
     t * B_boundary * (n * [s > 0] + n * [s < P-1] + [s > 0] + [s < P-1]), B_boundary = bytes per token
-    of the tensors a block hands on (hidden in lp, position ids int64, mixtral's router statistics).
+    of the tensors a block hands on (hidden in lp, position ids int64, an MoE's router statistics).
   * logits (last stage, one micro-batch): t * V * (lp + 4 fp32 upcast + 4 fp32 gradient), unless the
     config sets `fused_head_loss: true` (the default), whose head + loss keeps d loss / d logits in the
     compute dtype, t * V * lp, and one chunk (at most 1 GiB) of fp32 temporaries on the side.
@@ -96,9 +96,6 @@ GIB = 2 ** 30
 STATE_BYTES = {"adam": 8, "adamw": 8, "fusedadam": 8, "lamb": 8, "fusedlamb": 8, "onebitadam": 8,
                "lion": 4, "fusedlion": 4, "adagrad": 4}
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# config.json keys scaled together when measuring at a smaller width (hidden, MLP and head widths).
-WIDTH_KEYS = ("hidden_size", "n_embed", "intermediate_size", "ffn_hidden_size", "head_dim", "kv_channels")
-VOCAB_KEYS = ("vocab_size", "padded_vocab_size")
 MEASURE_BATCH, MEASURE_SEQ, MEASURE_VOCAB = 2, 32, 256
 EXACT_BELOW_HIDDEN = 1024  # measure small models at their real width
 
@@ -229,9 +226,8 @@ def _spec_params(cfg_json: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """(own params per spec, resident size of each spec's tied module (0 if untied), number of blocks)."""
     import models
 
-    hf_cfg = json.loads(cfg_json)
-    family = models.get_family(hf_cfg.get("model_type"))
-    specs = models.build_pipeline_layers(hf_cfg, models.ModelOptions())
+    model = models.resolve(json.loads(cfg_json))
+    specs = model.specs()
     own, tied, seen = [], [], set()
     with torch.device("meta"):
         for spec in specs:
@@ -241,7 +237,7 @@ def _spec_params(cfg_json: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
             tied.append(n if key is not None else 0)
             if key is not None:
                 seen.add(key)
-    return tuple(own), tuple(tied), family.num_layers(family.read_config(hf_cfg))
+    return tuple(own), tuple(tied), model.num_blocks
 
 
 def layer_params(hf_cfg: dict) -> list[int]:
@@ -250,9 +246,9 @@ def layer_params(hf_cfg: dict) -> list[int]:
 
 
 def stage_specs(parts: list[int], num_specs: int) -> list[range]:
-    from utils.pipeline import spec_bounds
+    from models import parts_to_boundaries
 
-    bounds = spec_bounds(parts, num_specs)
+    bounds = parts_to_boundaries(parts, num_specs)
     return [range(bounds[i], bounds[i + 1]) for i in range(len(parts))]
 
 
@@ -342,15 +338,13 @@ def measure_at_width(hf_cfg: dict, dtype: torch.dtype) -> dict[str, float]:
     """Bytes per token saved for backward by Enter, one block and Exit, and handed on by a block."""
     import models
 
-    family = models.get_family(hf_cfg.get("model_type"))
-    num_blocks = family.num_layers(family.read_config(hf_cfg))
-    specs = models.build_pipeline_layers(hf_cfg, models.ModelOptions())
-    specs = [specs[0], specs[1], *specs[num_blocks + 1:]]  # Enter, the first block, Exit (+ tied head)
+    model = models.resolve(hf_cfg)
+    specs = model.specs()
+    specs = [specs[0], specs[1], *specs[model.num_blocks + 1:]]  # Enter, the first block, Exit (+ tied head)
     torch.manual_seed(0)
     modules = [spec.build().to(dtype).train() for spec in specs]
     params = [p for m in modules for p in m.parameters()]
-    vocab = next(hf_cfg[k] for k in VOCAB_KEYS if k in hf_cfg)
-    ids = torch.randint(0, vocab, (MEASURE_BATCH, MEASURE_SEQ))
+    ids = torch.randint(0, model.vocab_size, (MEASURE_BATCH, MEASURE_SEQ))
     pos = torch.arange(MEASURE_SEQ).expand(MEASURE_BATCH, MEASURE_SEQ).contiguous()
     enter, hidden = saved_bytes(lambda: _run(specs[0], modules[0], (ids, pos)), params)
     block_in = _fresh_inputs(hidden)
@@ -369,41 +363,23 @@ def measure_at_width(hf_cfg: dict, dtype: torch.dtype) -> dict[str, float]:
     return {"enter": enter / tokens, "block": block / tokens, "exit": exit_ / tokens, "boundary": boundary / tokens}
 
 
-def _hidden(hf_cfg: dict) -> int:
-    return next(hf_cfg[k] for k in ("hidden_size", "n_embed") if k in hf_cfg)
-
-
-def _head_dim(hf_cfg: dict) -> int:
-    for key in ("head_dim", "kv_channels"):
-        if hf_cfg.get(key):
-            return hf_cfg[key]
-    heads = next((hf_cfg[k] for k in ("num_attention_heads", "n_head") if k in hf_cfg), 1)
-    return _hidden(hf_cfg) // heads
-
-
 def scaled_config(hf_cfg: dict, div: int) -> dict:
     """`hf_cfg` with its widths divided by `div` and a small vocabulary (layer count kept: only the specs
     measured are built, and per-layer router statistics keep their real size)."""
-    cfg = dict(hf_cfg)
-    for key in WIDTH_KEYS:
-        if isinstance(cfg.get(key), int):
-            cfg[key] //= div
-    for key in VOCAB_KEYS:
-        if isinstance(cfg.get(key), int):
-            cfg[key] = min(cfg[key], MEASURE_VOCAB)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if isinstance(cfg.get(key), int) and cfg[key] >= MEASURE_VOCAB:
-            cfg[key] = None
-    return cfg
+    import models
+
+    return models.resolve(hf_cfg).shrunk_config(div, MEASURE_VOCAB)
 
 
 def width_divisors(hf_cfg: dict) -> list[int]:
     """Two divisors that keep every width an integer and head_dim a multiple of 4 (>= 8); [1] if small."""
-    if _hidden(hf_cfg) <= EXACT_BELOW_HIDDEN:
+    import models
+
+    model = models.resolve(hf_cfg)
+    if model.hidden_size <= EXACT_BELOW_HIDDEN:
         return [1]
-    widths = [hf_cfg[k] for k in WIDTH_KEYS if isinstance(hf_cfg.get(k), int)]
-    ok = [d for d in (16, 8, 4, 2) if all(w % d == 0 for w in widths)
-          and _head_dim(hf_cfg) % (4 * d) == 0 and _head_dim(hf_cfg) // d >= 8]
+    ok = [d for d in (16, 8, 4, 2) if all(w % d == 0 for w in model.widths)
+          and model.head_dim % (4 * d) == 0 and model.head_dim // d >= 8]
     return ok[:2] if len(ok) >= 2 else [1]
 
 
@@ -473,9 +449,7 @@ def resolve_stage_parts(hf_cfg: dict, setup: Setup) -> list[int]:
     import models
     from utils.pipeline import resolve_parts
 
-    family = models.get_family(hf_cfg.get("model_type"))
-    costs = family.layer_flops(family.read_config(hf_cfg), setup.seq)
-    return resolve_parts(setup.parts, costs, setup.pipe)
+    return resolve_parts(setup.parts, models.resolve(hf_cfg).layer_flops(setup.seq), setup.pipe)
 
 
 def stage_activations(s: int, blocks: int, has_enter: bool, has_exit: bool, setup: Setup,
@@ -498,7 +472,7 @@ def stage_activations(s: int, blocks: int, has_enter: bool, has_exit: bool, setu
 def zero_bucket_bytes(setup: Setup) -> float:
     """ZeRO-1's gradient-reduction bucket, per GPU whatever the stage size (`stage_1_and_2.py`): with a
     pipeline and contiguous gradients, `reduce_bucket_size` elements in the model dtype at init, plus the
-    fp32 staging buffer of the same size it reduces through (measured on mixtral: see docs/memory.md)."""
+    fp32 staging buffer of the same size it reduces through (measured: see docs/memory.md)."""
     if setup.zero_stage != 1:
         return 0.0
     return setup.reduce_bucket * (PRECISION_BYTES[setup.precision] + 4)
@@ -507,19 +481,18 @@ def zero_bucket_bytes(setup: Setup) -> float:
 def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
     import models
 
-    family = models.get_family(hf_cfg.get("model_type"))
-    margs = family.read_config(hf_cfg)
+    model = models.resolve(hf_cfg)
     parts = resolve_stage_parts(hf_cfg, setup)
     per_param = param_bytes(setup)
     per_token = measure_bytes_per_token(hf_cfg, setup.precision)
-    num_blocks = family.num_layers(margs)
-    plan = Plan(setup, per_param.wrapper, gpu_gib, family.model_type, parts, per_token)
+    num_blocks = model.num_blocks
+    plan = Plan(setup, per_param.wrapper, gpu_gib, model.model_type, parts, per_token)
     start = 0
     for s, ((own, resident), count) in enumerate(zip(resident_params(hf_cfg, parts), parts)):
         logical = range(start, start + count)
         blocks = sum(1 for i in logical if 1 <= i <= num_blocks)
         n, act = stage_activations(s, blocks, 0 in logical, num_blocks + 1 in logical, setup, per_token,
-                                   _hidden(hf_cfg), margs.vocab_size)
+                                   model.hidden_size, model.vocab_size)
         st = StagePlan(s, (start, start + count - 1), blocks, own, resident, n,
                        weights=resident * per_param.weights,
                        grads=resident * per_param.grads + zero_bucket_bytes(setup),
@@ -537,8 +510,7 @@ def min_gpus(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan | None:
     fit `gpu_gib`; None if even one layer per stage does not fit. Micro-batches per step stay as set."""
     import models
 
-    family = models.get_family(hf_cfg.get("model_type"))
-    max_stages = family.num_layers(family.read_config(hf_cfg)) + 2
+    max_stages = models.resolve(hf_cfg).num_pipeline_layers
     for pipe in range(1, max_stages + 1):
         plan = plan_memory(hf_cfg, _replace(setup, pipe=pipe, parts="auto"), gpu_gib)
         if plan.fits:
@@ -633,7 +605,7 @@ def build_plan(args, overrides) -> Plan | None:
     setup = setup_from_config(cfg, args.gpus)
     try:
         hf_cfg = models.read_hf_config(cfg["model_path"])
-        models.get_family(hf_cfg.get("model_type")).read_config(hf_cfg)
+        models.resolve(hf_cfg)
     except (models.ModelError, FileNotFoundError) as e:
         raise ConfigError(f"model_path: {e}") from None
     return min_gpus(hf_cfg, setup, args.gpu_gib) if args.min_gpus else plan_memory(hf_cfg, setup, args.gpu_gib)

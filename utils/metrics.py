@@ -22,15 +22,6 @@ def flops_per_token(num_params_no_embed: float, num_layers: int, hidden: int, se
     return 6.0 * num_params_no_embed + 12.0 * num_layers * hidden * seq_len
 
 
-def family_flops_per_token(family, margs, seq_len: int) -> float:
-    """Training FLOPs per token of a registered model family (`models.get_family`, `family.read_config`),
-    the count both trainers' TFLOP/s use. The active parameters outside the input embedding (MoE: the
-    router and the top-k experts a token runs, not all experts) are half the family's forward FLOPs of one
-    token at seq 1, where attention is negligible; attention is then added causal-unaware as usual."""
-    active_params = sum(family.layer_flops(margs, 1)) / 2
-    return flops_per_token(active_params, margs.num_layers, margs.hidden_size, seq_len)
-
-
 def peak_mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

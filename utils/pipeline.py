@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from deepspeed.pipe import PipelineModule
 
+from models.family import parts_to_boundaries
 from utils.config import ConfigError, check_parts_sum
 
 
@@ -50,13 +51,10 @@ def resolve_parts(parts, costs: list[float], num_stages: int) -> list[int]:
     return list(parts)
 
 
-def spec_bounds(parts: list[int], num_specs: int) -> list[int]:
-    """Logical layer counts per stage -> DeepSpeed's stage boundaries over the spec list."""
-    bounds = [0]
-    for p in parts:
-        bounds.append(bounds[-1] + p)
-    bounds[-1] = num_specs  # a trailing tied head belongs to the last stage
-    return bounds
+# Logical layer counts per stage -> DeepSpeed's stage boundaries over the spec list (a trailing tied head belongs
+# to the last stage). One function, in models/family.py (`ResolvedModel.stage_bounds` needs no spec count);
+# this name is kept for the trainers' current imports.
+spec_bounds = parts_to_boundaries
 
 
 def describe_parts(parts: list[int], costs: list[float]) -> str:

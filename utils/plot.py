@@ -9,9 +9,13 @@ import sys
 PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s"), ("tflops_per_gpu", "TFLOP/s per GPU"))
 
 
-def read_metrics(save_path: str) -> list[dict]:
+def read_metrics(save_path: str, missing_ok: bool = False) -> list[dict]:
+    """The rows of `save_path/metrics.jsonl` (blank lines skipped). No file: FileNotFoundError, or [] with
+    `missing_ok` (benchmarks read runs that may have died before their first step)."""
     path = os.path.join(save_path, "metrics.jsonl")
     if not os.path.isfile(path):
+        if missing_ok:
+            return []
         raise FileNotFoundError(f"no metrics.jsonl in {save_path}")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import faulthandler
 import signal
+import sys
 import threading
 
 LAUNCHER_EXITED = 64  # a stop reason above the signal numbers caught; exits as SIGTERM would (143)
@@ -81,10 +82,12 @@ def install():
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
+    if sys.__stderr__ is not None:  # `kill -USR1 PID`: every thread's stack to the process's stderr (fd 2)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
     def restore() -> None:
-        faulthandler.unregister(signal.SIGUSR1)
+        if sys.__stderr__ is not None:
+            faulthandler.unregister(signal.SIGUSR1)
         for s, handler in previous.items():
             if handler is not None:
                 signal.signal(s, handler)

@@ -1,0 +1,90 @@
+"""Checkpoints of both trainers: which one `resume: true` loads (chosen, verified and scanned before any process
+group, every rank alike), loading it, and saving one that is either complete or invisible (utils.checkpoint)."""
+from __future__ import annotations
+
+import os
+
+from utils.config import ConfigError, TrainConfig
+from utils.metrics import log
+
+
+def check_resume_files(save_path: str, tag: str | None = None) -> str | None:
+    """Choose the checkpoint to resume from (`tag`, or utils.checkpoint.resume_tag: the newest complete one
+    whose files match its manifest, a warning for each damaged newer one) and refuse it if one of its files
+    pickles more than tensors and DeepSpeed's plain data types (utils.safe_load.scan_checkpoint). Returns
+    the tag to load (None: none to resume)."""
+    from utils import checkpoint as ckpt
+    from utils import safe_load
+
+    if tag is None:
+        tag = ckpt.resume_tag(save_path)
+    if tag is not None:
+        safe_load.scan_checkpoint(os.path.join(save_path, tag))
+    return tag
+
+
+def choose_resume_tag(cfg: TrainConfig, trainer, world: int) -> str | None:
+    """The tag `resume: true` loads, written by the same trainer with the same dims (else a ConfigError)."""
+    from utils import checkpoint as ckpt
+
+    if not cfg["resume"]:
+        return None
+    tag = ckpt.resume_tag(cfg["save_path"])
+    if tag is not None:
+        info = ckpt.read_info(cfg["save_path"], tag)
+        dims = trainer.dims(cfg, world)
+        if info.get("trainer", "pipeline") != trainer.name or info.get("dims") != dims:
+            raise ConfigError(f"resume: checkpoint {tag} was written by trainer {info.get('trainer', 'pipeline')!r} "
+                              f"with dims {info.get('dims')}; this {trainer.name} run has dims {dims}: resume with "
+                              f"the same trainer and dims")
+    return check_resume_files(cfg["save_path"], tag)
+
+
+def load_checkpoint(cfg: TrainConfig, trainer, tag: str | None, rank: int) -> int:
+    """Load checkpoint `tag` (None: none to resume, start fresh); the step to continue from. Every file is
+    unpickled with weights_only=True (utils.safe_load). The rank writing metrics.jsonl drops the rows of
+    later steps (a crashed run's), so each step has one row."""
+    from utils import checkpoint as ckpt
+    from utils import safe_load
+    from utils.metrics import drop_rows_after
+
+    step = 0
+    if tag is None:
+        log(f"resume: no complete checkpoint in {cfg['save_path']}, starting fresh", rank)
+    else:
+        safe_load.load_checkpoint(trainer.engine, cfg["save_path"], tag)
+        step = int(ckpt.read_info(cfg["save_path"], tag)["step"])
+        log(f"resumed from {cfg['save_path']}/{tag} at step {step}", rank)
+    if trainer.reporter:
+        drop_rows_after(os.path.join(cfg["save_path"], "metrics.jsonl"), step)
+    return step
+
+
+def save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch: int, final: bool = False) -> None:
+    """DeepSpeed's files, then (once every rank wrote its part) the model files and the trainer's extras (the
+    ZeRO trainer's HF export in the final one), MANIFEST.json hashed by all ranks, COMPLETE, pruning."""
+    import torch.distributed as dist
+
+    from utils import checkpoint as ckpt
+
+    rank = dist.get_rank()
+    os.makedirs(cfg["save_path"], exist_ok=True)
+    if rank == 0:
+        ckpt.invalidate(cfg["save_path"], tag)  # a tag written again is incomplete until marked again
+    dist.barrier()
+    trainer.engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False,
+                                   client_state={"step": step, "epoch": epoch})
+    dist.barrier()
+    tag_dir = os.path.join(cfg["save_path"], tag)
+    if rank == 0:
+        ckpt.copy_model_files(cfg["model_path"], tag_dir)
+    trainer.save_extras(cfg, plan, tag_dir, final)
+    dist.barrier()
+    ckpt.write_manifest_shared(tag_dir)
+    if rank == 0:
+        ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "samples": step * plan.tbs,
+                                                    "trainer": trainer.name, "dims": trainer.dims(cfg, plan.world),
+                                                    **trainer.checkpoint_info()})
+        removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
+        log(f"saved checkpoint {tag_dir} (step {step})" + (f", pruned {', '.join(removed)}" if removed else ""), rank)
+    dist.barrier()

@@ -1,0 +1,96 @@
+"""The step loop of both trainers: plan, build, resume, then per optimizer step the trainer's `step`, the
+bad-step guard, one metrics.jsonl row and the progress bar (on the reporting rank), a periodic checkpoint,
+and a clean stop when any rank got SIGINT/SIGTERM; at the end rank stats and the final checkpoint."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from training.checkpoints import load_checkpoint, save_checkpoint
+from training.setup import plan_run
+from utils.config import TrainConfig
+from utils.metrics import log
+
+
+def train(cfg: TrainConfig, trainer) -> int:
+    import torch.distributed as dist
+
+    from training.distributed import init_distributed
+    from utils import preempt
+    from utils.guard import BadStepCounter
+    from utils.metrics import MetricsWriter, peak_mem_gib, step_row, write_rank_stats
+
+    plan = plan_run(cfg, trainer)  # everything a user can get wrong, before the first collective
+    device = init_distributed()
+    rank = dist.get_rank()
+    trainer.build(cfg, plan, device, rank)
+    engine = trainer.engine
+    step = load_checkpoint(cfg, trainer, plan.resume_tag, rank) if cfg["resume"] else 0
+    feeder = trainer.make_feeder(cfg, plan, device)
+    flops_per_token_per_gpu = trainer.flops_per_token(cfg, plan) / plan.world
+    bad_steps = BadStepCounter(cfg["max_bad_steps"])
+    metrics = bar = None
+    if trainer.reporter:
+        from tqdm import tqdm
+        metrics = MetricsWriter(os.path.join(cfg["save_path"], "metrics.jsonl"))
+        bar = tqdm(total=plan.total_steps, initial=step, desc=f"[rank {rank}] train", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    spe, total_steps = plan.steps_per_epoch, plan.total_steps
+    if rank == 0:
+        log(f"{len(plan.dataset)} samples, {spe} steps/epoch x {cfg['n_epoches']} epochs (global batch "
+            f"{plan.tbs} = micro {plan.mbs} x accum {plan.gas} x dp {plan.dp}; {len(plan.dataset) - spe * plan.tbs} "
+            f"samples/epoch left over); {total_steps} steps", rank)
+    epoch = step // spe
+    while step < total_steps:
+        if feeder is not None:
+            feeder.start_epoch(epoch, step - epoch * spe)
+        for _ in range(step - epoch * spe, spe):
+            t0 = time.perf_counter()
+            if step + 1 == cfg["profile_step"]:
+                from utils.profile import profile_call
+                loss = profile_call(lambda: trainer.step(feeder), os.path.join(cfg["save_path"], "profile"), rank,
+                                    device, {"stage": trainer.stage, "step": step + 1})
+            else:
+                loss = trainer.step(feeder)
+            dt = time.perf_counter() - t0
+            extra = trainer.step_metrics()
+            step += 1
+            norm = trainer.grad_norm()
+            skipped = not engine.fp16_enabled() and norm is not None and not math.isfinite(norm)
+            if skipped and rank == 0:
+                log(f"step {step}: loss {loss}, gradient norm {norm}: optimizer step skipped", rank)
+            if metrics is not None:
+                row = step_row(step, epoch, loss, engine.get_lr()[0], norm, skipped, dt, feeder, plan.tbs, plan.dp,
+                               flops_per_token_per_gpu, peak_mem_gib(device))
+                row.update(extra)
+                metrics.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
+                                tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
+                bar.update(1)
+            if not engine.fp16_enabled():
+                bad_steps.update(step, norm)  # raises BadStepsError past max_bad_steps in a row
+            stop = preempt.agreed(device) if step < total_steps else 0  # a signal on any rank: all stop now
+            if step < total_steps and (stop or cfg["save_interval"] and step % cfg["save_interval"] == 0):
+                save_checkpoint(cfg, trainer, plan, f"global_step{step}", step, epoch)
+            if stop:
+                if bar is not None:
+                    bar.close()
+                raise preempt.Stopped(stop, step, os.path.join(cfg["save_path"], f"global_step{step}"))
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+    if bar is not None:
+        bar.close()
+    write_rank_stats(cfg["save_path"], rank, {"rank": rank, "stage": trainer.stage, "dp_rank": trainer.dp_rank,
+                                              "steps": step, "peak_mem_gib": peak_mem_gib(device),
+                                              "trainer": trainer.name})
+    if cfg["save_final"]:
+        save_checkpoint(cfg, trainer, plan, "checkpoint_final", step, epoch, final=True)
+    if metrics is not None:
+        metrics.close()
+    log(f"done: {step} steps" + (f", final checkpoint {cfg['save_path']}/checkpoint_final" if cfg["save_final"]
+                                 else ""), rank)
+    return 0

@@ -1,0 +1,248 @@
+"""PipelineTrainer: the family's pipeline layers (models/) in DeepSpeed's PipelineModule, trained by its
+PipelineEngine (`train_batch`: the 1F1B schedule over the micro-batches of one optimizer step)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from utils.config import ConfigError, TrainConfig
+from utils.metrics import log
+
+
+@dataclass
+class PipelineModel:
+    """The model half of the plan: the resolved family config (models.resolve), layer options, per-layer costs
+    and the layers per stage."""
+    resolved: Any
+    opts: Any
+    costs: list
+    parts: list
+
+    @property
+    def vocab_size(self) -> int:
+        return self.resolved.vocab_size
+
+
+def resolve_compile_blocks(value: bool | str) -> bool:
+    """`compile_blocks: auto` compiles when training on CUDA GPUs (A/B in benchmarks/results/families-*) and
+    runs eagerly on CPU, where compiling costs more than it saves."""
+    if value != "auto":
+        return bool(value)
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def varying_shapes(cfg: TrainConfig) -> bool:
+    """Whether micro-batch shapes can change between micro-batches. If so DeepSpeed sends each boundary
+    tensor's shape before the tensor (small blocking p2p messages per micro-batch) and compiled blocks see
+    several shapes; if not, shapes are sent once. Packed rows are nearly full: they are padded to
+    max_seq_len, as are full-length synthetic samples."""
+    full_length_only = cfg["synthetic_data"] and not cfg["synthetic_min_len"]
+    return cfg["pad_to_multiple_of"] > 0 and not full_length_only and not cfg["packing"]
+
+
+def local_layers(pipe_module):
+    """(global layer index, module) for every layer with weights on this stage, tied copies included
+    (a tied module is indexed by the first spec that uses it, where its weights are stored)."""
+    seen = set()
+    start = pipe_module._local_start
+    for local_idx, layer in enumerate(pipe_module.forward_funcs):
+        if isinstance(layer, torch.nn.Module):
+            seen.add(id(layer))
+            yield start + local_idx, layer
+    for key, module in pipe_module.tied_modules.items():
+        if id(module) not in seen:
+            yield next(i for i, s in enumerate(pipe_module._layer_specs) if getattr(s, "key", None) == key), module
+
+
+def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
+    """HF-style init (normal(0, initializer_range), norm scales 1, biases 0) seeded per global layer
+    index, so every partition of the same model starts from the same weights."""
+    std = float(hf_cfg.get("initializer_range", 0.02))
+    for idx, layer in local_layers(pipe_module):
+        torch.manual_seed(seed + idx)
+        for mod in layer.modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(mod.weight, 0.0, std)
+            for name, prm in mod.named_parameters(recurse=False):
+                if name == "bias":
+                    torch.nn.init.zeros_(prm)
+                elif prm.ndim == 1:  # norm scales
+                    torch.nn.init.ones_(prm)
+                elif prm.ndim == 3:  # stacked expert weights [E, out, in]
+                    torch.nn.init.normal_(prm, 0.0, std)
+
+
+def load_layer_weights(pipe_module, model_path: str) -> None:
+    """Load this stage's `layer_XX-model_states.pt` files (weights only, never pickled objects)."""
+    from models.layout import load_layer_file
+
+    for idx, layer in local_layers(pipe_module):
+        path, state = load_layer_file(model_path, idx)
+        try:
+            layer.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"model_path: {path} does not match config.json: {str(e).splitlines()[0]}") from None
+
+
+def cpu_lion(ds: dict, groups: list[dict], device: torch.device):
+    """DeepSpeed's `Lion` is a fused GPU kernel (or its CPU version under ZeRO offload); on CPU without
+    offload, hand DeepSpeed the PyTorch implementation (lion-pytorch) with the same hyper-parameters (and
+    take `optimizer` out of `ds`, the run's DeepSpeed dict)."""
+    opt = ds.get("optimizer")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if device.type != "cpu" or not isinstance(opt, dict) or str(opt.get("type", "")).lower() != "lion" \
+            or offload != "none":
+        return None
+    from lion_pytorch import Lion
+
+    p = opt.get("params", {})
+    del ds["optimizer"]
+    return Lion(groups, lr=p.get("lr", 1e-4), betas=tuple(p.get("betas", (0.9, 0.99))),
+                weight_decay=p.get("weight_decay", 0.0))
+
+
+class PipelineTrainer:
+    """`dims [stages, replicas]`; the last stage's first replica reports. Its parts, in the order the loop
+    calls them: check, data_parallel, dims, prepare_model (before the process group); build; make_feeder,
+    flops_per_token; per step: step, step_metrics, grad_norm; save_extras, checkpoint_info."""
+    name = "pipeline"
+
+    def __init__(self):
+        self.engine = self.loss_fn = self.guard = None
+        self.reporter, self.stage, self.dp_rank = False, 0, 0
+
+    # -- before the process group
+    def check(self, cfg: TrainConfig, world: int) -> None:
+        pipe, data = cfg.dims
+        if pipe * data != world:
+            raise ConfigError(f"model_topo.process_topology.dims: {[pipe, data]} needs {pipe * data} processes, "
+                              f"but {world} were launched (set dims so that pipe x data = {world})")
+
+    def data_parallel(self, cfg: TrainConfig, world: int) -> int:
+        return cfg.dims[1]
+
+    def dims(self, cfg: TrainConfig, world: int) -> list[int]:
+        return list(cfg.dims)
+
+    def prepare_model(self, cfg: TrainConfig, resuming: bool) -> PipelineModel:
+        import models
+        from models.layout import find_layer_file
+        from utils.pipeline import resolve_parts
+
+        try:
+            resolved = models.resolve_dir(cfg["model_path"])
+        except (models.ModelError, FileNotFoundError) as e:
+            raise ConfigError(f"model_path: {e}") from None
+        opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
+                                   aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]),
+                                   packed_sequences=cfg["packing"], fused_head_loss=cfg["fused_head_loss"],
+                                   compile_blocks=resolve_compile_blocks(cfg["compile_blocks"]),
+                                   moe_grouped_gemm=cfg["moe_grouped_gemm"])
+        try:
+            models.common.check_attention_backend(opts)
+        except models.ModelError as e:
+            raise ConfigError(str(e)) from None
+        costs = resolved.layer_flops(cfg["max_seq_len"])
+        parts = resolve_parts(cfg["model_topo.parts"], costs, cfg.dims[0])
+        if not cfg["from_scratch"]:
+            try:
+                for i in range(len(costs)):
+                    find_layer_file(cfg["model_path"], i)
+            except models.ModelError as e:
+                raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
+                                  f"or set from_scratch: true") from None
+        return PipelineModel(resolved, opts, costs, parts)
+
+    # -- the engine
+    def build(self, cfg: TrainConfig, plan, device: torch.device, rank: int) -> None:
+        """PipelineModule over this stage's layers (weights initialised or loaded), then DeepSpeed's engine."""
+        import deepspeed
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+        from training.setup import param_groups
+        from utils import safe_load
+        from utils.guard import StepGuard
+        from utils.pipeline import PartitionedPipelineModule, describe_parts
+
+        m = plan.model
+        self.resolved = m.resolved
+        num_stages, dp = cfg.dims
+        self.loss_fn = m.resolved.loss_fn(m.opts)
+        with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
+            module = PartitionedPipelineModule(m.resolved.specs(m.opts), m.resolved.stage_bounds(m.parts),
+                                               topology=PipeDataParallelTopology(num_pp=num_stages, num_dp=dp),
+                                               loss_fn=self.loss_fn, seed_layers=True, base_seed=cfg["seed"],
+                                               dynamic_shape=varying_shapes(cfg))
+        if rank == 0:
+            log(f"{m.resolved.model_type}: {m.resolved.num_blocks} blocks, partition {m.parts}: "
+                f"{describe_parts(m.parts, m.costs)}", rank)
+            log(f"compile_blocks: {'on (torch.compile; the first step compiles)' if m.opts.compile_blocks else 'off'}"
+                f", fused_head_loss: {'on' if m.opts.fused_head_loss else 'off'}", rank)
+        if cfg["from_scratch"]:
+            init_from_scratch(module, m.resolved.hf_config, cfg["seed"])
+        elif plan.resume_tag is None:
+            load_layer_weights(module, cfg["model_path"])
+        module.to(device)
+
+        # A stage's parameters are this stage's alone: marking them model-parallel makes DeepSpeed's
+        # gradient norms (fp32 clipping, ZeRO-1) sum over all stages instead of counting stage 0 only.
+        for prm in module.parameters():
+            prm.model_parallel = not getattr(prm, "ds_pipe_replicated", False)
+        ds = plan.ds
+        fp32 = not any(isinstance(ds.get(k), dict) and ds[k].get("enabled") for k in ("fp16", "bf16"))
+        plain_fp32 = fp32 and not int(ds.get("zero_optimization", {}).get("stage", 0))
+        max_norm = float(ds.get("gradient_clipping", 1.0))  # DeepSpeed's default is 1.0
+        if plain_fp32:
+            ds["gradient_clipping"] = 0.0  # StepGuard measures the norm before clipping, then clips
+        groups = param_groups(module, cfg["optimizer.no_wd_kws"])
+        optimizer = cpu_lion(ds, groups, device)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds, optimizer=optimizer,
+                                                    model_parameters=None if optimizer else groups)
+        safe_load.install(self.engine)  # checkpoint files are read with torch.load(weights_only=True)
+        if plain_fp32:
+            self.guard = StepGuard(self.engine.optimizer, module.parameters(),
+                                   self.engine.grid.get_pipe_parallel_group(), max_norm)
+        self.stage, self.dp_rank = self.engine.stage_id, self.engine.grid.data_parallel_id
+        self.reporter = self.engine.is_last_stage() and self.dp_rank == 0
+
+    def make_feeder(self, cfg: TrainConfig, plan, device):
+        """Micro-batches for the first stage (inputs) and the last (labels); middle stages take none."""
+        from data import pad_id_of
+        from training.distributed import summer
+        from utils.train_data import BatchPlan, PipeFeeder
+
+        engine = self.engine
+        if not (engine.is_first_stage() or engine.is_last_stage()):
+            return None
+        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.dp, cfg["seed"])
+        return PipeFeeder(plan.dataset, batches, pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0,
+                          cfg["max_seq_len"], cfg["num_workers"],
+                          sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
+                          if engine.is_last_stage() and plan.dp > 1 else None,
+                          pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
+
+    def flops_per_token(self, cfg: TrainConfig, plan) -> float:
+        """Active parameters outside the input embedding (MoE: only the top-k experts), from the family's cost
+        model at seq 1 where attention is negligible; attention is added causal-unaware as usual."""
+        return plan.model.resolved.flops_per_token(cfg["max_seq_len"])
+
+    # -- per step
+    def step(self, feeder) -> float:
+        return float(self.engine.train_batch(data_iter=feeder))
+
+    def step_metrics(self) -> dict:
+        return self.resolved.step_metrics(self.loss_fn) if self.engine.is_last_stage() else {}
+
+    def grad_norm(self) -> float | None:
+        norm = self.guard.last_norm if self.guard is not None else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # -- checkpoints
+    def save_extras(self, cfg: TrainConfig, plan, tag_dir: str, final: bool) -> None:
+        pass
+
+    def checkpoint_info(self) -> dict:
+        return {}

@@ -1,0 +1,129 @@
+"""Everything a user can get wrong, checked before the first collective: `plan_run(cfg, trainer) -> Plan`."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from training.distributed import launched_world_size
+from utils.config import ConfigError, TrainConfig, preflight, resolve_batch
+from utils.metrics import log
+
+
+@dataclass
+class Plan:
+    """What every rank decided alike before the process group: batch split, data, steps, resume point, and
+    the trainer's own model plan (`model`: the pipeline's resolved layers and partition, or the HF config
+    and attention of the ZeRO trainer; both have `vocab_size`)."""
+    world: int
+    dp: int
+    ds: dict  # what deepspeed.initialize gets: a copy of the config's DeepSpeed keys, batch and steps filled in
+    tbs: int
+    mbs: int
+    gas: int
+    model: Any
+    tokenizer: Any
+    dataset: Any
+    steps_per_epoch: int
+    total_steps: int
+    resume_tag: str | None
+
+
+def plan_run(cfg: TrainConfig, trainer) -> Plan:
+    from data import DataError
+    from models import ModelError
+    from training.checkpoints import choose_resume_tag
+    from utils.train_data import BatchPlan
+
+    world = launched_world_size()
+    trainer.check(cfg, world)
+    preflight(cfg, trainer.name)  # optimizer present, ZeRO stage allowed, save_path writable
+    dp = trainer.data_parallel(cfg, world)
+    ds = copy.deepcopy(dict(cfg.ds))
+    tbs, mbs, gas = resolve_batch(ds, dp)
+    resume_tag = choose_resume_tag(cfg, trainer, world)
+    model = trainer.prepare_model(cfg, resuming=resume_tag is not None)
+    tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
+    try:
+        dataset = build_dataset(cfg, tokenizer, model.vocab_size, tbs)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    except ModelError as e:
+        raise ConfigError(f"model_path: {e}") from None
+    steps_per_epoch = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"]).steps_per_epoch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
+                          f"{cfg['data_path']}; lower it or add data")
+    total_steps = steps_per_epoch * cfg["n_epoches"]
+    if cfg["max_steps"]:
+        total_steps = min(total_steps, cfg["max_steps"])
+    fill_scheduler_steps(ds, total_steps)
+    return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag)
+
+
+def fill_scheduler_steps(ds: dict, total_steps: int) -> None:
+    """`scheduler.params.total_num_steps: auto` (or absent) -> the run's step count."""
+    sched = ds.get("scheduler")
+    if isinstance(sched, dict):
+        params = sched.setdefault("params", {})
+        if sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR") and params.get("total_num_steps", "auto") == "auto":
+            params["total_num_steps"] = max(total_steps, 1)
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_path: cannot load a tokenizer from {cfg['model_path']}: {e}") from None
+
+
+def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
+    """The training set: samples, or with `packing` rows of several samples (batch sizes count rows)."""
+    from utils.train_data import PackedDataset
+
+    dataset = _samples(cfg, tokenizer, vocab_size, train_batch_size)
+    if not cfg["packing"]:
+        return dataset
+    start = time.perf_counter()
+    lengths = dataset.lengths() if hasattr(dataset, "lengths") else None  # synthetic: known without tokens
+    packed = PackedDataset(dataset, cfg["max_seq_len"], seed=cfg["seed"], lengths=lengths)
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg['max_seq_len']} tokens "
+            f"({packed.fill_ratio:.1%} filled) in {time.perf_counter() - start:.1f} s")
+    return packed
+
+
+def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
+    from utils.train_data import SyntheticDataset
+
+    if cfg["synthetic_data"]:
+        steps, seq, low = cfg["max_steps"] or 10, cfg["max_seq_len"], cfg["synthetic_min_len"]
+        high = min(cfg["synthetic_max_len"] or seq, seq) if low else seq
+        if low > high:
+            raise ConfigError(f"synthetic_min_len: {low} is above the longest sample ({high})")
+        count = steps * train_batch_size
+        if cfg["packing"]:  # enough samples for `steps` batches of rows, with a batch of rows to spare
+            count = (count + train_batch_size) * max(1, (2 * seq) // (low + high))
+        return SyntheticDataset(count, high, vocab_size, cfg["seed"], min_len=low or None)
+    from data import SFTDataset
+
+    if not os.path.isfile(cfg["data_path"]):
+        raise ConfigError(f"data_path: file not found: {cfg['data_path']}")
+    return SFTDataset(cfg["data_path"], tokenizer, cfg["max_seq_len"])
+
+
+def param_groups(module: torch.nn.Module, no_wd_kws: list[str]) -> list[dict]:
+    """Two groups: with weight decay, and without for names matching any `optimizer.no_wd_kws` regex."""
+    pats = [re.compile(k) for k in no_wd_kws]
+    decay, no_decay = [], []
+    for name, prm in module.named_parameters():
+        if prm.requires_grad:
+            (no_decay if any(p.search(name) for p in pats) else decay).append(prm)
+    return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
