@@ -2,7 +2,7 @@
 
     python convert_model.py hg_to_pp --input-path HF_DIR_OR_HUB_ID --save-path PP_DIR [--overwrite]
     python convert_model.py pp_to_hg --input-path PP_OR_CHECKPOINT_DIR --save-path HF_DIR [--overwrite]
-                                     [--max-shard-size 5GB] [--format glm]
+                                     [--max-shard-size 5GB] [--format NAME]
     python convert_model.py verify --hf-path HF_DIR --pp-path PP_DIR
 
 The logic lives in `models/convert.py` and is driven by each family's weight map.
@@ -15,6 +15,14 @@ import argparse
 import sys
 
 VERIFY_TOLERANCE = 1e-5
+
+
+def formats_help() -> str:
+    """`--format` choices per family, from the registry (e.g. transformers' native class of a remote-code one)."""
+    from models import REGISTRY
+
+    pairs = [f"{t}: {', '.join(sorted(f.hf_formats))}" for t, f in sorted(REGISTRY.items()) if f.hf_formats]
+    return "; ".join(pairs) or "none"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--overwrite", action="store_true", help="replace a non-empty save path")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     to_hf.add_argument("--format", default=None, dest="hf_format",
-                       help="write another model_type's layout instead (chatglm: 'glm', transformers' native class)")
+                       help="write another model_type's layout instead: " + formats_help())
 
     check = sub.add_parser("verify", help="compare HF and pipeline logits on random tokens (CPU fp32)")
     check.add_argument("--hf-path", required=True, help="HF model directory")

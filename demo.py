@@ -33,7 +33,6 @@ from data.templates import (EOS, NEXT_ANSWER_TAG, TEMPLATES, Segment, call_expre
 DTYPES = ("bf16", "fp16", "fp32")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 PIPELINE_FILES = ("layer_*-model_states.pt", "global_step*/layer_*-model_states.pt", "latest")
-AUTOTP_TESTED = frozenset({"llama"})  # model_types whose DeepSpeed AutoTP sharding this demo was run with
 
 
 class DemoError(Exception):
@@ -373,8 +372,11 @@ def shard_tensor_parallel(model, runtime: Runtime, dtype):
     """DeepSpeed AutoTP over all ranks; returns the inference engine (callable like the model)."""
     import deepspeed
 
+    from models import REGISTRY
+
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in AUTOTP_TESTED and runtime.is_main:
+    tested = model_type in REGISTRY and REGISTRY[model_type].autotp_tested
+    if not tested and runtime.is_main:
         print(f"warning: DeepSpeed AutoTP has not been tried with model_type {model_type!r} here; "
               f"trying tp_size={runtime.world_size}", file=sys.stderr, flush=True)
     try:

@@ -64,7 +64,7 @@ def eos_id_of(tokenizer) -> int:
 
 
 def pad_id_of(tokenizer) -> int:
-    """The id used for right padding: pad, else unk, else eos (many LLaMA-style tokenizers have no pad).
+    """The id used for right padding: pad, else unk, else eos (many SentencePiece tokenizers have no pad).
 
     The choice does not matter for the loss (padded labels are -100) nor for causal attention.
     """
@@ -79,7 +79,7 @@ def _encode_raw(tokenizer, text: str) -> list[int]:
 
 
 # Candidate texts to put before a mid-sample piece so the tokenizer does not see it as the start of a
-# text; a newline is a single byte-fallback token in LLaMA-style vocabularies, the others are rare enough
+# text; a newline is a single byte-fallback token in SentencePiece vocabularies, the others are rare enough
 # to have no merges with what follows. The first one that never merges with the probes is used.
 _ANCHORS = ("\n", "\u2603", "\u00a7", "\x00")
 _PROBES = ("###", "a", "A", "{", "\n", ".", " ", "1")
@@ -97,7 +97,7 @@ def _strip_anchor(tokenizer, anchor: str, text: str, anchor_ids: list[int] | Non
 def _find_anchor(tokenizer) -> str | None:
     """The anchor for mid-sample pieces, or None when the tokenizer encodes them exactly on their own.
 
-    SentencePiece-style tokenizers (LLaMA-2, Mistral, Baichuan, ChatGLM) mark the start of every text
+    SentencePiece-style tokenizers mark the start of every text
     they encode (a dummy-prefix `▁`), so tokenizing segments one by one would put a spurious space
     token at every segment boundary, which whole-prompt tokenization at inference never produces.
     Detected by behaviour: "a" encodes differently after an anchor than alone.

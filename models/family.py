@@ -150,6 +150,8 @@ class Family:
     width_keys: config.json keys of the widths that scale together (hidden, MLP, head); the memory planner
         measures activations at a fraction of them (`ResolvedModel.shrunk_config`).
     vocab_keys: config.json keys holding the vocabulary size.
+    autotp_tested: whether `demo.py`'s tensor-parallel inference (DeepSpeed AutoTP) was run with this family
+        (others get a warning, not a refusal).
     tied_hf_names: HF names that duplicate the embedding when tied; dropped on import when present.
     to_pp_hook / to_hf_hook (args, kind, tensors) -> tensors: optional split/fuse step applied to one
         pipeline layer's local tensors after mapping from HF names / before mapping back to HF names.
@@ -174,6 +176,7 @@ class Family:
     step_metrics: Callable[[Any], dict] | None = None
     width_keys: tuple[str, ...] = ("hidden_size", "intermediate_size", "head_dim")
     vocab_keys: tuple[str, ...] = ("vocab_size",)
+    autotp_tested: bool = False
     tied_hf_names: tuple[str, ...] = ()
     to_pp_hook: Callable[[Any, str, dict], dict] | None = None
     to_hf_hook: Callable[[Any, str, dict], dict] | None = None

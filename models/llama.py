@@ -204,4 +204,5 @@ FAMILY = Family(
     layer_flops=layer_flops,
     default_parts=default_parts,
     tied_hf_names=("lm_head.weight",),
+    autotp_tested=True,
 )

@@ -56,7 +56,7 @@ def run_cli(*args: str, timeout: int = 120):
 @pytest.fixture(scope="session")
 def tiny_llama_pp(tmp_path_factory):
     """(hf_dir, pp_dir) of a tiny random llama converted with convert_model.py hg_to_pp."""
-    from utils.tiny import make_tiny_llama
+    from models.tiny import make_tiny_llama
 
     base = tmp_path_factory.mktemp("tiny_llama")
     hf, pp = base / "hf", base / "pp"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import convert_model
 from models.convert import hg_to_pp, parse_size, pp_to_hg
 from tests.conftest import assert_same_tensors, read_hf_tensors
-from utils.tiny import make_tiny_llama
+from models.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda msg: None}

@@ -18,7 +18,7 @@ import torch
 
 import data
 from data import DataError, collate, load_samples, pad_id_of, render_sample
-from utils.tiny import train_tiny_tokenizer
+from models.tiny import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_JSON = REPO / "examples" / "data" / "sample.json"
@@ -61,7 +61,7 @@ def tok_metaspace(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from utils.tiny import _CORPUS
+    from models.tiny import _CORPUS
 
     specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))

@@ -20,7 +20,7 @@ import data.check as check
 import data.loading as loading
 from data import DataError, load_samples, render_sample
 from data.render import batch_encoder, first_trained_positions, render_many, render_validated
-from utils.tiny import train_tiny_tokenizer
+from models.tiny import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_JSON = REPO / "examples" / "data" / "sample.json"
@@ -72,7 +72,7 @@ def tok_metaspace(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from utils.tiny import _CORPUS
+    from models.tiny import _CORPUS
 
     specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))

@@ -1,6 +1,6 @@
 """demo.py: prompts identical to training, instruct/chat/ref_qa/tool-call flows, sampling, devices, user errors.
 
-A tiny random llama (utils.tiny) answers gibberish, so the flows are checked through `--show-prompt`
+A tiny random llama (models.tiny) answers gibberish, so the flows are checked through `--show-prompt`
 (the exact prompt text) and, for tool calls, through a scripted `generate_ids` run in-process.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import demo
 from data.render import load_tokenizer, render_sample
 from data.templates import call_expression, conversation_prompt, fill, instruct_prompt
 from tests.conftest import deepspeed_bin, free_port
-from utils.tiny import make_tiny_llama
+from models.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING_DOC = REPO / "docs" / "serving.md"

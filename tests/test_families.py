@@ -374,7 +374,7 @@ def test_chatglm_export_as_native_glm(case, tmp_path):
 
 
 def test_format_glm_is_refused_for_other_families(tmp_path):
-    from utils.tiny import make_tiny_llama
+    from models.tiny import make_tiny_llama
 
     make_tiny_llama(tmp_path / "hf", tokenizer=False)
     hg_to_pp(tmp_path / "hf", tmp_path / "pp", **QUIET)

@@ -10,7 +10,7 @@ from models.common import CausalLMLoss, chunked_linear_cross_entropy
 from models.mixtral import debug_config
 from models.sequential import build_sequential
 from tests.test_families import BAICHUAN_CONFIG, VOCAB, chatglm_config
-from utils.tiny import tiny_llama_config
+from models.tiny import tiny_llama_config
 
 CONFIGS = {
     "llama": lambda: tiny_llama_config(vocab_size=VOCAB).to_dict(),

@@ -17,7 +17,7 @@ from models.common import CausalLMLoss, read_rope_config, rope_inv_freq
 from models.convert import WeightMapper, hg_to_pp
 from tests.conftest import hf_name
 from tests.conftest import token_batch as batch
-from utils.tiny import make_tiny_llama, tiny_llama_config
+from models.tiny import make_tiny_llama, tiny_llama_config
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}

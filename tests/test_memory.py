@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import run_cli
 from utils import memory as M
-from utils.tiny import tiny_llama_config
+from models.tiny import tiny_llama_config
 
 LLAMA_13B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
              "num_attention_heads": 40, "vocab_size": 32000, "rms_norm_eps": 1e-6}

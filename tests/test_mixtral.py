@@ -530,7 +530,7 @@ def test_deepspeed_layer_checkpoint_round_trip(dirs, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def mixtral_pp(tmp_path_factory):
     """A tiny random mixtral + tokenizer converted with `convert_model.py hg_to_pp`."""
-    from utils.tiny import train_tiny_tokenizer
+    from models.tiny import train_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("mixtral_train")
     make_tiny_mixtral(base / "hf")

@@ -163,7 +163,7 @@ def loss_sums(model, packed_row: dict, items: list[dict], seq_len: int) -> tuple
 def test_packed_loss_equals_documents_alone():
     import models
     from models.sequential import build_sequential
-    from utils.tiny import tiny_llama_config
+    from models.tiny import tiny_llama_config
 
     cfg = tiny_llama_config().to_dict()
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from models import llama
 from models.convert import hg_to_pp, pp_to_hg
 from models.mixtral import debug_config
 from utils.metrics import flops_per_token
-from utils.tiny import make_tiny_llama, tiny_llama_config
+from models.tiny import make_tiny_llama, tiny_llama_config
 
 QUIET = {"log": lambda msg: None}
 CLONE = "tiny_llama_clone"
@@ -130,3 +130,22 @@ def test_a_new_family_is_one_record_and_one_registration(clone_family, tmp_path)
     assert models.unregister(CLONE) is clone_family
     with pytest.raises(ModelError, match=f"unsupported model_type '{CLONE}'"):
         models.resolve(models.read_hf_config(tmp_path / "hf"))
+
+
+def test_family_knowledge_lives_in_models_only_and_the_trainers_are_thin():
+    """No module outside models/ names a registered family (or a format a family exports); the two entry
+    scripts stay thin and share the loop in training/ instead of importing each other."""
+    import re
+
+    from tests.conftest import ROOT
+
+    names = set(models.REGISTRY) | {fmt for f in models.REGISTRY.values() for fmt in f.hf_formats}
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")", re.IGNORECASE)
+    sources = [p for d in ("training", "utils", "data") for p in sorted((ROOT / d).rglob("*.py"))]
+    sources += [ROOT / n for n in ("train_ds.py", "train_ds_zero.py", "convert_model.py", "demo.py")]
+    hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sources
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == [], "\n".join(hits)
+    for script, other in (("train_ds.py", "train_ds_zero"), ("train_ds_zero.py", "train_ds")):
+        text = (ROOT / script).read_text()
+        assert len(text.splitlines()) < 150 and not re.search(rf"^(from|import) {other}\b", text, re.M), script

@@ -21,7 +21,7 @@ import train_ds
 import train_ds_zero
 from tests.conftest import ROOT, train_config
 from utils.config import ConfigError, validate
-from utils.tiny import make_tiny_llama
+from models.tiny import make_tiny_llama
 
 DELETE = object()
 

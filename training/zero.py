@@ -4,7 +4,7 @@
 `model_path` is an HF directory (or any dir with config.json and a tokenizer when `from_scratch`), every rank
 is a data-parallel replica (`model_topo` is optional and ignored), and `save_path/checkpoint_final` also holds
 an HF export (safetensors + tokenizer) next to DeepSpeed's files. Attention is PyTorch SDPA, or eager where
-transformers' class has no SDPA path (BLOOM). TFLOP/s counts FLOPs as the pipeline trainer does for the model
+transformers' class has no SDPA path. TFLOP/s counts FLOPs as the pipeline trainer does for the model
 types it knows (MoE: active experts only).
 
 The model is built under `deepspeed.zero.Init` (through transformers' DeepSpeed integration), so a 7B
@@ -212,7 +212,7 @@ def sdpa_fallback_note(class_name: str) -> str:
 
 def choose_attention(cfg: TrainConfig, model_cls=None) -> tuple[str, str | None]:
     """(attn_implementation, note to log or None): flash-attn when asked (or a ConfigError saying why not),
-    else SDPA, or eager with a note when `model_cls` (see causal_lm_class) has no SDPA path, e.g. BLOOM."""
+    else SDPA, or eager with a note when `model_cls` (see causal_lm_class) has no SDPA path."""
     import transformers
 
     if cfg["use_flash_attn"]:
@@ -270,7 +270,7 @@ def hf_deepspeed_config(ds: dict):
 
 def init_device(ds: dict) -> torch.device:
     """Where random init runs: this rank's GPU below ZeRO-3 (on the CPU, HF's init of a 7B-width model took
-    minutes on the benchmark host: bloom's did not finish in 180 s); ZeRO-3 partitions while building."""
+    minutes on the benchmark host: one did not finish in 180 s); ZeRO-3 partitions while building."""
     if zero_stage(ds) >= 3 or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -335,7 +335,7 @@ def registered_family(hf_cfg: dict):
 def model_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:
     """Training FLOPs per token for TFLOP/s. A model_type of our registry: the pipeline trainer's count
     (ResolvedModel.flops_per_token: MoE counts the router and top-k experts only); any other
-    (e.g. transformers' `glm`): param_flops_per_token."""
+    (a model_type only transformers knows): param_flops_per_token."""
     known = registered_family(hf_cfg)
     if known is not None:
         return known.flops_per_token(seq_len)

@@ -73,7 +73,7 @@ def make_tiny_llama(out_dir: str | os.PathLike, seed: int = 0, tokenizer: bool =
 
 
 def main(argv=None) -> int:
-    """`python -m utils.tiny OUT_DIR`: write the quick start's tiny llama (random weights + tokenizer)."""
+    """`python -m models.tiny OUT_DIR`: write the quick start's tiny llama (random weights + tokenizer)."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
