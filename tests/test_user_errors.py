@@ -443,3 +443,32 @@ def test_conversion_error_from_the_command_line_has_no_traceback(hf_dir, tmp_pat
     line = one_error_line(done.stderr)
     assert done.returncode == 2 and f"refused {src / 'pytorch_model.bin'}" in line, line
     assert not (src / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# demo.py: bad arguments and model directories, one line before any model is loaded
+
+
+DEMO_CASES = [
+    ("no-such-dir", ["--model-path", "{tmp}/missing", "--instruct", "hi"], "{tmp}/missing: no such directory"),
+    ("no-config-json", ["--model-path", "{tmp}", "--instruct", "hi"], "not a Hugging Face model directory"),
+    ("negative-temperature", ["--model-path", "{hf}", "--instruct", "hi", "--temperature", "-1"], "--temperature"),
+    ("top-p-above-1", ["--model-path", "{hf}", "--instruct", "hi", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    ("zero-new-tokens", ["--model-path", "{hf}", "--instruct", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("missing-tools-file", ["--model-path", "{hf}", "--chat", "--tools", "{tmp}/api.txt"], "{tmp}/api.txt: no such file"),
+]
+
+
+@pytest.mark.parametrize("case,argv,words", DEMO_CASES, ids=[c[0] for c in DEMO_CASES])
+def test_demo_user_error(case, argv, words, tmp_path, capsys):
+    import demo
+
+    hf = tmp_path / "hf"
+    make_tiny_llama(hf, seed=0)
+    before = snapshot(hf)
+    fill = {"tmp": str(tmp_path), "hf": str(hf)}
+    code = demo.main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert words.format(**fill) in one_error_line(err)
+    assert snapshot(hf) == before  # the model directory is only read
