@@ -127,3 +127,47 @@ def hf_name(model, mapper, param_name: str) -> str:
     idx, num_blocks = int(idx), len(model.layers) - 2
     kind, block = ("enter", None) if idx == 0 else ("block", idx - 1) if idx <= num_blocks else ("exit", None)
     return mapper.to_hf(kind, block, local)
+
+
+# Tokenizers of the data tests (tests/test_data.py, tests/test_data_errors.py)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    from models.tiny import train_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    """Loaded back through AutoTokenizer, the way the trainer and data.check load it."""
+    import data
+
+    return data.load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def tok_metaspace(tmp_path_factory):
+    """A SentencePiece-style tokenizer (`▁` word marker prepended to every text, byte fallback), like LLaMA-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.tiny import _CORPUS
+
+    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials.values()) + byte_tokens,
+                                  show_progress=False)
+    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    out = tmp_path_factory.mktemp("tokenizer_metaspace")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(out)
+    import data
+
+    return data.load_tokenizer(out)

@@ -36,44 +36,9 @@ REF_HEADER = "Generate responses to the given instruction series according to th
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tiny_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tok(tok_dir):
-    """Loaded back through AutoTokenizer, the way the trainer and data.check load it."""
-    return data.load_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="session")
 def tok_nopad(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer_nopad")
     train_tiny_tokenizer(out, pad=False)
-    return data.load_tokenizer(out)
-
-
-@pytest.fixture(scope="session")
-def tok_metaspace(tmp_path_factory):
-    """A SentencePiece-style tokenizer (`▁` word marker prepended to every text, byte fallback), like LLaMA-2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from models.tiny import _CORPUS
-
-    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials.values()) + byte_tokens,
-                                  show_progress=False)
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    out = tmp_path_factory.mktemp("tokenizer_metaspace")
-    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(out)
     return data.load_tokenizer(out)
 
 

@@ -20,7 +20,6 @@ import data.check as check
 import data.loading as loading
 from data import DataError, load_samples, render_sample
 from data.render import batch_encoder, first_trained_positions, render_many, render_validated
-from models.tiny import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_JSON = REPO / "examples" / "data" / "sample.json"
@@ -53,39 +52,6 @@ LONG_PROMPT = {"type": "instruct", "instruct": "Explain this. " * 40, "output": 
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tiny_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return data.load_tokenizer(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def tok_metaspace(tmp_path_factory):
-    """SentencePiece-style (`▁` prepended to every text, byte fallback): mid-sample pieces use the anchor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from models.tiny import _CORPUS
-
-    specials = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials.values())
-                                  + [f"<0x{i:02X}>" for i in range(256)], show_progress=False)
-    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    out = tmp_path_factory.mktemp("tokenizer_metaspace")
-    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(out)
-    return data.load_tokenizer(out)
-
 
 def write_jsonl(path: Path, rows) -> Path:
     """Rows are samples (dumped) or raw strings (written as they are)."""
