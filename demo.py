@@ -10,7 +10,10 @@ HF_DIR is the output of `convert_model.py pp_to_hg`. Prompts come from `data.tem
 segment by segment like the training data (no BOS, the eos id where the template has `<eos>`).
 `--chat` reads user lines from stdin (a terminal or a pipe) until end of input (Ctrl-D) and streams
 the answers. With `--tools`, when the model answers with an api call block, the next stdin line is
-taken as the api output and the model continues. `--show-prompt` prints each rendered prompt before
+taken as the api output and the model continues. `--template chat` (for a model trained with
+`template: chat`) prompts with the tokenizer's own chat template instead: the conversation so far mapped onto
+messages exactly as training maps it, rendered with the generation prompt; tool calls are then shown as
+the model writes them, not executed. `--show-prompt` prints each rendered prompt before
 the answer. User errors print one line `error: ...` and exit 2.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from data.chat import TEMPLATE_CHOICES, chat_ids, chat_prompt, chat_template_of, end_of_turn_id, sample_to_messages
 from data.render import _segment_ids, eos_id_of, load_tokenizer
 from data.schema import DataError
 from data.templates import (EOS, NEXT_ANSWER_TAG, TEMPLATES, Segment, call_expression, conversation_prompt,
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--reference", metavar="FILE", help="with --chat: reference text (ref_qa template)")
     kind.add_argument("--tools", metavar="FILE", help="with --chat: api description (conver_has_api template)")
+    p.add_argument("--template", choices=TEMPLATE_CHOICES, default="builtin",
+                   help="the template the model was trained with (config key template; default builtin)")
     p.add_argument("--show-prompt", action="store_true", help="print each rendered prompt before the answer")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
@@ -155,16 +161,46 @@ def _checked_prompt(text: str, segments: list[Segment], tokenizer) -> Prompt:
     return Prompt(text, encode_segments(tokenizer, segments))
 
 
-def build_instruct_prompt(tokenizer, instruct: str, input: str | None = None) -> Prompt:
+def build_instruct_prompt(tokenizer, instruct: str, input: str | None = None, template: str = "builtin") -> Prompt:
     """`data.templates.instruct_prompt` and its ids: the instruct sample up to `### Response:\\n`."""
     sample = {"type": "instruct", "instruct": instruct, "input": input, "output": ""}
+    if template == "chat":
+        return build_chat_prompt(tokenizer, sample)
     segments = segments_of(sample)[:-1]  # everything but the (trained) answer segment
     return _checked_prompt(instruct_prompt(instruct, input), segments, tokenizer)
 
 
+def build_chat_prompt(tokenizer, sample: dict) -> Prompt:
+    """`--template chat`: `sample` (an instruct sample without its answer, or a dialogue whose rounds end
+    before the next answer) mapped onto messages exactly as training maps it (`data.chat.sample_to_messages`)
+    and rendered by the tokenizer's chat template with the generation prompt; ids as training tokenizes."""
+    messages, tools = sample_to_messages(sample)
+    if sample["type"] == "instruct":
+        messages = messages[:-1]  # the empty answer
+    try:
+        text = chat_prompt(messages, tokenizer, tools)
+    except DataError as exc:
+        raise DemoError(str(exc)) from None
+    return Prompt(text, [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def chat_stop_ids(tokenizer) -> frozenset[int]:
+    """The chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`), found by rendering a one-round
+    conversation; nothing when the template does not show one."""
+    sample = {"type": "conversation", "rounds": [["ask", "Hi"], ["ans", "Hello"]]}
+    try:
+        ids, trained = chat_ids(sample, tokenizer)
+    except DataError:
+        return frozenset()
+    return frozenset({end_of_turn_id(ids, trained, tokenizer, eos_id_of(tokenizer))})
+
+
 def build_dialogue_prompt(tokenizer, kind: str, rounds: list, reference: str | None = None,
-                          api_desc: str | None = None) -> Prompt:
+                          api_desc: str | None = None, template: str = "builtin") -> Prompt:
     """`data.templates.conversation_prompt` and its ids: header, rounds, then the next answer's tag."""
+    if template == "chat":
+        return build_chat_prompt(tokenizer, {"type": kind, "rounds": [list(r) for r in rounds],
+                                             "reference": reference, "api_desc": api_desc})
     text = conversation_prompt(rounds, kind, reference=reference, api_desc=api_desc,
                                eos_token=tokenizer.eos_token)
     sample = {"type": kind, "rounds": rounds, "reference": reference, "api_desc": api_desc}
@@ -516,6 +552,7 @@ class Demo:
     console: Console
     show_prompt: bool = False
     max_tool_calls: int = 5
+    template: str = "builtin"
 
     def room_for(self, prompt: Prompt) -> int:
         """New tokens that fit after `prompt` (0: the prompt alone fills the context)."""
@@ -545,7 +582,7 @@ class Demo:
 
 
 def run_instruct(demo: Demo, instruct: str, input: str | None) -> int:
-    prompt = build_instruct_prompt(demo.tokenizer, instruct, input)
+    prompt = build_instruct_prompt(demo.tokenizer, instruct, input, demo.template)
     if demo.room_for(prompt) == 0:
         raise DemoError(f"the prompt is {len(prompt.ids)} tokens; the model's context is {demo.context_len}")
     demo.respond(prompt)
@@ -560,9 +597,11 @@ class Dialogue:
     reference: str | None = None
     api_desc: str | None = None
     rounds: list = field(default_factory=list)
+    template: str = "builtin"
 
     def prompt(self, tokenizer, pending: list) -> Prompt:
-        return build_dialogue_prompt(tokenizer, self.kind, self.rounds + pending, self.reference, self.api_desc)
+        return build_dialogue_prompt(tokenizer, self.kind, self.rounds + pending, self.reference, self.api_desc,
+                                     self.template)
 
     def drop_oldest_exchange(self) -> None:
         """Forget the oldest question and everything up to the next question."""
@@ -572,11 +611,12 @@ class Dialogue:
 
 
 def dialogue_kind(args: argparse.Namespace) -> Dialogue:
+    template = getattr(args, "template", "builtin")
     if args.tools:
-        return Dialogue("conver_has_api", api_desc=read_text_file(args.tools, "--tools"))
+        return Dialogue("conver_has_api", api_desc=read_text_file(args.tools, "--tools"), template=template)
     if args.reference:
-        return Dialogue("ref_qa", reference=read_text_file(args.reference, "--reference"))
-    return Dialogue("conversation")
+        return Dialogue("ref_qa", reference=read_text_file(args.reference, "--reference"), template=template)
+    return Dialogue("conversation", template=template)
 
 
 def fitting_prompt(demo: Demo, dialogue: Dialogue, pending: list) -> Prompt | None:
@@ -611,7 +651,8 @@ def chat_turn(demo: Demo, dialogue: Dialogue, question: str) -> bool:
         if prompt is None:
             return True
         reply = demo.respond(prompt)
-        call = find_api_call(reply.text) if dialogue.kind == "conver_has_api" and reply.at_eos else None
+        call = find_api_call(reply.text) if dialogue.kind == "conver_has_api" and reply.at_eos and \
+            dialogue.template == "builtin" else None
         if call is None:
             dialogue.rounds += turn + [final_round(actions, reply.text)]
             return True
@@ -649,6 +690,8 @@ def start(args: argparse.Namespace, model_dir: Path) -> Demo:
     """Load tokenizer and model onto the device(s)."""
     try:
         tokenizer = load_tokenizer(model_dir, trust_remote_code=args.trust_remote_code)
+        if args.template == "chat":
+            chat_template_of(tokenizer)
     except DataError as exc:
         raise DemoError(str(exc)) from None
     runtime = setup_runtime(args.device)
@@ -657,9 +700,11 @@ def start(args: argparse.Namespace, model_dir: Path) -> Demo:
     config, generation_config = model.config, getattr(model, "generation_config", None)
     runner = place_model(model, runtime, dtype)
     return Demo(model=runner, tokenizer=tokenizer, sampling=make_sampling(args),
-                stop_ids=stop_ids_of(tokenizer, config, generation_config),
+                stop_ids=stop_ids_of(tokenizer, config, generation_config) |
+                (chat_stop_ids(tokenizer) if args.template == "chat" else frozenset()),
                 context_len=getattr(config, "max_position_embeddings", None), runtime=runtime,
-                console=Console(runtime), show_prompt=args.show_prompt, max_tool_calls=args.max_tool_calls)
+                console=Console(runtime), show_prompt=args.show_prompt, max_tool_calls=args.max_tool_calls,
+                template=args.template)
 
 
 def report(err: DemoError) -> None:

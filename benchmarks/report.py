@@ -31,7 +31,9 @@ def read_profiles(save_path: str) -> list[dict] | None:
 
 
 def throughput(rows: list[dict], warmup: int, global_batch: int) -> dict | None:
-    """Steps after the first `warmup`: samples/s and tokens/s over their total time; None if none are left."""
+    """Steps after the first `warmup`: samples/s and tokens/s over their total time; None if none are left.
+    Evaluation rows (`eval_loss`) of metrics.jsonl are skipped."""
+    rows = [r for r in rows if "eval_loss" not in r]
     measured = [r for r in rows if r["step"] > warmup]
     if not measured:
         return None

@@ -1,6 +1,7 @@
 """Check a training file before spending GPU time on it.
 
-    python -m data.check --data FILE --tokenizer DIR --max-seq-len N [--workers W] [--dump OUT.jsonl] [--show I]
+    python -m data.check --data FILE --tokenizer DIR --max-seq-len N [--template builtin|chat] [--workers W]
+                         [--dump OUT.jsonl] [--show I]
 
 Validates every sample, renders each with the real tokenizer, and prints counts per type, token
 lengths (before truncation, which is what `max_seq_len` should be chosen from), how many samples get
@@ -32,6 +33,7 @@ from typing import Iterable, Iterator, TextIO
 
 from .loading import Record, is_jsonl, iter_array_records, iter_jsonl_records, parse_sample
 from .notes import Notes, key_detail, nothing_trains_message, round_notes
+from .chat import TEMPLATE_CHOICES, chat_template_of, located
 from .render import (IGNORE_INDEX, Rendered, first_trained_positions, load_tokenizer, render_many,
                      render_validated)
 from .schema import SAMPLE_TYPES, DataError
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="training file (.json array or .jsonl)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (anything AutoTokenizer loads)")
     parser.add_argument("--max-seq-len", type=int, required=True, help="truncation length used in training")
+    parser.add_argument("--template", choices=TEMPLATE_CHOICES, default="builtin",
+                        help="builtin: the seed's templates (default); chat: the tokenizer's own chat_template")
     parser.add_argument("--workers", type=int, default=1, metavar="W",
                         help="processes that parse and tokenize (default 1; each uses one core)")
     parser.add_argument("--dump", metavar="OUT.jsonl", help="write every rendered sample (ids, labels)")
@@ -86,6 +90,7 @@ class Stats:
         self.trained = 0
         self.shortest_untrained: int | None = None
         self.notes = Notes(path, by_line=jsonl)
+        self.template = "builtin"
 
     @property
     def count(self) -> int:
@@ -116,8 +121,9 @@ class Stats:
         p95 = int(lengths[math.ceil(0.95 * count) - 1])
         middle = count // 2
         median = int(lengths[middle]) if count % 2 else (int(lengths[middle - 1]) + int(lengths[middle])) / 2
-        print(f"{path}: {count} samples, all valid (template version {TEMPLATE_VERSION})", file=out)
-        for kind in SAMPLE_TYPES:
+        used = f"template version {TEMPLATE_VERSION}" if self.template == "builtin" else "the tokenizer's chat_template"
+        print(f"{path}: {count} samples, all valid ({used})", file=out)
+        for kind in (*SAMPLE_TYPES, "messages"):
             if self.types[kind]:
                 print(f"  {kind:<16}{self.types[kind]:>8}", file=out)
         print(f"tokens per sample (before truncation): min {int(lengths[0])}, median {median:g}, "
@@ -155,6 +161,7 @@ class Job:
     max_seq_len: int
     dump: bool
     show: int | None
+    template: str = "builtin"
 
 
 _JOB: Job | None = None
@@ -181,8 +188,16 @@ def check_chunk(records: list[Record], error: DataError | None = None, job: Job 
     chunk = Chunk(count=len(samples), notes=notes)
     dump = []
     untrained = []
-    for record, sample, rendered in zip(records, samples, render_many(samples, job.tokenizer, job.max_seq_len,
-                                                                        keep_segments=False)):
+    try:
+        rendered_all = render_many(samples, job.tokenizer, job.max_seq_len, keep_segments=False, template=job.template)
+    except DataError:  # a record the template cannot take: find it, name its line
+        for record, sample in zip(records, samples):
+            try:
+                render_many([sample], job.tokenizer, job.max_seq_len, keep_segments=False, template=job.template)
+            except DataError as exc:
+                raise located(job.path, record.index, record.line, exc) from None
+        raise
+    for record, sample, rendered in zip(records, samples, rendered_all):
         chunk.types[rendered.type] += 1
         chunk.lengths.append(rendered.full_length)
         chunk.truncated += rendered.truncated
@@ -195,9 +210,10 @@ def check_chunk(records: list[Record], error: DataError | None = None, job: Job 
         if job.dump:
             dump.append(_dump_record(record.index, rendered) + "\n")
         if record.index == job.show:
-            chunk.shown = render_validated(sample, job.tokenizer, job.max_seq_len)
+            chunk.shown = render_validated(sample, job.tokenizer, job.max_seq_len, job.template)
     if untrained:
-        chunk.shortest_untrained = min(p for p in first_trained_positions(untrained, job.tokenizer) if p is not None)
+        chunk.shortest_untrained = min(p for p in first_trained_positions(untrained, job.tokenizer, job.template)
+                                      if p is not None)
     chunk.dump = "".join(dump)
     return chunk
 
@@ -253,7 +269,7 @@ def _results(chunks: Iterable[tuple[list[Record], DataError | None, int]], worke
     try:
         with context.Pool(workers, initializer=_init_worker,
                           initargs=(None if inherited else Job(job.path, job.jsonl, None, job.max_seq_len, job.dump,
-                                                                job.show),
+                                                                job.show, job.template),
                                     args.tokenizer, args.trust_remote_code)) as pool:
             pending: deque = deque()
             for records, error, position in chunks:
@@ -282,14 +298,18 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> Non
     if args.workers < 1:
         raise DataError(f"--workers must be at least 1, got {args.workers}")
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    template = getattr(args, "template", "builtin")
+    if template == "chat":
+        chat_template_of(tokenizer)
     path, jsonl = args.data, is_jsonl(args.data)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
     dump = _open_dump(args.dump) if args.dump else None
-    job = Job(path, jsonl, tokenizer, args.max_seq_len, dump is not None, args.show)
+    job = Job(path, jsonl, tokenizer, args.max_seq_len, dump is not None, args.show, template)
     stats = Stats(path, jsonl)
+    stats.template = template
     shown = None
     bar = _progress_bar(path)
     start, done = time.perf_counter(), 0

@@ -20,6 +20,7 @@ import torch
 
 from .loading import is_jsonl, open_samples
 from .notes import Notes, key_detail, nothing_trains_message, round_notes
+from .chat import chat_template_of, check_template_name, located
 from .render import IGNORE_INDEX, eos_id_of, first_trained_positions, load_tokenizer, render_validated
 from .schema import DataError
 
@@ -35,8 +36,10 @@ def warn_on_rank0(line: str) -> None:
 class _TrainedScan:
     """Collects the warnings of a file while it loads: repeated keys, dialogue shape, untrained samples."""
 
-    def __init__(self, path: str, tokenizer, max_seq_len: int, by_line: bool):
+    def __init__(self, path: str, tokenizer, max_seq_len: int, by_line: bool, template: str = "builtin"):
+        self.path = path
         self.tokenizer = tokenizer
+        self.template = template
         self.max_seq_len = max_seq_len
         self.notes = Notes(path, by_line=by_line)
         self.pending: list[tuple[int, int | None, dict]] = []
@@ -52,7 +55,16 @@ class _TrainedScan:
             self.flush()
 
     def flush(self) -> None:
-        positions = first_trained_positions([sample for _, _, sample in self.pending], self.tokenizer)
+        try:
+            positions = first_trained_positions([sample for _, _, sample in self.pending], self.tokenizer,
+                                                self.template)
+        except DataError:  # a messages record the template cannot take: find it, name its line
+            for index, line, sample in self.pending:
+                try:
+                    first_trained_positions([sample], self.tokenizer, self.template)
+                except DataError as exc:
+                    raise located(self.path, index, line, exc) from None
+            raise
         for (index, line, _), position in zip(self.pending, positions):
             if position is None or position >= self.max_seq_len:
                 self.notes.add("untrained", index, line)
@@ -68,20 +80,24 @@ class SFTDataset(torch.utils.data.Dataset):
     validated here, so a bad file fails before any GPU work; so does a file in which no sample keeps a
     trained token after truncation (`DataError`). Warnings (samples that train nothing, dialogues that
     end with `ask` or start with an answer, repeated JSON keys) are kept in `warnings` and passed to
-    `warn` (default: printed to stderr by rank 0; None: not printed).
+    `warn` (default: printed to stderr by rank 0; None: not printed). `template`: `builtin` (the seed's
+    templates) or `chat` (the tokenizer's own chat template, `data.chat`).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer, max_seq_len: int, trust_remote_code: bool = False,
-                 warn: Callable[[str], None] | None = warn_on_rank0):
+                 warn: Callable[[str], None] | None = warn_on_rank0, template: str = "builtin"):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
         eos_id_of(tokenizer)
+        self.template = check_template_name(template)
+        if self.template == "chat":
+            chat_template_of(tokenizer)  # no chat_template: one line before reading the file
         self.path = os.fspath(path)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
-        scan = _TrainedScan(self.path, tokenizer, max_seq_len, by_line=is_jsonl(self.path))
+        scan = _TrainedScan(self.path, tokenizer, max_seq_len, by_line=is_jsonl(self.path), template=self.template)
         self.samples = open_samples(self.path, visit=scan.visit)
         scan.flush()
         self.notes = scan.notes
@@ -106,7 +122,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def render(self, index: int):
         """The full `Rendered` record of sample `index` (ids, labels, segment texts, truncation)."""
-        return render_validated(self.samples[index], self.tokenizer, self.max_seq_len)
+        return render_validated(self.samples[index], self.tokenizer, self.max_seq_len, self.template)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rendered = self.render(index)

@@ -1,4 +1,4 @@
-"""Reading training files: a JSON array (`.json`) or one object per line (`.jsonl`).
+"""Reading training files: a JSON array (`.json`), one object per line (`.jsonl`) or a `.parquet` table.
 
 Users paste the README example, which has `//` comments and trailing commas, so both are accepted.
 Rather than a JSON5 parser (pure Python, slow on large files) the text is first tried as plain JSON;
@@ -15,24 +15,35 @@ exactly the one of the whole-file parser (file, line, column).
 Every sample is validated here, before any tokenization. A `.jsonl` file is kept as byte offsets
 (`JsonlSamples`), so a rank holds a few bytes per sample instead of the whole parsed set. Objects with
 a repeated key are reported (`parse_record` returns the repeated keys) rather than silently losing a value.
+
+Records come in our format or the ecosystem's (OpenAI/TRL `messages`, ShareGPT `conversations`, Alpaca),
+told apart per record (`schema.record_kind`); one file holds one kind (the first record's), and every
+record is handed on normalized (`schema.normalize_record`): our sample dict, or `{"messages", "tools"?}`.
+A `.parquet` file is read with pyarrow by record batches (rows as dicts, null fields dropped);
+`ParquetSamples` keeps a row-group index per sample and reads row groups back on access.
+`data_path` may list several files: `open_samples` concatenates them in order (`ConcatSamples`).
 """
 from __future__ import annotations
 
+import bisect
 import codecs
 import contextlib
+import itertools
 import json
 import os
 import re
 from array import array
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .schema import DataError, FieldError, json_type, validate_sample
+from .schema import KIND_NAMES, DataError, FieldError, json_type, normalize_record, record_kind
 
 # A JSON string (kept, group 1) or a comment (blanked). Strings cannot span lines in JSON.
 _STRING = r'("(?:[^"\\\n]|\\.)*")'
 _COMMENTS = re.compile(_STRING + r"|//[^\n]*|/\*[\s\S]*?\*/")
 _TRAILING_COMMAS = re.compile(_STRING + r"|,(?=\s*[\]}])")
 LINE_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_BATCH = 1024  # rows per record batch read from a parquet file
 
 
 class JSONSyntaxError(ValueError):
@@ -115,11 +126,31 @@ def _parse(text: str, first_line: int, loads: Callable[[str], Any]) -> Any:
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(LINE_SUFFIXES)
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(LINE_SUFFIXES)
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return isinstance(path, (str, os.PathLike)) and str(path).lower().endswith(PARQUET_SUFFIXES)
+
+
+def data_paths(data_path) -> list[str]:
+    """`data_path` (one path or a list of them) as a list of path strings; `DataError` for anything else."""
+    paths = list(data_path) if isinstance(data_path, (list, tuple)) else [data_path]
+    if not paths:
+        raise DataError("data_path: empty list of files")
+    for i, path in enumerate(paths):
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            where = f"data_path[{i}]" if isinstance(data_path, (list, tuple)) else "data_path"
+            raise DataError(f"{where}: expected a file path, got {json_type(path)}")
+    return [os.fspath(path) for path in paths]
+
+
+def _where(path: str, index: int, line: int | None) -> str:
+    return f"{path}: line {line}: sample {index}" if line else f"{path}: sample {index}"
 
 
 def _sample_error(path: str, index: int, sample: Any, err: FieldError, line: int | None = None) -> DataError:
-    where = f"{path}: line {line}: sample {index}" if line else f"{path}: sample {index}"
+    where = _where(path, index, line)
     kind = sample.get("type") if isinstance(sample, dict) else None
     if isinstance(kind, str) and err.field != "type":
         where += f" ({kind})"
@@ -132,7 +163,7 @@ def _open(path: str):
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file") from None
+        raise DataError(f"{path}: is a directory, expected a .json, .jsonl or .parquet file") from None
 
 
 def _read_text(path: str) -> str:
@@ -183,11 +214,57 @@ def parse_sample(path: str, record: Record, jsonl: bool) -> tuple[dict, list[str
             sample, repeated = parse_record(record.text)
         except JSONSyntaxError as exc:  # cannot happen for text cut by `iter_array`; kept for safety
             raise DataError(f"{path}: sample {record.index}: {exc}") from None
+    return validate_record(path, record.index, record.line if jsonl else None, sample), repeated
+
+
+def validate_record(path: str, index: int, line: int | None, value: Any) -> dict:
+    """Validate and normalize one parsed record, checking it is of its file's kind; `DataError` if not."""
     try:
-        validate_sample(sample)
+        kind, normalized = normalize_record(value)
     except FieldError as err:
-        raise _sample_error(path, record.index, sample, err, record.line if jsonl else None) from None
-    return sample, repeated
+        raise _sample_error(path, index, value, err, line) from None
+    _check_file_kind(path, index, line, kind)
+    return normalized
+
+
+# path -> (file identity, kind of its first record): one file holds one kind of record. Per process, so
+# each `data.check` worker learns a file's kind from its first record (read once) wherever its chunks start.
+_FILE_KINDS: dict[str, tuple[tuple, str]] = {}
+
+
+def _identity(path: str) -> tuple:
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+    return ()
+
+
+def _first_kind(path: str) -> str | None:
+    """The kind of the first record of `path` (None when it is not a recognizable record)."""
+    for record in iter_records(path):
+        try:
+            value = (_parse_line(path, record.text, record.line, record.index) if is_jsonl(path)
+                     else parse_json(record.text))
+            return record_kind(value)
+        except (DataError, FieldError):
+            return None
+    return None
+
+
+def _check_file_kind(path: str, index: int, line: int | None, kind: str) -> None:
+    identity = _identity(path)
+    if index == 0:
+        _FILE_KINDS[path] = identity, kind
+        return
+    known = _FILE_KINDS.get(path)
+    if known is None or known[0] != identity:
+        known = identity, _first_kind(path)
+        _FILE_KINDS[path] = known
+    first = known[1]
+    if first is not None and kind != first:
+        raise DataError(f"{_where(path, index, line)}: a {KIND_NAMES[kind]} record in a file of "
+                        f"{KIND_NAMES[first]} records (the kind of its first sample); one file holds one kind "
+                        "of record (split it and list the files in data_path)")
 
 
 def _parse_line(path: str, raw: bytes, line_no: int, index: int, parse=None) -> Any:
@@ -374,7 +451,11 @@ def iter_array_records(path: str, progress: Callable[[int], None] | None = None)
     """A Record per element of a `.json` array file, streamed; the element texts are plain JSON.
 
     `progress(bytes_read)` is called as the file is read. Errors are those of the whole-file parser.
+    A `.parquet` file is handed to `iter_parquet_records` (a Record's text is then its row as JSON).
     """
+    if is_parquet(path):
+        yield from iter_parquet_records(path, progress)
+        return
     index = 0
     with _open(path) as handle:
         stream = _ArrayStream(handle)
@@ -391,6 +472,63 @@ def iter_array_records(path: str, progress: Callable[[int], None] | None = None)
             for value in values[index:]:
                 yield Record(index, None, json.dumps(value))
                 index += 1
+
+
+def _drop_nulls(value: Any) -> Any:
+    """A parquet row as JSON would have it: struct fields that are null (absent in that row) dropped."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _parquet_file(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    with _open(path):  # the usual no-such-file / is-a-directory messages
+        pass
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError...: all mean an unreadable file
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from None
+
+
+def iter_parquet_rows(path: str, progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, dict]]:
+    """`(row group, row within it, row dict)` for every row of a parquet file, read by record batches."""
+    handle = _parquet_file(path)
+    meta = handle.metadata
+    total_rows, size = max(meta.num_rows, 1), os.path.getsize(path)
+    done = 0
+    try:
+        for group in range(meta.num_row_groups):
+            row = 0
+            for batch in handle.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group]):
+                for values in batch.to_pylist():
+                    yield group, row, _drop_nulls(values)
+                    row += 1
+                done += batch.num_rows
+                if progress is not None:
+                    progress(size * done // total_rows)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: row group {group}: cannot read parquet data: {exc}") from None
+
+
+def iter_parquet_records(path: str, progress: Callable[[int], None] | None = None) -> Iterator[Record]:
+    """A Record per row of a parquet file (line None, text the row as JSON), streamed by record batches."""
+    for index, (_, _, row) in enumerate(iter_parquet_rows(path, progress)):
+        yield Record(index, None, json.dumps(row, ensure_ascii=False))
+
+
+def iter_records(path: str, progress: Callable[[int], None] | None = None) -> Iterator[Record]:
+    """The sample Records of any supported file, in order (blank/comment lines of a .jsonl skipped)."""
+    if is_jsonl(path):
+        return (record for _, record in iter_jsonl_records(path) if record is not None)
+    return iter_array_records(path, progress)
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -420,12 +558,17 @@ def _array_samples(path: str, visit: Visitor | None = None) -> list[dict]:
     return samples
 
 
-def load_samples(path: str | os.PathLike, visit: Visitor | None = None) -> list[dict]:
-    """Parse and validate every sample of a `.json` or `.jsonl` file; `DataError` names the first problem.
+def load_samples(path, visit: Visitor | None = None) -> list[dict]:
+    """Parse, validate and normalize every sample of a `.json`, `.jsonl` or `.parquet` file (or of a list of
+    files, concatenated); `DataError` names the first problem.
 
-    `visit(index, line, sample, repeated_keys)` sees each sample as it is read (for warnings).
+    `visit(index, line, sample, repeated_keys)` sees each sample as it is read (for warnings; the index
+    and line are those within its file).
     """
-    path = os.fspath(path)
+    paths = data_paths(path)
+    if len(paths) > 1:
+        return [sample for one in paths for sample in load_samples(one, visit)]
+    path = paths[0]
     if is_jsonl(path):
         samples = [sample for _, _, sample in _scan_jsonl(path, visit)]
     else:
@@ -457,7 +600,7 @@ class JsonlSamples:
         offset = self._offsets[index]
         handle = self._file()
         handle.seek(offset)
-        return parse_json(handle.readline().decode("utf-8-sig"))
+        return normalize_record(parse_json(handle.readline().decode("utf-8-sig")))[1]
 
     def _file(self):
         if self._handle is None or self._pid != os.getpid():
@@ -475,9 +618,89 @@ class JsonlSamples:
             self._handle.close()
 
 
-def open_samples(path: str | os.PathLike, visit: Visitor | None = None):
-    """Validated samples as an indexable sequence: offsets for `.jsonl`, parsed objects for `.json`.
+class ParquetSamples:
+    """The samples of a validated parquet file: (row group, row) per sample, row groups read back on access.
 
-    `visit(index, line, sample, repeated_keys)` sees each sample once while the file is read.
+    Holds 6 bytes per sample plus, per process, the decoded row groups last used (up to `cache_bytes`
+    of Arrow data; a file smaller than that is read once). Items are normalized records.
     """
-    return JsonlSamples(path, visit) if is_jsonl(path) else load_samples(path, visit)
+
+    def __init__(self, path: str | os.PathLike, visit: Visitor | None = None, cache_bytes: int = 256 << 20):
+        self.path = os.fspath(path)
+        self._groups, self._rows = array("H"), array("I")
+        for index, (group, row, values) in enumerate(iter_parquet_rows(self.path)):
+            sample = validate_record(self.path, index, None, values)
+            if visit is not None:
+                visit(index, None, sample, [])
+            self._groups.append(group)
+            self._rows.append(row)
+        if not self._rows:
+            raise DataError(f"{self.path}: no samples")
+        self.cache_bytes = cache_bytes
+        self._file = self._pid = None
+        self._cache: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _group(self, group: int):
+        if self._pid != os.getpid():
+            self._file, self._pid, self._cache = _parquet_file(self.path), os.getpid(), {}
+        table = self._cache.pop(group, None)
+        if table is None:
+            table = self._file.read_row_group(group)
+            while self._cache and sum(t.nbytes for t in self._cache.values()) + table.nbytes > self.cache_bytes:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[group] = table  # most recently used last
+        return table
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._group(self._groups[index]).slice(self._rows[index], 1).to_pylist()[0]
+        return normalize_record(_drop_nulls(row))[1]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_file"] = state["_pid"] = None
+        state["_cache"] = {}
+        return state
+
+
+class ConcatSamples:
+    """Several files' samples as one sequence, in the order of the files."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self._ends = list(itertools.accumulate(len(part) for part in parts))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self._ends, index)
+        return self.parts[part][index - (self._ends[part - 1] if part else 0)]
+
+
+def open_file_samples(path: str | os.PathLike, visit: Visitor | None = None):
+    """One file's validated samples as an indexable sequence: byte offsets for `.jsonl`, row-group indices
+    for `.parquet`, parsed objects for `.json`. Items are normalized records."""
+    if is_jsonl(path):
+        return JsonlSamples(path, visit)
+    if is_parquet(path):
+        return ParquetSamples(path, visit)
+    return load_samples(path, visit)
+
+
+def open_samples(path, visit: Visitor | None = None):
+    """Validated samples of one file or a list of files (concatenated in order) as an indexable sequence.
+
+    `visit(index, line, sample, repeated_keys)` sees each sample once while the file is read (index and
+    line within its file).
+    """
+    paths = data_paths(path)
+    if len(paths) == 1:
+        return open_file_samples(paths[0], visit)
+    return ConcatSamples([open_file_samples(one, visit) for one in paths])

@@ -17,6 +17,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 
+from .chat import chat_ids, check_template_name, end_of_turn_id, is_messages, messages_to_sample, record_kind
 from .schema import DataError, FieldError, validate_sample
 from .templates import Segment, segments_of
 
@@ -147,20 +148,74 @@ def _segment_ids(tokenizer, segment: Segment, eos_id: int, at_start: bool) -> li
     return ids
 
 
-def render_sample(sample: dict, tokenizer, max_seq_len: int | None = None) -> Rendered:
+def render_sample(sample: dict, tokenizer, max_seq_len: int | None = None, template: str = "builtin") -> Rendered:
     """Validate and render one sample; `max_seq_len` truncates (see `truncate`)."""
+    if not is_messages(sample):
+        try:
+            kind = validate_sample(sample)
+        except FieldError as err:
+            kind = sample.get("type") if isinstance(sample, dict) else None
+            raise DataError(f"sample ({kind}): {err}" if isinstance(kind, str) else f"sample: {err}") from None
+    return render_validated(sample, tokenizer, max_seq_len, template)
+
+
+def builtin_sample(record: dict) -> dict:
+    """Our sample for the builtin templates: itself, or a `messages` record mapped onto `conversation` /
+    `conver_has_api` (`data.chat.messages_to_sample`)."""
+    if not is_messages(record):
+        return record
     try:
-        kind = validate_sample(sample)
+        return messages_to_sample(record)
     except FieldError as err:
-        kind = sample.get("type") if isinstance(sample, dict) else None
-        raise DataError(f"sample ({kind}): {err}" if isinstance(kind, str) else f"sample: {err}") from None
-    return render_validated(sample, tokenizer, max_seq_len)
+        raise DataError(f"sample (messages): {err}") from None
 
 
-def render_validated(sample: dict, tokenizer, max_seq_len: int | None = None) -> Rendered:
-    """`render_sample` for a sample already checked by `validate_sample` (the dataset's hot path)."""
+def _uses_chat(record: dict, template: str) -> bool:
+    """Under `template: chat` every record but a `pretrain` document goes through the chat template."""
+    return check_template_name(template) == "chat" and (is_messages(record) or record.get("type") != "pretrain")
+
+
+def render_chat(record: dict, tokenizer, max_seq_len: int | None = None, keep_segments: bool = True) -> Rendered:
+    """A record rendered with the tokenizer's chat template (`data.chat`); truncation keeps the template's
+    end-of-turn token last (trained iff the token it replaces was)."""
+    eos_id = eos_id_of(tokenizer)
+    ids, trained = chat_ids(record, tokenizer)
+    labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
+    rendered = Rendered(ids, labels, False, record_kind(record), [], len(ids))
+    if max_seq_len is not None and len(ids) > max_seq_len:
+        rendered = _cut(rendered, max_seq_len, end_of_turn_id(ids, trained, tokenizer, eos_id))
+    if keep_segments:
+        rendered.segments = _runs(rendered, tokenizer)
+    return rendered
+
+
+def _runs(rendered: Rendered, tokenizer) -> list[tuple[str, bool]]:
+    """Segment texts of a chat-rendered sample: maximal runs of trained / masked tokens, decoded."""
+    runs: list[tuple[str, bool]] = []
+    start = 0
+    flags = [label != IGNORE_INDEX for label in rendered.labels]
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            runs.append((tokenizer.decode(rendered.input_ids[start:i], skip_special_tokens=False,
+                                          clean_up_tokenization_spaces=False), flags[start]))
+            start = i
+    return runs
+
+
+def render_validated(sample: dict, tokenizer, max_seq_len: int | None = None, template: str = "builtin") -> Rendered:
+    """`render_sample` for a sample already checked by `validate_sample` (the dataset's hot path).
+
+    `template`: `builtin` (the seed's templates; `messages` records mapped onto ours) or `chat` (the
+    tokenizer's chat template, `data.chat`).
+    """
     if max_seq_len is not None and max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+    if _uses_chat(sample, template):
+        return render_chat(sample, tokenizer, max_seq_len)
+    if is_messages(sample):
+        rendered = render_validated(builtin_sample(sample), tokenizer, max_seq_len)
+        rendered.type = "messages"
+        return rendered
     eos_id = eos_id_of(tokenizer)
     input_ids: list[int] = []
     labels: list[int] = []
@@ -364,7 +419,7 @@ def _assemble(segments: list[Segment], piece_ids: list[list[int]], eos_id: int):
 
 
 def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
-                keep_segments: bool = True) -> list[Rendered]:
+                keep_segments: bool = True, template: str = "builtin") -> list[Rendered]:
     """`[render_validated(s, tokenizer, max_seq_len) for s in samples]`, tokenized in one batch.
 
     `keep_segments=False` leaves `Rendered.segments` empty (no segment texts, no decoding of a cut
@@ -372,6 +427,14 @@ def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
     """
     if max_seq_len is not None and max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+    chat = [_uses_chat(sample, template) for sample in samples]
+    if any(chat):  # one chat render per sample (the template engine has no batch call); the rest batched
+        rest = iter(render_many([s for s, c in zip(samples, chat) if not c], tokenizer, max_seq_len,
+                                keep_segments, "builtin"))
+        return [render_chat(s, tokenizer, max_seq_len, keep_segments) if c else next(rest)
+                for s, c in zip(samples, chat)]
+    kinds = [record_kind(sample) for sample in samples]
+    samples = [builtin_sample(sample) for sample in samples]
     eos_id = eos_id_of(tokenizer)
     eos_text = tokenizer.eos_token
     encoder = batch_encoder(tokenizer)
@@ -379,15 +442,17 @@ def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
     layouts = [_pieces(segments) for segments in all_segments]
     flat = encoder.encode([piece for pieces in layouts for piece in pieces])
     out, k = [], 0
-    for sample, segments, pieces in zip(samples, all_segments, layouts):
+    for sample, kind, segments, pieces in zip(samples, kinds, all_segments, layouts):
         assembled = _assemble(segments, flat[k:k + len(pieces)], eos_id)
         k += len(pieces)
         if assembled is None:
-            out.append(render_validated(sample, tokenizer, max_seq_len))
+            rendered = render_validated(sample, tokenizer, max_seq_len)
+            rendered.type = kind
+            out.append(rendered)
             continue
         input_ids, labels, spans = assembled
         texts = [(segment.text(eos_text), segment.trained) for segment in segments] if keep_segments else []
-        rendered = Rendered(input_ids, labels, False, sample["type"], texts, len(input_ids))
+        rendered = Rendered(input_ids, labels, False, kind, texts, len(input_ids))
         if max_seq_len is not None and len(input_ids) > max_seq_len:
             rendered = truncate(rendered, spans, max_seq_len, tokenizer) if keep_segments else \
                 _cut(rendered, max_seq_len, eos_id)
@@ -396,7 +461,7 @@ def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
 
 
 def _cut(rendered: Rendered, max_seq_len: int, eos_id: int) -> Rendered:
-    """`truncate` without the segment texts."""
+    """`truncate` without the segment texts (`eos_id`: the id the cut sample ends with)."""
     last = max_seq_len - 1
     input_ids = rendered.input_ids[:max_seq_len]
     labels = rendered.labels[:max_seq_len]
@@ -414,13 +479,19 @@ def _masked_prefix(segments: list[Segment]) -> list[Segment] | None:
     return None
 
 
-def first_trained_positions(samples: list[dict], tokenizer) -> list[int | None]:
+def first_trained_positions(samples: list[dict], tokenizer, template: str = "builtin") -> list[int | None]:
     """Index of the first trained token of each sample before truncation (None if nothing is trained).
 
     A sample keeps a trained token after truncation to `max_seq_len` iff this is `< max_seq_len`
     (`truncate` keeps the label of the last kept position). Only the masked text before the first
-    answer is tokenized: for pretraining documents, nothing.
+    answer is tokenized: for pretraining documents, nothing. Under `template: chat` a record is rendered whole.
     """
+    chat = [_uses_chat(sample, template) for sample in samples]
+    if any(chat):
+        rest = iter(first_trained_positions([s for s, c in zip(samples, chat) if not c], tokenizer))
+        return [_first_trained(render_chat(s, tokenizer, keep_segments=False)) if c else next(rest)
+                for s, c in zip(samples, chat)]
+    samples = [builtin_sample(sample) for sample in samples]
     eos_id = eos_id_of(tokenizer)
     encoder = batch_encoder(tokenizer)
     prefixes = [_masked_prefix(segments_of(sample)) for sample in samples]

@@ -35,6 +35,7 @@ TEMPLATES: dict[str, dict[str, str]] = {
     "conversation": {
         "header": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                   "helpful, detailed, and polite answers to the human's questions. \n\n",
+        "system": "{system}\n\n",
         "ask": "### Human: {text} \n",
         "ans_tag": "### Assistant: ",
         "ans": "{text} <eos>\n",
@@ -42,6 +43,7 @@ TEMPLATES: dict[str, dict[str, str]] = {
     "conver_has_api": {
         "header": "Answer the following questions as best as you can. You have access to the following "
                   "tool(s):\n{api_desc}\n",
+        "system": "{system}\n\n",
         "ask": "### Human: {text} \n",
         "ans_tag": "### Assistant: ",
         "ans": "{text} <eos>\n",
@@ -137,8 +139,10 @@ def _round(kind: str, role: str, value: Any) -> list[Segment]:
     return [fill(kind, key, text=value) for key in ROUND_LAYOUT[role]]
 
 
-def _dialogue(kind: str, header_fields: dict, rounds: Iterable[Sequence]) -> list[Segment]:
+def _dialogue(kind: str, header_fields: dict, rounds: Iterable[Sequence], system: str | None = None) -> list[Segment]:
     segments = [fill(kind, "header", **header_fields)]
+    if system:  # a `messages` record's system text (data.chat.messages_to_sample), right after the header
+        segments.append(fill(kind, "system", system=system))
     for role, value in rounds:
         segments += _round(kind, role, value)
     return segments
@@ -156,7 +160,7 @@ def _instruct_segments(sample: dict) -> list[Segment]:
 def _dialogue_segments(sample: dict) -> list[Segment]:
     kind = sample["type"]
     header_fields = {name: sample[name] for name in HEADER_FIELDS[kind]}
-    return _dialogue(kind, header_fields, sample["rounds"])
+    return _dialogue(kind, header_fields, sample["rounds"], sample.get("system"))
 
 
 # Sample fields substituted into the header of each conversational type.
@@ -182,12 +186,13 @@ def instruct_prompt(instruct: str, input: str | None = None) -> str:
 
 
 def conversation_prompt(rounds: Sequence[Sequence], kind: str = "conversation", reference: str | None = None,
-                        api_desc: str | None = None, eos_token: str = "</s>") -> str:
+                        api_desc: str | None = None, eos_token: str = "</s>", system: str | None = None) -> str:
     """Inference prompt for a dialogue: header, past `(role, text)` rounds, then the next answer's tag.
 
     Past answers end with `eos_token` as in training; pass the tokenizer's `eos_token` so that tokenizing
     the prompt (special tokens parsed) yields the eos id there. For `conver_has_api` a round may be
     `("ans-api", {"actions": [...]})` without `ans`: the tool calls made so far in the current turn.
+    `system`: a system text placed after the header, as training places a `messages` record's system messages.
     """
     if kind not in HEADER_FIELDS:
         raise ValueError(f"unknown dialogue kind {kind!r} (expected {', '.join(HEADER_FIELDS)})")
@@ -201,5 +206,7 @@ def conversation_prompt(rounds: Sequence[Sequence], kind: str = "conversation", 
             raise ValueError(f"rounds[{i}]: unknown role {role!r} for {kind} (expected {', '.join(ROLES[kind])})")
         if role == "ans-api":
             check_api_answer(value, f"rounds[{i}][1]", need_ans=i != len(rounds) - 1)
-    segments = _dialogue(kind, header_fields, rounds) + [fill(kind, NEXT_ANSWER_TAG[kind])]
+    if system and "system" not in TEMPLATES[kind]:
+        raise ValueError(f"conversation_prompt(kind={kind!r}) takes no system= text")
+    segments = _dialogue(kind, header_fields, rounds, system) + [fill(kind, NEXT_ANSWER_TAG[kind])]
     return "".join(segment.text(eos_token) for segment in segments)

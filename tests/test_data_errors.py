@@ -255,7 +255,8 @@ def test_trainer_build_dataset_refuses_before_any_model(tok, tmp_path):
     from training import setup as train_ds
 
     path = write_jsonl(tmp_path / "data.jsonl", [LONG_PROMPT] * 3)
-    cfg = {"synthetic_data": False, "data_path": str(path), "max_seq_len": 32, "packing": False, "seed": 0}
+    cfg = {"synthetic_data": False, "data_path": str(path), "max_seq_len": 32, "packing": False, "seed": 0,
+           "template": "builtin"}
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no sample has a trained token .* max_seq_len 32"):
         train_ds.build_dataset(cfg, tok, len(tok), 1)
     cfg["max_seq_len"] = 1024

@@ -1,6 +1,7 @@
 """The step loop of both trainers: plan, build, resume, then per optimizer step the trainer's `step`, the
 bad-step guard, one metrics.jsonl row and the progress bar (on the reporting rank), a periodic checkpoint,
-and a clean stop when any rank got SIGINT/SIGTERM; at the end rank stats and the final checkpoint."""
+and a clean stop when any rank got SIGINT/SIGTERM; every `eval_interval` steps and after the last one the
+eval loss (training/evaluate.py); at the end rank stats and the final checkpoint."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import os
 import sys
 import time
 
+from training import evaluate
 from training.checkpoints import load_checkpoint, save_checkpoint
 from training.setup import plan_run
 from utils.config import TrainConfig
@@ -30,6 +32,8 @@ def train(cfg: TrainConfig, trainer) -> int:
     step = load_checkpoint(cfg, trainer, plan.resume_tag, rank) if cfg["resume"] else 0
     feeder = trainer.make_feeder(cfg, plan, device)
     flops_per_token_per_gpu = trainer.flops_per_token(cfg, plan) / plan.world
+    evaluator = evaluate.Evaluator(cfg, plan, trainer, device) if plan.eval_dataset is not None else None
+    shown_eval = {}  # the last eval loss, in the progress bar
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
     metrics = bar = None
     if trainer.reporter:
@@ -42,6 +46,9 @@ def train(cfg: TrainConfig, trainer) -> int:
         log(f"{len(plan.dataset)} samples, {spe} steps/epoch x {cfg['n_epoches']} epochs (global batch "
             f"{plan.tbs} = micro {plan.mbs} x accum {plan.gas} x dp {plan.dp}; {len(plan.dataset) - spe * plan.tbs} "
             f"samples/epoch left over); {total_steps} steps", rank)
+        if evaluator is not None:
+            log(f"eval: {len(plan.eval_dataset)} samples, {evaluator.plan.micro_batches} micro-batches per "
+                f"data-parallel rank, every {cfg['eval_interval'] or total_steps} steps and at the end", rank)
     epoch = step // spe
     while step < total_steps:
         if feeder is not None:
@@ -66,8 +73,9 @@ def train(cfg: TrainConfig, trainer) -> int:
                                flops_per_token_per_gpu, peak_mem_gib(device))
                 row.update(extra)
                 metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
-                                tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
+                postfix = dict(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}",
+                               tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
+                bar.set_postfix(**postfix, **shown_eval)
                 bar.update(1)
             if not engine.fp16_enabled():
                 bad_steps.update(step, norm)  # raises BadStepsError past max_bad_steps in a row
@@ -78,6 +86,12 @@ def train(cfg: TrainConfig, trainer) -> int:
                 if bar is not None:
                     bar.close()
                 raise preempt.Stopped(stop, step, os.path.join(cfg["save_path"], f"global_step{step}"))
+            if evaluator is not None and evaluate.due(cfg, step, total_steps):
+                row = evaluator.run(step)
+                if metrics is not None:
+                    metrics.write(row)
+                    shown_eval = {"eval_loss": "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"}
+                    bar.set_postfix(**postfix, **shown_eval)
             if step >= total_steps:
                 break
         else:

@@ -107,11 +107,12 @@ def cpu_lion(ds: dict, groups: list[dict], device: torch.device):
 class PipelineTrainer:
     """`dims [stages, replicas]`; the last stage's first replica reports. Its parts, in the order the loop
     calls them: check, data_parallel, dims, prepare_model (before the process group); build; make_feeder,
-    flops_per_token; per step: step, step_metrics, grad_norm; save_extras, checkpoint_info."""
+    make_eval_feeder, flops_per_token; per step: step, step_metrics, grad_norm; eval_chunk (training.evaluate);
+    save_extras, checkpoint_info."""
     name = "pipeline"
 
     def __init__(self):
-        self.engine = self.loss_fn = self.guard = None
+        self.engine = self.loss_fn = self.eval_loss_fn = self.guard = None
         self.reporter, self.stage, self.dp_rank = False, 0, 0
 
     # -- before the process group
@@ -224,6 +225,20 @@ class PipelineTrainer:
                           if engine.is_last_stage() and plan.dp > 1 else None,
                           pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
 
+    def make_eval_feeder(self, cfg: TrainConfig, plan, eval_plan, device):
+        """Eval micro-batches for the first and last stage (utils.train_data.EvalFeeder); None elsewhere."""
+        from data import pad_id_of
+        from training.distributed import summer
+        from utils.train_data import EvalFeeder
+
+        engine = self.engine
+        if not (engine.is_first_stage() or engine.is_last_stage()):
+            return None
+        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg["max_seq_len"],
+                          cfg["num_workers"], sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
+                          if engine.is_last_stage() and plan.dp > 1 else None,
+                          pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
+
     def flops_per_token(self, cfg: TrainConfig, plan) -> float:
         """Active parameters outside the input embedding (MoE: only the top-k experts), from the family's cost
         model at seq 1 where attention is negligible; attention is added causal-unaware as usual."""
@@ -232,6 +247,24 @@ class PipelineTrainer:
     # -- per step
     def step(self, feeder) -> float:
         return float(self.engine.train_batch(data_iter=feeder))
+
+    def eval_chunk(self, batches, k: int) -> float:
+        """`k` eval micro-batches through `eval_batch` (forward only, no_grad), with the CE-only loss in place of
+        the training loss (which also keeps eval out of the MoE load metrics). `eval_batch` averages the
+        micro-batch losses over `k` and the replicas (`reduce_output='avg'`) and broadcasts the result from the
+        last stage; EvalFeeder's scale makes that average `sum(CE) / tokens` of these micro-batches."""
+        from training.evaluate import eval_loss_fn
+
+        module = self.engine.module
+        if self.eval_loss_fn is None:
+            self.eval_loss_fn = eval_loss_fn(self.loss_fn)
+        module.loss_fn = self.eval_loss_fn
+        try:
+            loss = self.engine.eval_batch(batches, return_logits=False, compute_loss=True, reduce_output="avg",
+                                          bcast_loss=True, num_micro_batches=k)
+        finally:
+            module.loss_fn = self.loss_fn
+        return float(loss)
 
     def step_metrics(self) -> dict:
         return self.resolved.step_metrics(self.loss_fn) if self.engine.is_last_stage() else {}

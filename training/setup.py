@@ -32,6 +32,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     resume_tag: str | None
+    eval_dataset: Any = None  # eval_data_path's samples or eval_ratio's held-out share (never trained on)
 
 
 def plan_run(cfg: TrainConfig, trainer) -> Plan:
@@ -50,7 +51,7 @@ def plan_run(cfg: TrainConfig, trainer) -> Plan:
     model = trainer.prepare_model(cfg, resuming=resume_tag is not None)
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
-        dataset = build_dataset(cfg, tokenizer, model.vocab_size, tbs)
+        dataset, eval_dataset = build_datasets(cfg, tokenizer, model.vocab_size, tbs)
     except DataError as e:
         raise ConfigError(str(e)) from None
     except ModelError as e:
@@ -63,7 +64,8 @@ def plan_run(cfg: TrainConfig, trainer) -> Plan:
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(ds, total_steps)
-    return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag)
+    return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag,
+                eval_dataset)
 
 
 def fill_scheduler_steps(ds: dict, total_steps: int) -> None:
@@ -84,11 +86,27 @@ def load_tokenizer(cfg: TrainConfig):
         raise ConfigError(f"model_path: cannot load a tokenizer from {cfg['model_path']}: {e}") from None
 
 
+def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
+    """(training set, eval set or None). The eval set is `eval_data_path`'s samples, or the `eval_ratio` share of
+    `data_path`'s held out (`hold_out`) before packing; it is never packed (one sample per row)."""
+    dataset = _samples(cfg, tokenizer, vocab_size, train_batch_size)
+    eval_dataset = None
+    if cfg["eval_ratio"]:
+        dataset, eval_dataset = hold_out(dataset, cfg["eval_ratio"], cfg["seed"])
+    elif cfg["eval_data_path"]:
+        eval_dataset = sft_dataset(cfg, tokenizer, "eval_data_path")
+    return pack(cfg, dataset), eval_dataset
+
+
 def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
-    """The training set: samples, or with `packing` rows of several samples (batch sizes count rows)."""
+    """All of data_path as the training set (no eval_ratio hold-out: plan_run uses build_datasets)."""
+    return pack(cfg, _samples(cfg, tokenizer, vocab_size, train_batch_size))
+
+
+def pack(cfg: TrainConfig, dataset):
+    """The samples, or with `packing` rows of several samples (batch sizes count rows)."""
     from utils.train_data import PackedDataset
 
-    dataset = _samples(cfg, tokenizer, vocab_size, train_batch_size)
     if not cfg["packing"]:
         return dataset
     start = time.perf_counter()
@@ -98,6 +116,33 @@ def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size
         log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg['max_seq_len']} tokens "
             f"({packed.fill_ratio:.1%} filled) in {time.perf_counter() - start:.1f} s")
     return packed
+
+
+def hold_out(dataset, ratio: float, seed: int):
+    """(training Subset, eval Subset): `round(ratio * n)` samples (at least 1) chosen with `seed` are held out."""
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    n_eval = max(1, round(ratio * n))
+    if n_eval >= n:
+        raise ConfigError(f"eval_ratio: {ratio} holds out {n_eval} of the {n} samples in data_path, leaving none "
+                          f"to train on; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(perm[n_eval:])), Subset(dataset, sorted(perm[:n_eval]))
+
+
+def sft_dataset(cfg: TrainConfig, tokenizer, key: str):
+    """SFTDataset of the file(s) of config key `key` (data_path, eval_data_path): a path or a list of paths."""
+    from torch.utils.data import ConcatDataset
+
+    from data import SFTDataset
+
+    paths = [cfg[key]] if isinstance(cfg[key], str) else list(cfg[key])
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: file not found: {path}")
+    parts = [SFTDataset(path, tokenizer, cfg["max_seq_len"], template=cfg["template"]) for path in paths]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
@@ -112,11 +157,7 @@ def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int
         if cfg["packing"]:  # enough samples for `steps` batches of rows, with a batch of rows to spare
             count = (count + train_batch_size) * max(1, (2 * seq) // (low + high))
         return SyntheticDataset(count, high, vocab_size, cfg["seed"], min_len=low or None)
-    from data import SFTDataset
-
-    if not os.path.isfile(cfg["data_path"]):
-        raise ConfigError(f"data_path: file not found: {cfg['data_path']}")
-    return SFTDataset(cfg["data_path"], tokenizer, cfg["max_seq_len"])
+    return sft_dataset(cfg, tokenizer, "data_path")
 
 
 def param_groups(module: torch.nn.Module, no_wd_kws: list[str]) -> list[dict]:

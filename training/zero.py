@@ -104,6 +104,15 @@ class ZeroTrainer:
                           sum_over_dp=summer(device) if plan.world > 1 else None,
                           pad_multiple=cfg["pad_to_multiple_of"])
 
+    def make_eval_feeder(self, cfg: TrainConfig, plan, eval_plan, device):
+        from data import pad_id_of
+        from training.distributed import summer
+        from utils.train_data import EvalFeeder
+
+        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg["max_seq_len"],
+                          cfg["num_workers"], sum_over_dp=summer(device) if plan.world > 1 else None,
+                          pad_multiple=cfg["pad_to_multiple_of"])
+
     def flops_per_token(self, cfg: TrainConfig, plan) -> float:
         return model_flops_per_token(self.engine.module, plan.model.hf_cfg, cfg["max_seq_len"])
 
@@ -116,6 +125,23 @@ class ZeroTrainer:
         loss = mean_over_ranks(train_step(self.engine, feeder, self.loss_fn, self.gas, self.device))
         get_accelerator().synchronize()
         return loss
+
+    def eval_chunk(self, batches, k: int) -> float:
+        """`k` eval micro-batches forward under no_grad (dropout off), CE only; the mean of their scaled losses
+        over `k` and the ranks is `sum(CE) / tokens` of these micro-batches (see EvalFeeder)."""
+        from models.common import CausalLMLoss
+        from training.distributed import mean_over_ranks
+
+        ce = CausalLMLoss(0.0)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for _ in range(k):
+                    total += micro_batch_loss(self.engine, ce, next(batches), self.device).float()
+        finally:
+            self.engine.train()
+        return mean_over_ranks(total / k)
 
     def step_metrics(self) -> dict:
         return {}

@@ -35,11 +35,15 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "model_path": ((str,), REQUIRED, "train_ds.py: a converted pipeline model dir (hg_to_pp); train_ds_zero.py: an HF model dir; with from_scratch either: any dir with config.json + tokenizer"),
     "from_scratch": ((bool,), False, "random init from model_path/config.json instead of loading weights"),
     "save_path": ((str,), REQUIRED, "output directory for checkpoints and metrics.jsonl"),
-    "data_path": ((str,), None, "training file (.json or .jsonl); required unless synthetic_data is set"),
+    "data_path": ((str, list), None, "training file (.json, .jsonl or .parquet) or a list of them (concatenated in order); required unless synthetic_data is set"),
     "synthetic_data": ((bool,), False, "random full-length samples (benchmarks); ignores data_path"),
+    "eval_data_path": ((str, list), None, "held-out file(s), same formats as data_path: eval loss every eval_interval steps and at the end"),
+    "eval_ratio": (_NUM, 0.0, "share of data_path's samples held out for the eval loss (chosen with seed, never trained on); in [0, 1), 0 = none"),
+    "eval_interval": ((int,), 0, "evaluate every N steps (0 = only at the end); needs eval_data_path or eval_ratio"),
     "n_epoches": ((int,), 1, "passes over the data"),
     "max_steps": ((int,), 0, "stop after this many optimizer steps (0 = no limit)"),
     "max_seq_len": ((int,), REQUIRED, "samples are truncated to / padded to this many tokens"),
+    "template": ((str,), "builtin", "builtin: the seed's prompt templates; chat: the tokenizer's own chat_template (loss on assistant turns)"),
     "pad_to_multiple_of": ((int,), 64, "pad each micro-batch to its longest sample rounded up to this (0: always max_seq_len)"),
     "use_grad_ckpt": ((bool,), False, "activation checkpointing in every block"),
     "use_flash_attn": ((bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA"),
@@ -222,6 +226,7 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
                  f"model_topo.parts: {len(parts)} entries but {dims[0]} pipeline stages (dims[0])")
         need(all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in parts),
              f"model_topo.parts: every stage needs a positive integer layer count, got {parts}")
+    need(ours["template"] in ("builtin", "chat"), f"template: expected builtin or chat, got {ours['template']!r}")
     need(ours["compile_blocks"] in (True, False, "auto"),
          f"compile_blocks: expected true, false or auto, got {ours['compile_blocks']!r}")
     for key in ("max_seq_len", "n_epoches"):
@@ -231,6 +236,9 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
         need(ours[key] >= 0, f"{key}: must be >= 0, got {ours[key]}")
     need(ours["keep_last_n"] >= 1, f"keep_last_n: must be >= 1, got {ours['keep_last_n']}")
     need(ours["synthetic_data"] or bool(ours["data_path"]), "missing required key 'data_path' (the training file)")
+    need(not isinstance(ours["data_path"], list) or all(isinstance(p, str) and p for p in ours["data_path"]),
+         f"data_path: expected a file path or a list of file paths, got {ours['data_path']!r}")
+    _check_eval(ours, need)
     for kw in ours["optimizer.no_wd_kws"]:
         need(isinstance(kw, str), f"optimizer.no_wd_kws: expected a list of regex strings, got {kw!r}")
     need("train_batch_size" in ds or "train_micro_batch_size_per_gpu" in ds,
@@ -239,6 +247,24 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
         if key in ds:
             need(isinstance(ds[key], int) and not isinstance(ds[key], bool) and ds[key] >= 1,
                  f"{key}: expected a positive integer, got {ds[key]!r}")
+
+
+def _check_eval(ours: dict, need) -> None:
+    """eval_data_path or eval_ratio (not both), on real data; eval_interval only with one of them."""
+    ratio, path = ours["eval_ratio"], ours["eval_data_path"]
+    need(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1,
+         f"eval_ratio: must be in [0, 1) (the share of data_path held out), got {ratio!r}")
+    need(not (path and ratio), "eval_data_path and eval_ratio: both set; give one eval set (a file, or a share "
+                               "of data_path held out)")
+    if path is not None:
+        paths = [path] if isinstance(path, str) else path
+        need(bool(paths) and all(isinstance(p, str) and p for p in paths),
+             f"eval_data_path: expected a path or a list of paths, got {path!r}")
+    need(not ((path or ratio) and ours["synthetic_data"]),
+         "eval_data_path, eval_ratio: evaluate real data only; synthetic_data has no held-out set")
+    need(ours["eval_interval"] >= 0, f"eval_interval: must be >= 0, got {ours['eval_interval']}")
+    need(not ours["eval_interval"] or bool(path or ratio),
+         f"eval_interval: {ours['eval_interval']} but no eval set; set eval_data_path or eval_ratio")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""`python -m utils.plot SAVE_PATH`: loss, learning rate and throughput curves from metrics.jsonl to PNG."""
+"""`python -m utils.plot SAVE_PATH`: loss (and eval loss), learning rate and throughput curves from
+metrics.jsonl to PNG.
+
+metrics.jsonl holds two kinds of rows: one per optimizer step (`loss`, `lr`, throughput, ...) and one per
+evaluation (`{"step", "eval_loss", "eval_tokens"}`, training/evaluate.py). `read_metrics` returns the step rows
+(what the benchmarks average), `read_evals` the evaluation rows."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +15,17 @@ PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s"
 
 
 def read_metrics(save_path: str, missing_ok: bool = False) -> list[dict]:
-    """The rows of `save_path/metrics.jsonl` (blank lines skipped). No file: FileNotFoundError, or [] with
+    """The step rows (those with a `loss`) of `save_path/metrics.jsonl`; see read_rows."""
+    return [r for r in read_rows(save_path, missing_ok) if "loss" in r]
+
+
+def read_evals(save_path: str, missing_ok: bool = False) -> list[dict]:
+    """The evaluation rows (`step`, `eval_loss`, `eval_tokens`) of `save_path/metrics.jsonl`."""
+    return [r for r in read_rows(save_path, missing_ok) if "eval_loss" in r]
+
+
+def read_rows(save_path: str, missing_ok: bool = False) -> list[dict]:
+    """All rows of `save_path/metrics.jsonl` (blank lines skipped). No file: FileNotFoundError, or [] with
     `missing_ok` (benchmarks read runs that may have died before their first step)."""
     path = os.path.join(save_path, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -22,15 +37,22 @@ def read_metrics(save_path: str, missing_ok: bool = False) -> list[dict]:
 
 
 def plot(rows: list[dict], out: str) -> None:
+    """`rows` as in metrics.jsonl: step rows draw every panel; evaluation rows add `eval_loss` (markers) to the
+    loss panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 2.4 * len(PANELS)), sharex=True)
+    evals = [r for r in rows if "eval_loss" in r and r["eval_loss"] is not None]
+    rows = [r for r in rows if "loss" in r]
     steps = [r["step"] for r in rows]
     for ax, (key, title) in zip(axes, PANELS):
-        ax.plot(steps, [r.get(key) for r in rows], lw=1.2)
+        ax.plot(steps, [r.get(key) for r in rows], lw=1.2, label="train" if key == "loss" else None)
+        if key == "loss" and evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=4, lw=1.0, label="eval")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("optimizer step")
@@ -46,13 +68,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="PNG path (default SAVE_PATH/metrics.png)")
     a = p.parse_args(argv)
     try:
-        rows = read_metrics(a.save_path)
+        rows = read_rows(a.save_path)
     except (FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = a.out or os.path.join(a.save_path, "metrics.png")
     plot(rows, out)
-    print(f"wrote {out} ({len(rows)} steps)")
+    evals = sum("eval_loss" in r for r in rows)
+    print(f"wrote {out} ({len(rows) - evals} steps" + (f", {evals} evaluations)" if evals else ")"))
     return 0
 
 

@@ -12,6 +12,9 @@ over `dp`, which gives `sum(CE) / N` whatever the topology.
 
 With sequence packing the plan's samples are `PackedDataset` rows (several whole documents each,
 position ids restarting at 0 per document); everything above applies to rows unchanged.
+
+Evaluation (`EvalPlan`, `EvalFeeder`) runs every eval sample once, split over the data-parallel ranks and
+padded with empty samples to equal micro-batch counts, with the same scale rule per eval call.
 """
 from __future__ import annotations
 
@@ -208,8 +211,8 @@ def pad_collate(batch: list[dict], pad_id: int, seq_len: int, multiple: int = 0)
     document; items without them get 0..S-1.
     """
     b = len(batch)
-    if multiple:
-        longest = max(min(len(s["input_ids"]), seq_len) for s in batch)
+    if multiple:  # (at least one multiple: an eval micro-batch can be all padding samples)
+        longest = max(1, max(min(len(s["input_ids"]), seq_len) for s in batch))
         seq_len = min(seq_len, -(-longest // multiple) * multiple)
     ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), IGNORE, dtype=torch.long)
@@ -288,3 +291,91 @@ class PipeFeeder:
         if not self._pending:
             self._load_step()
         return self._pending.pop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: every held-out sample exactly once, split over the data-parallel ranks
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which eval samples each data-parallel rank runs, in how many micro-batches, in which eval calls.
+
+    Rank r takes samples r, r + dp, r + 2·dp, ... padded with empty samples (index -1: no token, no
+    label) to `micro_batches · micro_batch`, the same count on every rank, so every rank runs the same
+    number of forward passes (pipeline schedules, ZeRO-3 gathers). The micro-batches go in calls of at
+    most `chunk` (`chunks()`: one `PipelineEngine.eval_batch` each), so memory does not grow with the set.
+    """
+    num_samples: int
+    micro_batch: int
+    dp_rank: int
+    dp_size: int
+    chunk: int = 64
+
+    @property
+    def micro_batches(self) -> int:
+        per_rank = -(-self.num_samples // self.dp_size)
+        return -(-per_rank // self.micro_batch)
+
+    def chunks(self) -> list[int]:
+        """Micro-batches per eval call, summing to `micro_batches`."""
+        m = self.micro_batches
+        return [min(self.chunk, m - i) for i in range(0, m, self.chunk)]
+
+    def batches(self) -> list[list[int]]:
+        """This rank's micro-batches as sample indices (-1 = an empty padding sample)."""
+        mine = list(range(self.dp_rank, self.num_samples, self.dp_size))
+        mine += [-1] * (self.micro_batches * self.micro_batch - len(mine))
+        return [mine[i:i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+
+
+class _WithEmpty(Dataset):
+    """`dataset` plus index -1: an empty sample (padding that contributes no token to the eval loss)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return {"input_ids": empty, "labels": empty.clone()}
+        return self.dataset[i]
+
+
+class EvalFeeder:
+    """One evaluation's micro-batches, `((input_ids, position_ids), (labels, scale))` as PipeFeeder's.
+
+    `chunk(k)` loads the next `k` micro-batches and returns an iterator over them; their scale is
+    `k · dp · n_i / N_c` with `N_c` the trained tokens of this call summed over the data-parallel ranks
+    (`tokens` afterwards), so averaging the micro-batch losses over `k` and `dp` (what `eval_batch` does)
+    gives `sum(CE) / N_c`; `training.evaluate` weights the calls by `N_c`.
+    """
+
+    def __init__(self, dataset: Dataset, plan: EvalPlan, pad_id: int, seq_len: int, num_workers: int = 0,
+                 sum_over_dp=None, pad_multiple: int = 0):
+        self.dataset, self.plan, self.sum_over_dp = _WithEmpty(dataset), plan, sum_over_dp
+        self.collate = _Collate(pad_id, seq_len, pad_multiple)
+        self.num_workers = num_workers
+        self._it: Iterator | None = None
+        self.tokens = 0
+
+    def start(self) -> None:
+        loader = DataLoader(self.dataset, batch_sampler=self.plan.batches(), collate_fn=self.collate,
+                            num_workers=self.num_workers, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None,
+                            worker_init_fn=workers_ignore_stop_signals if self.num_workers else None)
+        self._it = iter(loader)
+
+    def chunk(self, k: int) -> Iterator:
+        micro = [next(self._it) for _ in range(k)]
+        counts = [trained_tokens(labels) for _, labels in micro]
+        total = torch.tensor([float(sum(counts))])
+        if self.sum_over_dp is not None:
+            total = self.sum_over_dp(total)
+        self.tokens = int(round(float(total)))
+        scale = k * self.plan.dp_size / max(float(total), 1.0)
+        return iter([(inputs, (labels, torch.tensor([scale * n], dtype=torch.float32)))
+                     for (inputs, labels), n in zip(micro, counts)])
