@@ -139,6 +139,7 @@ CONFIG_CASES = [
     # ours (existing behaviour)
     ("unknown-key", {"model_pth": "x"}, [], ["unknown key 'model_pth'", "did you mean 'model_path'"]),
     ("seq-len-not-int", {"max_seq_len": "long"}, [], ["max_seq_len", "integer"]),
+    ("seq-len-1", {"max_seq_len": 1}, [], ["max_seq_len", ">= 2"]),
     ("batch-not-divisible", {"train_batch_size": 3, "train_micro_batch_size_per_gpu": 2}, [],
      ["train_batch_size", "not divisible"]),
     ("dims-vs-world", {"model_topo.process_topology.dims": [2, 1]}, [], ["dims", "needs 2 processes"]),

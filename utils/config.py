@@ -229,8 +229,8 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
     need(ours["template"] in ("builtin", "chat"), f"template: expected builtin or chat, got {ours['template']!r}")
     need(ours["compile_blocks"] in (True, False, "auto"),
          f"compile_blocks: expected true, false or auto, got {ours['compile_blocks']!r}")
-    for key in ("max_seq_len", "n_epoches"):
-        need(ours[key] >= 1, f"{key}: must be >= 1, got {ours[key]}")
+    need(ours["max_seq_len"] >= 2, f"max_seq_len: must be >= 2 (a token and the eos), got {ours['max_seq_len']}")
+    need(ours["n_epoches"] >= 1, f"n_epoches: must be >= 1, got {ours['n_epoches']}")
     for key in ("save_interval", "max_steps", "num_workers", "keep_last_n", "max_bad_steps", "pad_to_multiple_of",
                 "profile_step", "synthetic_min_len", "synthetic_max_len"):
         need(ours[key] >= 0, f"{key}: must be >= 0, got {ours[key]}")
