@@ -105,7 +105,7 @@ class TrainConfig:
 
     @property
     def dims(self) -> tuple[int, int]:
-        """`[pipe, data]` of the pipeline trainer, which reads it first thing (`train_ds.check_world`); the
+        """`[pipe, data]` of the pipeline trainer, which reads it first thing (`PipelineTrainer.check`); the
         key is optional for train_ds.py's ZeRO peer, so a config without it fails here, naming the key."""
         dims = self.ours["model_topo.process_topology.dims"]
         if dims is None:
