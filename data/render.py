@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .chat import chat_ids, check_template_name, end_of_turn_id, is_messages, messages_to_sample, record_kind
 from .schema import DataError, FieldError, validate_sample
@@ -242,10 +242,6 @@ def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int,
     """
     eos_id = eos_id_of(tokenizer)
     last = max_seq_len - 1
-    input_ids = rendered.input_ids[:max_seq_len]
-    labels = rendered.labels[:max_seq_len]
-    input_ids[last] = eos_id
-    labels[last] = eos_id if rendered.labels[last] != IGNORE_INDEX else IGNORE_INDEX
     segments = []
     for (start, end), (text, trained) in zip(spans, rendered.segments):
         if start > last:
@@ -256,7 +252,7 @@ def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int,
                                     clean_up_tokenization_spaces=False)
             text = kept + tokenizer.eos_token
         segments.append((text, trained))
-    return Rendered(input_ids, labels, True, rendered.type, segments, rendered.full_length)
+    return replace(_cut(rendered, max_seq_len, eos_id), segments=segments)
 
 
 # ---------------------------------------------------------------------------------------------- batches

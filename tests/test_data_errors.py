@@ -250,17 +250,18 @@ def test_dataset_refuses_a_file_where_nothing_trains(tok, tmp_path, suffix):
 
 
 def test_trainer_build_dataset_refuses_before_any_model(tok, tmp_path):
-    """The trainers' data entry point (training.setup.build_dataset, both trainers) raises the
-    DataError that `prepare` / `plan_run` turn into one `error:` line before any model or process group."""
+    """The trainers' data entry point (training.setup.build_datasets, both trainers) raises the
+    DataError that `plan_run` turns into one `error:` line before any model or process group."""
     from training import setup as train_ds
 
     path = write_jsonl(tmp_path / "data.jsonl", [LONG_PROMPT] * 3)
     cfg = {"synthetic_data": False, "data_path": str(path), "max_seq_len": 32, "packing": False, "seed": 0,
-           "template": "builtin"}
+           "template": "builtin", "eval_ratio": 0.0, "eval_data_path": None}
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no sample has a trained token .* max_seq_len 32"):
-        train_ds.build_dataset(cfg, tok, len(tok), 1)
+        train_ds.build_datasets(cfg, tok, len(tok), 1)
     cfg["max_seq_len"] = 1024
-    assert len(train_ds.build_dataset(cfg, tok, len(tok), 1)) == 3
+    dataset, eval_dataset = train_ds.build_datasets(cfg, tok, len(tok), 1)
+    assert len(dataset) == 3 and eval_dataset is None
 
 
 # ---------------------------------------------------------------------------------------------- batched = one by one

@@ -8,28 +8,28 @@ from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
 
 
-def check_resume_files(save_path: str, tag: str | None = None) -> str | None:
-    """Choose the checkpoint to resume from (`tag`, or utils.checkpoint.resume_tag: the newest complete one
-    whose files match its manifest, a warning for each damaged newer one) and refuse it if one of its files
-    pickles more than tensors and DeepSpeed's plain data types (utils.safe_load.scan_checkpoint). Returns
-    the tag to load (None: none to resume)."""
+def check_resume_files(save_path: str) -> str | None:
+    """Choose the checkpoint to resume from (utils.checkpoint.resume_tag: the newest complete one whose files
+    match its manifest, a warning for each damaged newer one) and refuse it if one of its files pickles more
+    than tensors and DeepSpeed's plain data types (utils.safe_load.scan_checkpoint). Returns the tag to load
+    (None: none to resume)."""
     from utils import checkpoint as ckpt
     from utils import safe_load
 
-    if tag is None:
-        tag = ckpt.resume_tag(save_path)
+    tag = ckpt.resume_tag(save_path)
     if tag is not None:
         safe_load.scan_checkpoint(os.path.join(save_path, tag))
     return tag
 
 
 def choose_resume_tag(cfg: TrainConfig, trainer, world: int) -> str | None:
-    """The tag `resume: true` loads, written by the same trainer with the same dims (else a ConfigError)."""
+    """The tag `resume: true` loads (check_resume_files), written by the same trainer with the same dims (else a
+    ConfigError)."""
     from utils import checkpoint as ckpt
 
     if not cfg["resume"]:
         return None
-    tag = ckpt.resume_tag(cfg["save_path"])
+    tag = check_resume_files(cfg["save_path"])
     if tag is not None:
         info = ckpt.read_info(cfg["save_path"], tag)
         dims = trainer.dims(cfg, world)
@@ -37,7 +37,7 @@ def choose_resume_tag(cfg: TrainConfig, trainer, world: int) -> str | None:
             raise ConfigError(f"resume: checkpoint {tag} was written by trainer {info.get('trainer', 'pipeline')!r} "
                               f"with dims {info.get('dims')}; this {trainer.name} run has dims {dims}: resume with "
                               f"the same trainer and dims")
-    return check_resume_files(cfg["save_path"], tag)
+    return tag
 
 
 def load_checkpoint(cfg: TrainConfig, trainer, tag: str | None, rank: int) -> int:

@@ -98,11 +98,6 @@ def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_siz
     return pack(cfg, dataset), eval_dataset
 
 
-def build_dataset(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
-    """All of data_path as the training set (no eval_ratio hold-out: plan_run uses build_datasets)."""
-    return pack(cfg, _samples(cfg, tokenizer, vocab_size, train_batch_size))
-
-
 def pack(cfg: TrainConfig, dataset):
     """The samples, or with `packing` rows of several samples (batch sizes count rows)."""
     from utils.train_data import PackedDataset

@@ -129,10 +129,10 @@ class ZeroTrainer:
     def eval_chunk(self, batches, k: int) -> float:
         """`k` eval micro-batches forward under no_grad (dropout off), CE only; the mean of their scaled losses
         over `k` and the ranks is `sum(CE) / tokens` of these micro-batches (see EvalFeeder)."""
-        from models.common import CausalLMLoss
         from training.distributed import mean_over_ranks
+        from training.evaluate import eval_loss_fn
 
-        ce = CausalLMLoss(0.0)
+        ce = eval_loss_fn(self.loss_fn)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         self.engine.eval()
         try:
@@ -348,24 +348,16 @@ def count_params(model) -> int:
     return total
 
 
-def registered_family(hf_cfg: dict):
-    """models.resolve(hf_cfg) when our registry knows config.json's model_type, else None."""
-    import models
-
-    try:
-        return models.resolve(hf_cfg)
-    except models.ModelError:
-        return None
-
-
 def model_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:
     """Training FLOPs per token for TFLOP/s. A model_type of our registry: the pipeline trainer's count
     (ResolvedModel.flops_per_token: MoE counts the router and top-k experts only); any other
     (a model_type only transformers knows): param_flops_per_token."""
-    known = registered_family(hf_cfg)
-    if known is not None:
-        return known.flops_per_token(seq_len)
-    return param_flops_per_token(model, hf_cfg, seq_len)
+    import models
+
+    try:
+        return models.resolve(hf_cfg).flops_per_token(seq_len)
+    except models.ModelError:  # not in our registry
+        return param_flops_per_token(model, hf_cfg, seq_len)
 
 
 def param_flops_per_token(model, hf_cfg: dict, seq_len: int) -> float:

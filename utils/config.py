@@ -512,7 +512,7 @@ def _check_scheduler(ds: dict, path: str) -> None:
     params = sched.setdefault("params", {})
     _need_mapping(params, "scheduler.params", path)
     accepted, var_kw = _signature_params([cls], set())
-    auto_total = cls.__name__ in ("WarmupDecayLR", "WarmupCosineLR")  # train_ds.fill_scheduler_steps fills it
+    auto_total = cls.__name__ in ("WarmupDecayLR", "WarmupCosineLR")  # training.setup.fill_scheduler_steps fills it
     ours = cls.__module__.startswith("deepspeed")
     for key in list(params):
         where = f"scheduler.params.{key}"

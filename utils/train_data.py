@@ -245,6 +245,28 @@ def trained_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def micro_batch_loader(dataset: Dataset, batch_sampler, collate, num_workers: int) -> Iterator:
+    """Collated micro-batches of `batch_sampler`'s index lists; workers (if any) ignore stop signals."""
+    return iter(DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                           persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                           worker_init_fn=workers_ignore_stop_signals if num_workers else None))
+
+
+def with_scales(micro: list, dp_size: int, sum_over_dp=None) -> tuple[list, list[int], float]:
+    """`(inputs, labels)` micro-batches -> `(inputs, (labels, scale))` with scale `k·dp·n_i / N`: `k` micro-batches,
+    `n_i` trained tokens of micro-batch i, `N` those of all `k` summed over the data-parallel ranks (at least 1).
+    Averaging the micro-batch losses over `k` and `dp` then gives `sum(CE) / N`. Returns (scaled, n_i, N)."""
+    counts = [trained_tokens(labels) for _, labels in micro]
+    total = torch.tensor([float(sum(counts))])
+    if sum_over_dp is not None:
+        total = sum_over_dp(total)
+    total = float(total)
+    gas = len(micro) * dp_size
+    scaled = [(inputs, (labels, torch.tensor([gas * n / max(total, 1.0)], dtype=torch.float32)))
+              for (inputs, labels), n in zip(micro, counts)]
+    return scaled, counts, total
+
+
 class PipeFeeder:
     """Iterator handed to `engine.train_batch`: one optimizer step's micro-batches, labels with their scale.
 
@@ -263,25 +285,15 @@ class PipeFeeder:
         self.last_step_trained = 0
 
     def start_epoch(self, epoch: int, start_step: int = 0) -> None:
-        loader = DataLoader(self.dataset, batch_sampler=StepSampler(self.plan, epoch, start_step),
-                            collate_fn=self.collate, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
-                            worker_init_fn=workers_ignore_stop_signals if self.num_workers else None)
-        self._it = iter(loader)
+        self._it = micro_batch_loader(self.dataset, StepSampler(self.plan, epoch, start_step), self.collate,
+                                      self.num_workers)
         self._pending = []
 
     def _load_step(self) -> None:
         micro = [next(self._it) for _ in range(self.plan.grad_accum)]
-        counts = [trained_tokens(labels) for _, labels in micro]
-        total = torch.tensor([float(sum(counts))])
-        if self.sum_over_dp is not None:
-            total = self.sum_over_dp(total)
-        total = max(float(total), 1.0)
-        gas = self.plan.grad_accum * self.plan.dp_size
+        self._pending, counts, _ = with_scales(micro, self.plan.dp_size, self.sum_over_dp)
         self.last_step_trained = sum(counts)
         self.last_step_tokens = sum(int(inputs[0].numel()) for inputs, _ in micro)
-        self._pending = [(inputs, (labels, torch.tensor([gas * n / total], dtype=torch.float32)))
-                         for (inputs, labels), n in zip(micro, counts)]
         self._pending.reverse()
 
     def __iter__(self):
@@ -363,19 +375,9 @@ class EvalFeeder:
         self.tokens = 0
 
     def start(self) -> None:
-        loader = DataLoader(self.dataset, batch_sampler=self.plan.batches(), collate_fn=self.collate,
-                            num_workers=self.num_workers, persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None,
-                            worker_init_fn=workers_ignore_stop_signals if self.num_workers else None)
-        self._it = iter(loader)
+        self._it = micro_batch_loader(self.dataset, self.plan.batches(), self.collate, self.num_workers)
 
     def chunk(self, k: int) -> Iterator:
-        micro = [next(self._it) for _ in range(k)]
-        counts = [trained_tokens(labels) for _, labels in micro]
-        total = torch.tensor([float(sum(counts))])
-        if self.sum_over_dp is not None:
-            total = self.sum_over_dp(total)
-        self.tokens = int(round(float(total)))
-        scale = k * self.plan.dp_size / max(float(total), 1.0)
-        return iter([(inputs, (labels, torch.tensor([scale * n], dtype=torch.float32)))
-                     for (inputs, labels), n in zip(micro, counts)])
+        scaled, _, total = with_scales([next(self._it) for _ in range(k)], self.plan.dp_size, self.sum_over_dp)
+        self.tokens = int(round(total))
+        return iter(scaled)
