@@ -153,7 +153,7 @@ def _dump_record(index: int, rendered: Rendered) -> str:
 
 @dataclass
 class Job:
-    """What every chunk is checked against; set in the parent, inherited by forked workers."""
+    """What every chunk is checked against; each worker gets a copy and loads the tokenizer itself."""
 
     path: str
     jsonl: bool
@@ -218,12 +218,11 @@ def check_chunk(records: list[Record], error: DataError | None = None, job: Job 
     return chunk
 
 
-def _init_worker(job: Job | None, tokenizer_path: str, trust_remote_code: bool) -> None:
-    """Pool initializer: a forked worker already has the parent's job; a spawned one loads the tokenizer."""
+def _init_worker(job: Job, tokenizer_path: str, trust_remote_code: bool) -> None:
+    """Pool initializer of a (forkserver or spawned) worker: the job, with the tokenizer loaded here."""
     global _JOB
-    if _JOB is None:
-        job.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
-        _JOB = job
+    job.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    _JOB = job
 
 
 def _chunks(path: str, jsonl: bool) -> Iterator[tuple[list[Record], DataError | None, int]]:
@@ -261,27 +260,23 @@ def _results(chunks: Iterable[tuple[list[Record], DataError | None, int]], worke
         for records, error, position in chunks:
             yield check_chunk(records, error, job), position
         return
-    global _JOB
+    # Never fork: the parent may hold threads (torch's pool, the tokenizer's, a process group's when called
+    # in-process) whose locks a forked child inherits held, and a worker that deadlocks hangs `result.get()`.
+    # forkserver/spawn workers start clean and load the tokenizer once each (_init_worker).
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    inherited = context.get_start_method() == "fork"
-    _JOB = job if inherited else None
-    try:
-        with context.Pool(workers, initializer=_init_worker,
-                          initargs=(None if inherited else Job(job.path, job.jsonl, None, job.max_seq_len, job.dump,
-                                                                job.show, job.template),
-                                    args.tokenizer, args.trust_remote_code)) as pool:
-            pending: deque = deque()
-            for records, error, position in chunks:
-                pending.append((pool.apply_async(check_chunk, (records, error)), position))
-                if len(pending) > 2 * workers:
-                    result, at = pending.popleft()
-                    yield result.get(), at
-            while pending:
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    worker_job = Job(job.path, job.jsonl, None, job.max_seq_len, job.dump, job.show, job.template)
+    with context.Pool(workers, initializer=_init_worker,
+                      initargs=(worker_job, args.tokenizer, args.trust_remote_code)) as pool:
+        pending: deque = deque()
+        for records, error, position in chunks:
+            pending.append((pool.apply_async(check_chunk, (records, error)), position))
+            if len(pending) > 2 * workers:
                 result, at = pending.popleft()
                 yield result.get(), at
-    finally:
-        _JOB = None
+        while pending:
+            result, at = pending.popleft()
+            yield result.get(), at
 
 
 def _progress_bar(path: str):
