@@ -121,6 +121,14 @@ class PipelineTrainer:
         if pipe * data != world:
             raise ConfigError(f"model_topo.process_topology.dims: {[pipe, data]} needs {pipe * data} processes, "
                               f"but {world} were launched (set dims so that pipe x data = {world})")
+        bf16 = cfg.ds.get("bf16") or {}
+        zero = int((cfg.ds.get("zero_optimization") or {}).get("stage", 0))
+        if bf16.get("enabled") and bf16.get("immediate_grad_update") is False and cfg["fused_head_loss"] and not zero:
+            # DeepSpeed's BF16_Optimizer zeroes the bf16 gradients once backward has started, after the fused
+            # head has already handed autograd its weight gradient: that gradient would be lost every step.
+            raise ConfigError("bf16.immediate_grad_update: false drops the LM head's gradient with "
+                              "fused_head_loss: true (DeepSpeed clears bf16 gradients after the fused head wrote "
+                              "its own); remove the key (default true) or set fused_head_loss: false")
 
     def data_parallel(self, cfg: TrainConfig, world: int) -> int:
         return cfg.dims[1]
@@ -164,7 +172,7 @@ class PipelineTrainer:
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
         from training.setup import param_groups
-        from utils import safe_load
+        from utils import bf16_grads, safe_load
         from utils.guard import StepGuard
         from utils.pipeline import PartitionedPipelineModule, describe_parts
 
@@ -200,6 +208,7 @@ class PipelineTrainer:
             ds["gradient_clipping"] = 0.0  # StepGuard measures the norm before clipping, then clips
         groups = param_groups(module, cfg["optimizer.no_wd_kws"])
         optimizer = cpu_lion(ds, groups, device)
+        bf16_grads.install()  # fp32 gradient accumulation without a temporary copy per micro-batch
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds, optimizer=optimizer,
                                                     model_parameters=None if optimizer else groups)
         safe_load.install(self.engine)  # checkpoint files are read with torch.load(weights_only=True)

@@ -1,0 +1,66 @@
+"""What a LoRA checkpoint records about its base model: `LORA.json` in each tag dir.
+
+A LoRA run's checkpoint holds only the trained tensors (adapters, `modules_to_save`) and their optimizer
+state; the frozen base weights stay in `model_path`. `LORA.json` names that base and fingerprints its
+contents, so `resume: true` and `pp_to_hg` refuse a base whose weights changed:
+
+    {"version": 1, "lora": {r, alpha, dropout, target_modules, modules_to_save, quantize},
+     "base_model_path": "/abs/path/of/model_path", "base_fingerprint": "sha256:...", "model_type": "llama"}
+
+The fingerprint is the sha256 over (name, size, sha256) of config.json and every `layer_*-model_states.pt`
+of the base dir, in name order (each file hashed in full, the files in parallel threads).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from utils.checkpoint import _digest, atomic_write_text
+
+LORA_META = "LORA.json"
+
+
+def base_files(base_dir: str) -> list[str]:
+    """config.json and the layer files of a pipeline model dir, sorted by name."""
+    names = sorted(n for n in os.listdir(base_dir)
+                   if n == "config.json" or (n.startswith("layer_") and n.endswith("-model_states.pt")))
+    if "config.json" not in names:
+        raise FileNotFoundError(f"{base_dir}: no config.json (not a converted pipeline model dir)")
+    return names
+
+
+def base_fingerprint(base_dir: str) -> str:
+    """'sha256:<hex>' over (name, size, sha256) of `base_files(base_dir)`."""
+    names = base_files(base_dir)
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        digests = list(pool.map(lambda n: _digest(os.path.join(base_dir, n)), names))
+    h = hashlib.sha256()
+    for name, (size, digest) in zip(names, digests):
+        h.update(f"{name}\0{size}\0{digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_lora_meta(tag_dir: str, lora: dict, base_dir: str, fingerprint: str, model_type: str) -> None:
+    meta = {"version": 1, "lora": lora, "base_model_path": os.path.abspath(base_dir),
+            "base_fingerprint": fingerprint, "model_type": model_type}
+    atomic_write_text(os.path.join(tag_dir, LORA_META), json.dumps(meta, indent=1) + "\n")
+
+
+def read_lora_meta(tag_dir: str) -> dict | None:
+    """The tag dir's LORA.json as a dict, or None for a full-fine-tuning checkpoint."""
+    path = os.path.join(tag_dir, LORA_META)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def base_mismatch(meta: dict, base_dir: str, fingerprint: str | None = None) -> str | None:
+    """A one-line reason when `base_dir` is not the base `meta` was trained on (None when it is)."""
+    fingerprint = fingerprint or base_fingerprint(base_dir)
+    if fingerprint != meta["base_fingerprint"]:
+        return (f"{base_dir}: its weights differ from the base this LoRA checkpoint was trained on "
+                f"({meta['base_model_path']}, {meta['base_fingerprint'][:19]}..., now {fingerprint[:19]}...)")
+    return None
