@@ -2,10 +2,15 @@
 
     python convert_model.py hg_to_pp --input-path HF_DIR_OR_HUB_ID --save-path PP_DIR [--overwrite]
     python convert_model.py pp_to_hg --input-path PP_OR_CHECKPOINT_DIR --save-path HF_DIR [--overwrite]
-                                     [--max-shard-size 5GB] [--format NAME]
+                                     [--max-shard-size 5GB] [--format NAME] [--adapter-only] [--base-path PP_DIR]
     python convert_model.py verify --hf-path HF_DIR --pp-path PP_DIR
 
-The logic lives in `models/convert.py` and is driven by each family's weight map.
+A LoRA training checkpoint (LORA.json in its tag dir) is merged into the base model it was trained on (the
+pipeline dir LORA.json records, checked by fingerprint; `--base-path` names it if it moved); `--adapter-only`
+writes a PEFT adapter directory instead (adapter_config.json + adapter_model.safetensors), loadable with
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_HF_DIR), ADAPTER_DIR)`.
+
+The logic lives in `models/convert.py` (LoRA: `models/lora_export.py`) and is driven by each family's weight map.
 User errors (bad or unreadable inputs, a full disk) print one line `error: ...` naming the file and exit 2;
 an existing output is only replaced once the new one is complete. `verify` exits 1 when the logits differ.
 """
@@ -41,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     to_hf.add_argument("--format", default=None, dest="hf_format",
                        help="write another model_type's layout instead: " + formats_help())
+    to_hf.add_argument("--adapter-only", action="store_true",
+                       help="LoRA checkpoint: write a PEFT adapter (adapter_config.json, adapter_model.safetensors) "
+                            "instead of the merged model")
+    to_hf.add_argument("--base-path", default=None,
+                       help="LoRA checkpoint: the pipeline base model it was trained on, if not where LORA.json "
+                            "says (its fingerprint must match)")
 
     check = sub.add_parser("verify", help="compare HF and pipeline logits on random tokens (CPU fp32)")
     check.add_argument("--hf-path", required=True, help="HF model directory")
@@ -56,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pp_to_hg":
         convert.pp_to_hg(args.input_path, args.save_path, overwrite=args.overwrite,
-                         max_shard_size=args.max_shard_size, hf_format=args.hf_format)
+                         max_shard_size=args.max_shard_size, hf_format=args.hf_format,
+                         adapter_only=args.adapter_only, base_path=args.base_path)
         return 0
     diff = convert.verify(args.hf_path, args.pp_path)
     ok = diff <= VERIFY_TOLERANCE

@@ -5,9 +5,13 @@
     python demo.py --model-path HF_DIR --chat --reference ref.txt   # ref_qa: answer from a reference text
     python demo.py --model-path HF_DIR --chat --tools api_desc.txt  # conver_has_api: tool calls
     deepspeed --num_gpus N demo.py --model-path HF_DIR --chat       # tensor parallel over N GPUs (AutoTP)
+    python demo.py --model-path BASE_HF_DIR --adapter ADAPTER_DIR --chat   # base model + a LoRA adapter
 
-HF_DIR is the output of `convert_model.py pp_to_hg`. Prompts come from `data.templates` and are tokenized
-segment by segment like the training data (no BOS, the eos id where the template has `<eos>`).
+HF_DIR is the output of `convert_model.py pp_to_hg`. `--adapter` takes a PEFT LoRA adapter directory (`pp_to_hg
+--adapter-only` of a LoRA checkpoint, or any PEFT LoRA adapter of that base) and merges it into the base model of
+`--model-path` once, after loading (with peft when it is installed, else with the LoRA math written here).
+Prompts come from `data.templates` and are tokenized segment by segment like the training data (no BOS, the eos
+id where the template has `<eos>`).
 `--chat` reads user lines from stdin (a terminal or a pipe) until end of input (Ctrl-D) and streams
 the answers. With `--tools`, when the model answers with an api call block, the next stdin line is
 taken as the api output and the model continues. `--template chat` (for a model trained with
@@ -57,6 +61,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", required=True, help="Hugging Face model directory (convert_model.py pp_to_hg)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory (convert_model.py pp_to_hg "
+                                                    "--adapter-only) applied to --model-path, its base model")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--instruct", metavar="TEXT", help="answer one instruction (instruct template)")
     mode.add_argument("--chat", action="store_true", help="multi-turn conversation, user lines from stdin")
@@ -113,6 +119,25 @@ def check_model_dir(path: str) -> Path:
     if not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_FILES):
         raise DemoError(f"--model-path {path}: no weights (*.safetensors or pytorch_model*.bin)")
     return model_dir
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def check_adapter_dir(path: str) -> Path:
+    """`path` as a Path if it holds a PEFT adapter (adapter_config.json and adapter_model.safetensors)."""
+    adapter_dir = Path(path).expanduser()
+    if not adapter_dir.is_dir():
+        raise DemoError(f"--adapter {path}: no such directory")
+    if any(any(adapter_dir.glob(pattern)) for pattern in PIPELINE_FILES):
+        raise DemoError(f"--adapter {path} is a training checkpoint; export its adapter first: python "
+                        f"convert_model.py pp_to_hg --input-path {path} --save-path ADAPTER_DIR --adapter-only")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            raise DemoError(f"--adapter {path}: not a PEFT adapter directory (no {name})")
+    return adapter_dir
 
 
 def read_text_file(path: str, flag: str) -> str:
@@ -404,6 +429,77 @@ def load_model(model_dir: Path, dtype, trust_remote_code: bool):
     return model.eval()
 
 
+def apply_adapter(model, adapter_dir: Path):
+    """The model with the PEFT LoRA adapter of `adapter_dir` merged into its weights: through peft when it is
+    installed (`PeftModel.from_pretrained(...).merge_and_unload()`), else `merge_lora_adapter`."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        merge_lora_adapter(model, adapter_dir)
+        return model
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().eval()
+    except Exception as exc:  # peft raises ValueError, KeyError, RuntimeError, ... for an adapter of another base
+        raise DemoError(f"--adapter {adapter_dir}: cannot apply it to --model-path with peft: {_first_line(exc)}") \
+            from None
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a plain LoRA adapter (what `merge_lora_adapter` computes), else DemoError."""
+    import json
+
+    try:
+        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise DemoError(f"--adapter {adapter_dir}: unreadable {ADAPTER_CONFIG} ({_first_line(exc)})") from None
+    unsupported = [key for key in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "rank_pattern",
+                                   "alpha_pattern", "target_parameters") if cfg.get(key)]
+    if cfg.get("peft_type") != "LORA" or cfg.get("bias", "none") != "none" or unsupported or rank < 1:
+        what = ", ".join(unsupported) or f"peft_type {cfg.get('peft_type')!r}, bias {cfg.get('bias')!r}"
+        raise DemoError(f"--adapter {adapter_dir}: this adapter ({what}) needs peft: pip install peft")
+    return {"scaling": alpha / rank}
+
+
+def merge_lora_adapter(model, adapter_dir: Path) -> None:
+    """In place, PEFT's LoRA math without peft: W += (lora_alpha / r) · B · A (in fp32) for every
+    `base_model.model.{module}.lora_A/B.weight` pair, and every other tensor (modules_to_save) copied over the
+    model's tensor of that name (a tied head follows its embedding)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    scaling = read_adapter_config(adapter_dir)["scaling"]
+    try:
+        tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as exc:
+        raise DemoError(f"--adapter {adapter_dir}: cannot read {ADAPTER_WEIGHTS} ({_first_line(exc)})") from None
+    modules = dict(model.named_modules())
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in sorted(tensors.items()):
+            name = key.removeprefix(PEFT_PREFIX)
+            if name.endswith(".lora_B.weight"):
+                if key.replace(".lora_B.weight", ".lora_A.weight") not in tensors:
+                    raise DemoError(f"--adapter {adapter_dir}: '{key}' has no lora_A")
+                continue
+            if name.endswith(".lora_A.weight"):
+                module = modules.get(name.removesuffix(".lora_A.weight"))
+                b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+                if not isinstance(module, torch.nn.Linear) or b is None or \
+                        tuple(module.weight.shape) != (b.shape[0], value.shape[1]):
+                    raise DemoError(f"--adapter {adapter_dir}: '{key}' does not fit a linear layer of --model-path "
+                                    f"(an adapter of another base model?)")
+                delta = (b.float() @ value.float()) * scaling
+                module.weight.copy_((module.weight.float() + delta.to(module.weight.device)).to(module.weight.dtype))
+                continue
+            target = state.get(name)
+            if target is None or tuple(target.shape) != tuple(value.shape):
+                raise DemoError(f"--adapter {adapter_dir}: '{key}' does not fit --model-path (an adapter of another "
+                                "base model?)")
+            target.copy_(value.to(target.dtype))
+
+
 def shard_tensor_parallel(model, runtime: Runtime, dtype):
     """DeepSpeed AutoTP over all ranks; returns the inference engine (callable like the model)."""
     import deepspeed
@@ -683,6 +779,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Dialogue | None]:
     """Every check that needs no model: arguments, model directory, --reference/--tools files."""
     check_args(args)
     model_dir = check_model_dir(args.model_path)
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter)
     return model_dir, (dialogue_kind(args) if args.chat else None)
 
 
@@ -697,6 +795,8 @@ def start(args: argparse.Namespace, model_dir: Path) -> Demo:
     runtime = setup_runtime(args.device)
     dtype = resolve_dtype(args.dtype, runtime.device)
     model = load_model(model_dir, dtype, args.trust_remote_code)
+    if args.adapter is not None:
+        model = apply_adapter(model, check_adapter_dir(args.adapter))
     config, generation_config = model.config, getattr(model, "generation_config", None)
     runner = place_model(model, runtime, dtype)
     return Demo(model=runner, tokenizer=tokenizer, sampling=make_sampling(args),

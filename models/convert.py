@@ -250,17 +250,22 @@ def staged_output(target: str | Path, overwrite: bool, sources: list[Path]) -> I
         shutil.rmtree(old, ignore_errors=True)
 
 
-def copy_aux_files(src_dirs: list[Path], dst: Path) -> list[str]:
-    """Copy config, generation config, tokenizer and `*.py` files; the first directory wins a name clash."""
+def copy_patterns(src_dirs: list[Path], dst: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Copy the files of `src_dirs` matching `patterns` into `dst`; the first directory wins a name clash."""
     copied = []
     for src in src_dirs:
-        for pattern in AUX_FILE_PATTERNS:
+        for pattern in patterns:
             for path in sorted(src.glob(pattern)):
                 if path.is_file() and not (dst / path.name).exists():
                     with writing(dst / path.name):
                         shutil.copy2(path, dst / path.name)
                     copied.append(path.name)
     return copied
+
+
+def copy_aux_files(src_dirs: list[Path], dst: Path) -> list[str]:
+    """Copy config, generation config, tokenizer and `*.py` files; the first directory wins a name clash."""
+    return copy_patterns(src_dirs, dst, AUX_FILE_PATTERNS)
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
@@ -439,17 +444,36 @@ class ShardWriter:
 
 def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
              max_shard_size: str | int = "5GB", log: Callable[[str], None] = print,
-             hf_format: str | None = None) -> Path:
+             hf_format: str | None = None, adapter_only: bool = False, base_path: str | Path | None = None) -> Path:
     """Pipeline layer files (converted dir or training checkpoint) -> sharded HF safetensors dir.
 
     `hf_format` names one of the family's `hf_formats` (e.g. 'glm' for chatglm): tensors are renamed
     and config.json replaced so the result is a checkpoint of that other model_type.
+
+    A LoRA checkpoint (LORA.json in its tag dir, `models/lora_export.py`) is merged into its base model (the one
+    LORA.json records, or `base_path`; its fingerprint must match); with `adapter_only` it is written as a PEFT
+    adapter directory instead (adapter_config.json + adapter_model.safetensors, HF names of `hf_format`).
     """
+    from . import lora_export
+
     max_bytes = parse_size(max_shard_size)
     layer_dir, cfg_dirs = resolve_pp_dir(input_path)
-    cfg_dir = next((d for d in cfg_dirs if (d / "config.json").is_file()), None)
-    if cfg_dir is None:
-        raise ModelError(f"no config.json in {input_path}")
+    lora = lora_export.read_checkpoint(layer_dir)
+    if lora is None and adapter_only:
+        raise ModelError(f"--adapter-only: {layer_dir} is not a LoRA checkpoint (no LORA.json: full fine-tuning "
+                         "or a converted model); export it without --adapter-only")
+    if lora is None and base_path is not None:
+        raise ModelError(f"--base-path: {layer_dir} is not a LoRA checkpoint (no LORA.json); drop --base-path")
+    base_dir = lora_export.verified_base(lora, base_path) if lora is not None and not adapter_only else None
+    if base_dir is not None:
+        cfg_dirs = [*cfg_dirs, base_dir]
+        cfg_dir = base_dir  # its config.json is the one the fingerprint covers
+    else:
+        cfg_dir = next((d for d in cfg_dirs if (d / "config.json").is_file()), None)
+        if cfg_dir is None and lora is not None and (lora.recorded_base / "config.json").is_file():
+            cfg_dir = lora.recorded_base
+        if cfg_dir is None:
+            raise ModelError(f"no config.json in {input_path}")
     info = model_info(cfg_dir)
     mapper = WeightMapper(info.family.weight_map)
     export = None
@@ -459,12 +483,25 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
             available = ", ".join(sorted(info.family.hf_formats)) or "none"
             raise ModelError(f"--format {hf_format} is not available for model_type '{info.family.model_type}' "
                              f"(available: {available})")
+    target_cfg = export.config(info.hf_cfg) if export else info.hf_cfg
+    if adapter_only:
+        with staged_output(save_path, overwrite, [layer_dir, *cfg_dirs]) as tmp:
+            plan = lora_export.write_adapter(lora, info, mapper, export, tmp, target_cfg, writing)
+            copy_patterns(cfg_dirs, tmp, lora_export.ADAPTER_AUX_PATTERNS)
+        log(f"wrote a PEFT LoRA adapter ({len(plan.lora_modules)} LoRA modules, targets "
+            f"{', '.join(plan.target_modules) or 'none'}; modules_to_save {', '.join(plan.modules_to_save) or 'none'})"
+            f" to {save_path}")
+        return Path(save_path)
     check_no_extra_layers(layer_dir, len(info.layer_tensors))
+    layers = lora_export.LoraLayers(info, lora.config) if lora is not None else None
     with staged_output(save_path, overwrite, [layer_dir, *cfg_dirs]) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         for idx, expected in enumerate(info.layer_tensors):
-            path, state = load_layer_file(layer_dir, idx)
-            check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
+            if layers is not None:
+                state = {k: _standalone(v) for k, v in layers.merged(base_dir, layer_dir, idx).items()}
+            else:
+                path, state = load_layer_file(layer_dir, idx)
+                check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
             for name, tensor in layer_to_hf(info, mapper, idx, state).items():
                 for out_name, out in (export.tensors(info.args, name, tensor) if export else {name: tensor}).items():
                     writer.add(out_name, out)
@@ -472,9 +509,10 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
         num_shards = writer.finish()
         if export is not None:
             with writing(tmp / "config.json"):
-                (tmp / "config.json").write_text(json.dumps(export.config(info.hf_cfg), indent=2) + "\n")
+                (tmp / "config.json").write_text(json.dumps(target_cfg, indent=2) + "\n")
         copy_aux_files(cfg_dirs, tmp)
-    log(f"wrote {num_shards} safetensors shard(s) to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
+    merged = f" (the LoRA adapters merged into the base {base_dir})" if base_dir is not None else ""
+    log(f"wrote {num_shards} safetensors shard(s){merged} to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
     return Path(save_path)
 
 

@@ -39,6 +39,9 @@ class HfFormat:
     config(hf_cfg) -> the config.json dict to write in place of the source one.
     tensors(args, hf_name, tensor) -> {name: tensor} in the other layout ({} drops the tensor); called per
         tensor while streaming, so it may split one fused tensor into several but never needs two inputs.
+        It must act on a weight's rows only (rename, split or reorder them): `pp_to_hg --adapter-only` passes a
+        LoRA B [out, r] through it under its linear's weight name and gives every part the whole A
+        (`models/lora_export.py`), which is exact for row operations.
     """
     config: Callable[[dict], dict]
     tensors: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]]

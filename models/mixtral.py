@@ -40,6 +40,7 @@ from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, ModelError, Mod
                      read_rope_config, split_labels)
 from .family import Family, WeightRule, even_parts, pipeline_specs
 from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, read_decoder_fields
+from .lora import LoraConfig, init_lora_pair
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -130,6 +131,7 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     divisible by 8: every group starts a whole number of rows into x, h and the output). CUDA in fp16/fp32
     would take torch's per-group fallback, which reads the offsets on the host, so it loops instead. On
     sm90/sm100 bf16 runs torch's CUTLASS kernel without a host sync; older GPUs get that fallback too.
+    LoRA adapters are stacked weights too (A [E, r, in], B [E, out, r]): the rank must be a multiple of 8.
     """
     if x.device.type == "cpu":
         return True
@@ -137,10 +139,33 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == w.dtype == torch.bfloat16 and rows_aligned
 
 
+@dataclass(frozen=True)
+class ExpertAdapters:
+    """The LoRA adapters of an `Experts` module, as its forward hands them to the SwiGLU functions:
+    `pairs[w] = (A [E, r, in], B [E, out, r])` for each adapted weight w, `scaling` = alpha / r, `dropout`
+    applied to the input of the adapter path only (a fresh mask per projection, as PEFT's per-linear dropout)."""
+    pairs: dict
+    scaling: float
+    dropout: Callable
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, name: str,
+                   adapters: ExpertAdapters | None) -> torch.Tensor:
+    """x [N, in] grouped by expert, w [E, out, in] -> [N, out]: rows of expert e = x w[e]ᵀ, plus, when `name`
+    has an adapter, scaling · (dropout(x) A[e]ᵀ) B[e]ᵀ as two more grouped GEMMs over the same offsets."""
+    out = grouped_mm(x, w.transpose(-2, -1), offs=ends)
+    if adapters is None or name not in adapters.pairs:
+        return out
+    a, b = adapters.pairs[name]
+    low = grouped_mm(adapters.dropout(x), a.transpose(-2, -1), offs=ends)  # [N, r]
+    return out + grouped_mm(low, b.transpose(-2, -1), offs=ends) * adapters.scaling
+
+
 def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   ends: torch.Tensor) -> torch.Tensor:
+                   ends: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
     """All experts in three grouped GEMMs: x [N, H] grouped by expert (`ends` [E] int32), w1/w3 [E, F, H],
-    w2 [E, H, F] -> [N, H], rows of expert e = w2[e](silu(w1[e] x) * w3[e] x).
+    w2 [E, H, F] -> [N, H], rows of expert e = w2[e](silu(w1[e] x) * w3[e] x). `adapters`: LoRA on some of
+    w1/w2/w3, two more grouped GEMMs per adapted weight (`grouped_linear`), still no host sync.
 
     No host sync forward or backward; experts with 0 rows are fine. Groups are not padded to 8 rows as
     torchtitan does: CUDA's kernel checks group sizes only where a group's start moves along a contiguous
@@ -148,30 +173,54 @@ def grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torc
     and autograd computes the weight gradient, w being a transposed view, as grouped_mm(gradᵀ, x): a
     (column-major, row-major) 2D/2D GEMM that takes any group size, 0 included (`GroupMMCommon.cuh`).
     """
-    h = F.silu(grouped_mm(x, w1.transpose(-2, -1), offs=ends)) * grouped_mm(x, w3.transpose(-2, -1), offs=ends)
-    return grouped_mm(h, w2.transpose(-2, -1), offs=ends)
+    h = F.silu(grouped_linear(x, w1, ends, "w1", adapters)) * grouped_linear(x, w3, ends, "w3", adapters)
+    return grouped_linear(h, w2, ends, "w2", adapters)
 
 
 def looped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                  ends: torch.Tensor) -> torch.Tensor:
-    """`grouped_swiglu` as one matmul chain per expert over its slice of x (reads `ends` on the host).
+                  ends: torch.Tensor, adapters: ExpertAdapters | None = None) -> torch.Tensor:
+    """`grouped_swiglu` as one matmul chain per expert over its slice of x (reads `ends` on the host); an
+    adapted weight adds scaling · F.linear(F.linear(dropout(x), A[e]), B[e]), as `LoraLinear`.
 
     `unbind` gives every expert its weight views in one op, so backward stacks the E gradients once (zeros
     for an expert with 0 rows) instead of summing E full-size [E, ...] gradients.
     """
     chunks = x.tensor_split(ends[:-1].tolist())
-    outs = [F.linear(F.silu(F.linear(c, a)) * F.linear(c, b), d)
-            for c, a, d, b in zip(chunks, w1.unbind(0), w2.unbind(0), w3.unbind(0))]
+    per_expert = {} if adapters is None else {
+        name: list(zip(a.unbind(0), b.unbind(0))) for name, (a, b) in adapters.pairs.items()}
+
+    def linear(c: torch.Tensor, w: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        out = F.linear(c, w)
+        if name not in per_expert:
+            return out
+        a, b = per_expert[name][e]
+        return out + F.linear(F.linear(adapters.dropout(c), a), b) * adapters.scaling
+
+    outs = [linear(F.silu(linear(c, a, "w1", e)) * linear(c, b, "w3", e), d, "w2", e)
+            for e, (c, a, d, b) in enumerate(zip(chunks, w1.unbind(0), w2.unbind(0), w3.unbind(0)))]
     return torch.cat(outs)
+
+
+LORA_SUFFIXES = (("lora_A", "_lora_A"), ("lora_B", "_lora_B"))  # (per-expert file name, stacked attribute suffix)
 
 
 def unstack_experts(tensors: dict, prefix: str, num_experts: int) -> None:
     """In place: stacked `{prefix}w1` [E, ...] (w2, w3) -> the hub's `{prefix}{e}.w1.weight` = row e (a view),
-    in the hub's order (expert 0's w1, w2, w3, then expert 1's, ...)."""
-    stacked = {w: tensors.pop(prefix + w) for w in EXPERT_WEIGHTS}
+    in the hub's order (expert 0's w1, w2, w3, then expert 1's, ...). LoRA adapters `{prefix}w1_lora_A`
+    [E, r, in] / `{prefix}w1_lora_B` [E, out, r], where present, likewise -> `{prefix}{e}.w1.lora_A` [r, in] /
+    `{prefix}{e}.w1.lora_B` [out, r], right after that expert's weight (PEFT's per-linear names). A value of
+    None (a frozen weight's gradient) stays None per expert."""
+    stacked = {(w, "weight"): tensors.pop(prefix + w) for w in EXPERT_WEIGHTS}
+    for w in EXPERT_WEIGHTS:
+        for own, suffix in LORA_SUFFIXES:
+            if prefix + w + suffix in tensors:
+                stacked[w, own] = tensors.pop(prefix + w + suffix)
     for e in range(num_experts):
         for w in EXPERT_WEIGHTS:
-            tensors[f"{prefix}{e}.{w}.weight"] = stacked[w][e]
+            for own in ("weight", "lora_A", "lora_B"):
+                if (w, own) in stacked:
+                    value = stacked[w, own]
+                    tensors[f"{prefix}{e}.{w}.{own}"] = None if value is None else value[e]
 
 
 def _per_expert_state(module: Experts, state: dict, prefix: str, local_metadata: dict) -> None:
@@ -180,14 +229,16 @@ def _per_expert_state(module: Experts, state: dict, prefix: str, local_metadata:
 
 
 def _stack_per_expert(module: Experts, state: dict, prefix: str, *_) -> None:
-    """load_state_dict pre-hook of `Experts`: `{prefix}{e}.w1.weight` for e = 0..E-1 -> stacked `{prefix}w1`.
+    """load_state_dict pre-hook of `Experts`: `{prefix}{e}.w1.weight` for e = 0..E-1 -> stacked `{prefix}w1`,
+    and `{prefix}{e}.w1.lora_A` / `lora_B` -> stacked `{prefix}w1_lora_A` / `{prefix}w1_lora_B`.
 
-    A weight with any expert missing is left as it is, so strict loading names the keys that do not fit.
+    A tensor with any expert missing is left as it is, so strict loading names the keys that do not fit.
     """
     for w in EXPERT_WEIGHTS:
-        names = [f"{prefix}{e}.{w}.weight" for e in range(module.num_experts)]
-        if all(name in state for name in names):
-            state[prefix + w] = torch.stack([state.pop(name) for name in names])
+        for own, attr in (("weight", w), *((own, w + suffix) for own, suffix in LORA_SUFFIXES)):
+            names = [f"{prefix}{e}.{w}.{own}" for e in range(module.num_experts)]
+            if all(name in state for name in names):
+                state[prefix + attr] = torch.stack([state.pop(name) for name in names])
 
 
 def stacked_weight(num_experts: int, n_out: int, n_in: int, std: float, dtype: torch.dtype) -> nn.Parameter:
@@ -204,6 +255,11 @@ class Experts(nn.Module):
     layer checkpoints keep the per-expert layout. The emitted tensors are views of the stacked parameters,
     like any state_dict entry aliases its parameter; DeepSpeed's checkpoint engine clones each one before
     `torch.save`, so every file tensor owns exactly its storage (to safetensors yourself, clone them).
+
+    LoRA (`models.lora.apply_lora` calls `add_lora` for the names of `lora_targets()` it is asked for):
+    stacked adapters `{w}_lora_A` [E, r, in] and `{w}_lora_B` [E, out, r] per adapted weight, expert e's
+    update scaling · B[e] A[e] as PEFT's per-expert `LoraLinear`; in files `{e}.{w}.lora_A` [r, in] and
+    `{e}.{w}.lora_B` [out, r]. `merge_lora()` folds them into the weights.
     """
 
     def __init__(self, args: MixtralArgs, dtype: torch.dtype):
@@ -213,16 +269,70 @@ class Experts(nn.Module):
         self.w1 = stacked_weight(e, f, h, std, dtype)
         self.w2 = stacked_weight(e, h, f, std, dtype)
         self.w3 = stacked_weight(e, f, h, std, dtype)
+        self.lora_names: tuple[str, ...] = ()
+        self.lora_scaling = 1.0
+        self.lora_dropout: nn.Module = nn.Identity()
         self.register_state_dict_post_hook(_per_expert_state)
         self.register_load_state_dict_pre_hook(_stack_per_expert)
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """The names `lora.target_modules` may use for these experts (`models.lora.valid_targets`)."""
+        return EXPERT_WEIGHTS
+
+    def add_lora(self, names, cfg: LoraConfig) -> None:
+        """Adapters `{w}_lora_A` [E, r, in] (kaiming-uniform per expert) and `{w}_lora_B` [E, out, r] (zeros)
+        for each w in `names`, in the weight's dtype and device; a weight that has one already keeps it.
+        Freezing the base weights is `apply_lora`'s job."""
+        unknown = [w for w in names if w not in EXPERT_WEIGHTS]
+        if unknown:
+            raise ModelError(f"lora.target_modules: {unknown} are not expert weights ({', '.join(EXPERT_WEIGHTS)})")
+        if self.lora_names and (cfg.alpha / cfg.r != self.lora_scaling):
+            raise ModelError("lora: these experts already have adapters with another alpha / r")
+        for w in names:
+            if w in self.lora_names:
+                continue
+            weight = getattr(self, w)
+            e, n_out, n_in = weight.shape
+            a = nn.Parameter(torch.empty(e, cfg.r, n_in, dtype=weight.dtype, device=weight.device))
+            b = nn.Parameter(torch.empty(e, n_out, cfg.r, dtype=weight.dtype, device=weight.device))
+            for i in range(e):
+                init_lora_pair(a[i], b[i])  # per expert matrix: kaiming's fan-in is n_in, not r·n_in
+            setattr(self, w + "_lora_A", a)
+            setattr(self, w + "_lora_B", b)
+            self.lora_names = tuple(n for n in EXPERT_WEIGHTS if n in (*self.lora_names, w))
+        self.lora_scaling = cfg.alpha / cfg.r
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def adapters(self) -> ExpertAdapters | None:
+        if not self.lora_names:
+            return None
+        pairs = {w: (getattr(self, w + "_lora_A"), getattr(self, w + "_lora_B")) for w in self.lora_names}
+        return ExpertAdapters(pairs, self.lora_scaling, self.lora_dropout)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """In place: w[e] += scaling · B[e] A[e] for every adapted weight (fp32 math, stored in the weight's
+        dtype), then the adapters are removed; the state_dict is the plain per-expert layout again."""
+        for w in self.lora_names:
+            weight = getattr(self, w)
+            a, b = getattr(self, w + "_lora_A"), getattr(self, w + "_lora_B")
+            delta = torch.bmm(b.float(), a.float()) * self.lora_scaling  # [E, out, in]
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+            delattr(self, w + "_lora_A")
+            delattr(self, w + "_lora_B")
+        self.lora_names, self.lora_scaling, self.lora_dropout = (), 1.0, nn.Identity()
 
     def forward(self, x: torch.Tensor, ends: torch.Tensor, grouped: bool) -> torch.Tensor:
         """x [N, H] grouped by expert (expert e owns rows ends[e-1]:ends[e], ends [E] int32) -> [N, H].
 
-        `grouped`: one grouped GEMM per weight where `grouped_mm_supported`, else (and when False) the loop.
+        `grouped`: one grouped GEMM per weight (three more per adapted weight) where `grouped_mm_supported`
+        takes every stacked tensor, else (and when False) the loop.
         """
-        run = grouped_swiglu if grouped and grouped_mm_supported(x, self.w1) else looped_swiglu
-        return run(x, self.w1, self.w2, self.w3, ends)
+        adapters = self.adapters()
+        stacked = [self.w1] + ([t for pair in adapters.pairs.values() for t in pair] if adapters else [])
+        use_grouped = grouped and all(grouped_mm_supported(x, t) for t in stacked)
+        run = grouped_swiglu if use_grouped else looped_swiglu
+        return run(x, self.w1, self.w2, self.w3, ends, adapters)
 
 
 class SparseMoe(nn.Module):

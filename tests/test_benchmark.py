@@ -365,3 +365,100 @@ def test_families_plan_order_and_variant_names():
             families.parse_variant(bad)
     assert families.pipeline_dims(1, 8) == [1, 1] and families.pipeline_dims(8, 8) == [8, 1]
     assert families.pipeline_dims(8, 2) == [4, 2]  # mixtral's 4 layers cannot fill 8 stages
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/lora.py: LoRA against full fine-tuning, llama-7b shape, pipeline trainer
+
+from benchmarks import lora  # noqa: E402
+
+
+def test_lora_cpu_smoke_full_and_lora_then_report_only(tmp_path):
+    """Both variants on CPU (one rank: the two launches stay well under a minute): the trainer really trains
+    adapters in the lora run (its summary line), the results carry tokens/s, peak GiB, the planner's figures
+    and the LoRA / full ratios; --report-only rewrites the .md."""
+    out, work = tmp_path / "res" / "lora.json", tmp_path / "work"
+    res = subprocess.run([sys.executable, "benchmarks/lora.py", "--cpu-smoke", "--gpus", "1", "--matmul-tflops", "0.02",
+                          "--out", str(out), "--work-dir", str(work)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[lora] 1/2 lora-r16 (2 blocks, 1 GPUs): ok " in res.stdout
+    result = json.loads(out.read_text())
+    assert result["kind"] == "lora" and result["mode"] == "cpu-smoke" and result["workload"]["seq"] == 64
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert list(runs) == ["lora-r16", "full"]
+    for variant, r in runs.items():
+        assert r["status"] == "ok", r.get("error_tail")
+        assert (r["gpus"], r["blocks"], r["dims"], r["mbs"]) == (1, 2, [1, 1], 2)
+        assert r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 and r["peak_gib"] > 0 and r["planned_gib"] > 0
+        assert "train_ds.py" in r["command"] and "DS_ACCELERATOR=cpu" in r["command"]
+    log = open(runs["lora-r16"]["log"]).read()
+    assert "lora: r=16 alpha=32 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in log
+    assert "lora: r=" not in open(runs["full"]["log"]).read()
+    h, inter, kv, blocks = 64, 128, 32, 2  # families' tiny llama: 4 heads, 2 kv heads
+    per_block = 16 * (2 * (h + h) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
+    assert runs["lora-r16"]["trained_params"] == blocks * per_block
+    assert runs["full"]["trained_params"] == runs["full"]["params"] == runs["lora-r16"]["params"] - blocks * per_block
+    assert runs["lora-r16"]["vs_full_tokens"] > 0 and runs["lora-r16"]["vs_full_peak"] > 0
+    assert runs["full"]["flops_per_token_done"] == runs["full"]["flops_per_token"]  # 6N + attention: all done
+    n = (runs["full"]["flops_per_token"] - 12 * blocks * h * 64) / 6  # the LoRA run skips 2N, adds 6T
+    done = 4 * n + 6 * blocks * per_block + 12 * blocks * h * 64
+    assert runs["lora-r16"]["flops_per_token_done"] == pytest.approx(done)
+    cfgs = {k.split()[0]: v for k, v in result["configs"].items()}
+    assert cfgs["lora-r16"]["yaml"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0,
+                                                 "target_modules": list(lora.LINEAR_NAMES)}
+    assert "lora" not in cfgs["full"]["yaml"] and not cfgs["full"]["yaml"]["from_scratch"]
+    assert sorted(p.name for p in (work / "model-2").glob("layer_*")) == [f"layer_0{i}-model_states.pt"
+                                                                         for i in range(4)]
+    md = out.with_suffix(".md")
+    assert "| 1 | [1, 1] | 2 | `lora-r16` | ok |" in md.read_text() and "weight-gradient GEMMs" in md.read_text()
+    md.unlink()
+    assert lora.main(["--report-only", str(out)]) == 0 and "`full` | ok" in md.read_text()
+
+
+def test_lora_runs_merge_by_gpus_and_blocks_with_oom_and_plans(tmp_path, monkeypatch, capsys):
+    """GPU mode with fake runs (no weights written): 32 blocks with full fine-tuning OOM, then 16 blocks; the
+    second call keeps the first call's runs; ratios only within the same GPUs and blocks. The planner, on the
+    YAMLs written, puts LoRA of the 7B shape well inside one GPU and full fine-tuning outside."""
+    written = []
+    monkeypatch.setattr(lora, "write_weights", lambda d, cfg, p: written.append(cfg["num_hidden_layers"]) or
+                        {"elements": 0, "seconds": 0.0})
+
+    def fake_execute(s, variant, inputs, timeout_s):
+        entry = inputs["variants"][variant]
+        oom = variant == "full" and s.depth == 32
+        rec = {"family": "llama2", "trainer": "pipeline", "variant": variant, "seq": s.seq, "mbs": s.mbs,
+               "gpus": s.gpus, "blocks": s.depth, "dims": entry["dims"], "status": "OOM" if oom else "ok",
+               "tokens_per_s": None if oom else (4000.0 if variant == "full" else 6000.0) * 32 / s.depth,
+               "tflops_per_gpu": None if oom else 400.0, "peak_gib": None if oom else (100.0 if variant == "full"
+                                                                                        else 30.0),
+               "command": "fake", "elapsed_s": 60.0, "error": "CUDA out of memory" if oom else None}
+        rec.update(plan_of.setdefault((variant, s.depth), lora.planned(entry["yaml_path"])))
+        return rec
+
+    plan_of = {}
+    monkeypatch.setattr(lora, "execute", fake_execute)
+    out, work = tmp_path / "lora.json", tmp_path / "work"
+    base = ["--gpus", "1", "--matmul-tflops", "800", "--out", str(out), "--work-dir", str(work)]
+    assert lora.main(base) == 0
+    assert lora.main([*base, "--blocks", "16"]) == 0
+    assert written == [32, 16]
+    result = json.loads(out.read_text())
+    assert [(r["blocks"], r["variant"], r["status"]) for r in result["runs"]] == [
+        (32, "lora-r16", "ok"), (32, "full", "OOM"), (16, "lora-r16", "ok"), (16, "full", "ok")]
+    by = {(r["blocks"], r["variant"]): r for r in result["runs"]}
+    assert "vs_full_tokens" not in by[32, "lora-r16"]  # no full run to compare with at 32 blocks
+    assert by[16, "lora-r16"]["vs_full_tokens"] == pytest.approx(1.5)
+    assert by[16, "lora-r16"]["vs_full_peak"] == pytest.approx(0.3) and by[16, "full"]["mfu"] == pytest.approx(0.5)
+    assert by[32, "lora-r16"]["trained_params"] == 32 * 16 * (4 * 8192 + 3 * (4096 + 11008))
+    assert by[32, "lora-r16"]["planned_gib"] < 40 < 141 < by[32, "full"]["planned_gib"]
+    yml = yaml.safe_load(open(work / "configs" / "lora-r16-32b-1g.yml"))
+    assert yml["max_seq_len"] == 2048 and yml["train_micro_batch_size_per_gpu"] == 2 and yml["train_batch_size"] == 16
+    assert yml["bf16"]["enabled"] and yml["lora"]["r"] == 16 and yml["model_topo"]["process_topology"]["dims"] == [1, 1]
+    md = out.with_suffix(".md").read_text()
+    assert "| 1 | [1, 1] | 32 | `full` | OOM |" in md and "| 1 | [1, 1] | 16 | `lora-r16` | ok | 12.0k |" in md
+    assert "1.50×" in md and "CUDA out of memory" in md
+    capsys.readouterr()
+    for bad in (["--variants", "lora"], ["--variants", "lora-r0"]):
+        with pytest.raises(SystemExit):
+            lora.main([*base, *bad])

@@ -173,3 +173,70 @@ def test_cli_json_gpus_and_min_gpus(plan_config, capsys):
     assert json.loads(capsys.readouterr().out)["min_gpus"] == 1
     assert M.main(["--config", str(plan_config), "--zero_optimization.stage=2"]) == 2
     assert "ZeRO 0 and 1" in capsys.readouterr().err
+
+
+LORA_ALL_LINEAR = {"r": 4, "alpha": 8.0, "dropout": 0.0, "modules_to_save": [], "quantize": None,
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def test_lora_plan_counts_adapters_exactly_and_frozen_weights_only():
+    """A tiny llama (hidden 64, GQA kv 32, intermediate 128, vocab 512, 6 blocks, parts [3, 2, 3]), LoRA r=4 on
+    all seven linears: the trained parameters are r·(in + out) per linear, hand-computed; frozen parameters
+    cost their bf16 weights only, adapters the BF16_Optimizer's full bytes; the plan is smaller than full
+    fine-tuning. `modules_to_save: [lm_head]` trains the head in full on the last stage."""
+    cfg = tiny_cfg(num_hidden_layers=6)
+    h, inter, kv, vocab, r = 64, 128, 32, 512, 4
+    per_block = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + inter) + (inter + h))  # q, k+v, o, gate+up, down
+    assert per_block == 4096
+    base = [res for _, res in M.resident_params(cfg, [3, 2, 3])]
+    trained = [2 * per_block, 2 * per_block, 2 * per_block]
+    lora = setup(lora=LORA_ALL_LINEAR)
+    assert [t for _, t in M.resident_params(cfg, [3, 2, 3], lora.lora, trained=True)] == trained
+    assert [res for _, res in M.resident_params(cfg, [3, 2, 3], lora.lora)] == [b + t for b, t in zip(base, trained)]
+    assert sum(M.layer_params(cfg, lora.lora, trained=True)) == 6 * per_block
+
+    full_plan, lora_plan = M.plan_memory(cfg, setup()), M.plan_memory(cfg, lora)
+    for st, b, t in zip(lora_plan.stages, base, trained):
+        assert st.trained_params == t and st.resident_params == b + t
+        # BF16_Optimizer, D = 1, AdamW: weights 2 for all; grads 2 + 2, master + moments 12, step 4 for adapters
+        assert (st.weights, st.grads, st.optim, st.step, st.host) == (2 * (b + t), 4 * t, 12 * t, 4 * t, 0)
+        assert st.total == st.weights + st.grads + st.optim + max(st.activations, st.step)
+    for lo, full in zip(lora_plan.stages, full_plan.stages):
+        assert lo.total < full.total and lo.grads < full.grads and lo.optim < full.optim
+        assert full.trained_params == full.resident_params
+        assert lo.activations == pytest.approx(full.activations, rel=0.5)  # adapters in place, same order
+    assert "LoRA r=4 alpha=8 on q_proj" in M.format_plan(lora_plan)
+
+    head = setup(lora={**LORA_ALL_LINEAR, "modules_to_save": ["lm_head"]})
+    last = M.plan_memory(cfg, head).stages[2]
+    assert last.trained_params == 2 * per_block + vocab * h and last.optim == 12 * last.trained_params
+    zero1 = M.plan_memory(cfg, setup(lora=LORA_ALL_LINEAR, zero_stage=1, offload=True, data=2)).stages[1]
+    assert zero1.optim == 0 and zero1.host == pytest.approx(trained[1] * (4 + 4 + 8 + 2 + 2) / 2)
+
+
+def test_lora_plan_mixtral_experts_and_config_section(tmp_path):
+    """Stacked experts: E·r·(in + out) per adapted expert weight. The config's `lora:` section reaches the
+    plan (the planner reads config.json only: no weights needed)."""
+    from models.mixtral import debug_config
+
+    cfg = debug_config(num_hidden_layers=2)  # hidden 64, intermediate 96, 4 experts, heads 4 (kv 2 -> 32)
+    lora = {**LORA_ALL_LINEAR, "target_modules": ["q_proj", "w1", "w2", "w3"]}
+    per_block = 4 * (64 + 64) + 4 * 3 * 4 * (64 + 96)
+    assert M.layer_params(cfg, lora, trained=True) == [0, per_block, per_block, 0]
+
+    model = tmp_path / "model"
+    tiny_llama_config(num_hidden_layers=6).save_pretrained(model)
+    ycfg = {"model_path": str(model), "save_path": str(tmp_path / "out"), "synthetic_data": True, "max_seq_len": 64,
+            "model_topo": {"process_topology": {"axes": ["pipe", "data"], "dims": [3, 1]}, "parts": [3, 2, 3]},
+            "train_batch_size": 8, "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "bf16": {"enabled": True},
+            "lora": {"r": 4, "alpha": 8, "target_modules": LORA_ALL_LINEAR["target_modules"]}}
+    path = tmp_path / "plan.yml"
+    path.write_text(yaml.safe_dump(ycfg))
+    s = M.setup_from_config(M.load_config(str(path)))
+    assert s.lora == {**LORA_ALL_LINEAR, "alpha": 8.0}
+    del ycfg["lora"]
+    path.write_text(yaml.safe_dump(ycfg))
+    assert M.setup_from_config(M.load_config(str(path))).lora is None
+    assert [st.trained_params for st in M.plan_memory(M.json.loads((model / "config.json").read_text()),
+                                                      s).stages] == [8192, 8192, 8192]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from training.lora import apply_to_layers, check_pipeline, lora_config, skip_frozen_tied_grads
 from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
 
@@ -20,6 +21,7 @@ class PipelineModel:
     opts: Any
     costs: list
     parts: list
+    lora_line: str | None = None  # training.lora.summary of the whole model, None without LoRA
 
     @property
     def vocab_size(self) -> int:
@@ -156,6 +158,8 @@ class PipelineTrainer:
             raise ConfigError(str(e)) from None
         costs = resolved.layer_flops(cfg["max_seq_len"])
         parts = resolve_parts(cfg["model_topo.parts"], costs, cfg.dims[0])
+        lcfg = lora_config(cfg)
+        lora_line = check_pipeline(lcfg, resolved, opts, parts) if lcfg else None
         if not cfg["from_scratch"]:
             try:
                 for i in range(len(costs)):
@@ -163,7 +167,7 @@ class PipelineTrainer:
             except models.ModelError as e:
                 raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
                                   f"or set from_scratch: true") from None
-        return PipelineModel(resolved, opts, costs, parts)
+        return PipelineModel(resolved, opts, costs, parts, lora_line)
 
     # -- the engine
     def build(self, cfg: TrainConfig, plan, device: torch.device, rank: int) -> None:
@@ -190,10 +194,16 @@ class PipelineTrainer:
                 f"{describe_parts(m.parts, m.costs)}", rank)
             log(f"compile_blocks: {'on (torch.compile; the first step compiles)' if m.opts.compile_blocks else 'off'}"
                 f", fused_head_loss: {'on' if m.opts.fused_head_loss else 'off'}", rank)
+        lcfg = lora_config(cfg)
         if cfg["from_scratch"]:
             init_from_scratch(module, m.resolved.hf_config, cfg["seed"])
-        elif plan.resume_tag is None:
+        elif plan.resume_tag is None or lcfg:  # a LoRA checkpoint holds the adapters only
             load_layer_weights(module, cfg["model_path"])
+        if lcfg:
+            apply_to_layers(local_layers(module), lcfg, cfg["seed"])
+            skip_frozen_tied_grads(module)
+            if rank == 0:
+                log(m.lora_line, rank)
         module.to(device)
 
         # A stage's parameters are this stage's alone: marking them model-parallel makes DeepSpeed's

@@ -76,7 +76,7 @@ def speed_defaults(ds: dict) -> list[str]:
 
     `bf16.immediate_grad_update: true`: each bf16 gradient goes into its fp32 buffer as soon as backward makes
     it, and is freed. DeepSpeed's default (false) zeroes the bf16 gradients at the start of every backward and
-    lets autograd add into them: slower (one H200, mixtral-8x7b width: 7 % of the step), and it zeroes the
+    lets autograd add into them: slower (one H200, 8x7B MoE width: 7 % of the step), and it zeroes the
     LM head's gradient after the fused head loss has written it (`PipelineTrainer.check` refuses that pair).
     """
     applied = []

@@ -3,8 +3,8 @@
 Every micro-batch, `BF16_Optimizer._update_hp_grad` adds each bf16 gradient into its fp32 buffer as
 `hp.add_(lp.to(fp32))`: one kernel writes a whole fp32 copy of the gradient (6 bytes per parameter) and a
 second reads it back (4 more). `hp.add_(lp)` promotes inside the one kernel and gives the same bits (bf16 ->
-fp32 is exact, the fp32 add is the same). Profiled on one H200 (mixtral-8x7b width, 2 blocks, 8
-micro-batches): the copies took 22 ms of a 566 ms step. `install()` swaps in that one-kernel add; the rest of
+fp32 is exact, the fp32 add is the same). Profiled on one H200 (the MoE family's 8x7b width, 2 blocks,
+8 micro-batches): the copies took 22 ms of a 566 ms step. `install()` swaps in that one-kernel add; the rest of
 the method is DeepSpeed 0.19.8's, and the test suite checks the buffers bit for bit against the original.
 """
 from __future__ import annotations

@@ -67,6 +67,12 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "seed": ((int,), 42, "seed for init, shuffling and dropout"),
     "trust_remote_code": ((bool,), False, "allow the tokenizer's remote code"),
     "num_workers": ((int,), 1, "DataLoader workers that tokenize"),
+    "lora.r": ((int,), None, "LoRA rank; setting any lora key trains low-rank adapters on frozen base weights (absent: full fine-tuning)"),
+    "lora.alpha": (_NUM, None, "LoRA scaling numerator: updates are scaled by alpha / r (default: r)"),
+    "lora.dropout": (_NUM, 0.0, "dropout on the adapters' input, in [0, 1)"),
+    "lora.target_modules": ((list,), None, "names of the linear layers that get adapters, as in the family's HF model (e.g. q_proj, v_proj)"),
+    "lora.modules_to_save": ((list,), [], "names of modules trained in full next to the adapters (e.g. embed_tokens, lm_head)"),
+    "lora.quantize": ((str,), None, "reserved: nf4 (4-bit base weights); not supported in this build"),
 }
 
 # DeepSpeed's top-level keys, passed to DeepSpeed as given (numeric strings of optimizer/scheduler params
@@ -187,6 +193,10 @@ def validate(raw: dict, path: str = "<config>") -> TrainConfig:
     for key, value in _flatten(raw).items():
         if key in OUR_KEYS:
             ours[key] = value
+        elif key in _OUR_SECTIONS and value is None:
+            continue  # `lora: null` (or `--lora=null`): the section's defaults
+        elif key in _OUR_SECTIONS:
+            raise ConfigError(f"{path}: {key}: expected a mapping of keys, got {type(value).__name__} {value!r}")
         elif key.split(".")[0] in DS_KEYS:
             ds[key] = copy.deepcopy(value)  # numeric strings get coerced below; the caller's dict stays as given
         else:
@@ -239,6 +249,7 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
     need(not isinstance(ours["data_path"], list) or all(isinstance(p, str) and p for p in ours["data_path"]),
          f"data_path: expected a file path or a list of file paths, got {ours['data_path']!r}")
     _check_eval(ours, need)
+    _check_lora(ours, need)
     for kw in ours["optimizer.no_wd_kws"]:
         need(isinstance(kw, str), f"optimizer.no_wd_kws: expected a list of regex strings, got {kw!r}")
     need("train_batch_size" in ds or "train_micro_batch_size_per_gpu" in ds,
@@ -247,6 +258,31 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
         if key in ds:
             need(isinstance(ds[key], int) and not isinstance(ds[key], bool) and ds[key] >= 1,
                  f"{key}: expected a positive integer, got {ds[key]!r}")
+
+
+def _check_lora(ours: dict, need) -> None:
+    """The `lora:` section: r and target_modules when any lora key is set, their ranges; quantize refused."""
+    given = sorted(k for k in OUR_KEYS if k.startswith("lora.") and ours[k] != OUR_KEYS[k][1])
+    if not given:
+        return
+    quantize = ours["lora.quantize"]
+    need(quantize in (None, "nf4"), f"lora.quantize: expected nf4 (reserved), got {quantize!r}")
+    need(quantize is None, "lora.quantize: nf4 (4-bit base weights, QLoRA) is not supported in this build; "
+                           "remove the key to train adapters on the base weights in the training dtype")
+    need(ours["lora.r"] is not None, f"lora: missing required key 'lora.r' (the adapter rank, e.g. 16); "
+                                     f"set with {', '.join(given)}")
+    need(ours["lora.r"] >= 1, f"lora.r: must be an integer >= 1, got {ours['lora.r']!r}")
+    alpha = ours["lora.alpha"]
+    need(alpha is None or (math.isfinite(alpha) and alpha > 0), f"lora.alpha: must be > 0, got {alpha!r}")
+    need(0 <= ours["lora.dropout"] < 1, f"lora.dropout: must be in [0, 1), got {ours['lora.dropout']!r}")
+    targets = ours["lora.target_modules"]
+    need(bool(targets) and all(isinstance(t, str) and t for t in targets),
+         f"lora.target_modules: expected a non-empty list of module names (e.g. [q_proj, v_proj]), got {targets!r}")
+    saved = ours["lora.modules_to_save"]
+    need(all(isinstance(t, str) and t for t in saved),
+         f"lora.modules_to_save: expected a list of module names, got {saved!r}")
+    need(not ours["from_scratch"], "lora: needs pretrained base weights (they stay frozen); from_scratch: true "
+                                   "would train adapters on a random model: remove one of them")
 
 
 def _check_eval(ours: dict, need) -> None:

@@ -5,10 +5,11 @@ state; the frozen base weights stay in `model_path`. `LORA.json` names that base
 contents, so `resume: true` and `pp_to_hg` refuse a base whose weights changed:
 
     {"version": 1, "lora": {r, alpha, dropout, target_modules, modules_to_save, quantize},
-     "base_model_path": "/abs/path/of/model_path", "base_fingerprint": "sha256:...", "model_type": "llama"}
+     "base_model_path": "/abs/path/of/model_path", "base_fingerprint": "sha256:...", "model_type": ...}
 
 The fingerprint is the sha256 over (name, size, sha256) of config.json and every `layer_*-model_states.pt`
-of the base dir, in name order (each file hashed in full, the files in parallel threads).
+of a pipeline base dir (the ZeRO trainer's HF dir: its `*.safetensors`, `*.bin`, `*.index.json`), in name
+order (each file hashed in full, the files in parallel threads).
 """
 from __future__ import annotations
 
@@ -22,10 +23,20 @@ from utils.checkpoint import _digest, atomic_write_text
 LORA_META = "LORA.json"
 
 
+def _is_layer_file(name: str) -> bool:
+    return name.startswith("layer_") and name.endswith("-model_states.pt")
+
+
+def _is_hf_weight_file(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".index.json"))
+
+
 def base_files(base_dir: str) -> list[str]:
-    """config.json and the layer files of a pipeline model dir, sorted by name."""
-    names = sorted(n for n in os.listdir(base_dir)
-                   if n == "config.json" or (n.startswith("layer_") and n.endswith("-model_states.pt")))
+    """config.json and the weight files of a base dir, sorted by name: the layer files of a pipeline dir,
+    else (an HF dir) its safetensors / bin shards and their index."""
+    names = os.listdir(base_dir)
+    weights = _is_layer_file if any(map(_is_layer_file, names)) else _is_hf_weight_file
+    names = sorted(n for n in names if n == "config.json" or weights(n))
     if "config.json" not in names:
         raise FileNotFoundError(f"{base_dir}: no config.json (not a converted pipeline model dir)")
     return names

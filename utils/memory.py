@@ -47,6 +47,16 @@ picks the wrapper; then `bf16_optimizer.py`, `fp16/fused_optimizer.py`, `zero/st
   Optimizer columns: `grads` = lp grads + accumulation buffer, `optim` = master + states (sharded where
   DeepSpeed shards), `step` = what exists only during `step()`, when activations are already freed.
 
+LoRA (a `lora:` section: r, alpha, dropout, target_modules, modules_to_save; `models/lora.py`): the layer
+specs are built on the meta device with `apply_lora`, which counts exactly the adapters it adds (r·(in+out)
+per targeted linear, E·r·(in+out) per targeted stacked expert weight) and the `modules_to_save` parameters.
+The trainer hands DeepSpeed only parameters that require grad (`training.setup.param_groups`), so a frozen
+base parameter costs its weight bytes only (lp: no `.grad`, no accumulation buffer, no master, no state,
+nothing at the step, nothing on the host); trained parameters (adapters, `modules_to_save`) cost the full
+per-parameter bytes above. Activations are measured with the adapters in place (their [tokens, r]
+intermediates are saved too, and a frozen weight no longer makes autograd keep what only its own gradient
+needs). `lora.quantize` (4-bit base weights) is not modelled: frozen weights are counted in lp.
+
 Activations, saved for backward per token, per logical layer kind (Enter, one block, Exit): measured, not
 guessed. `measure_bytes_per_token` builds the model's Enter, one block and Exit (+ tied head) from its
 layer specs at a scaled-down width (`models.ResolvedModel.shrunk_config`: hidden, MLP and head widths
@@ -122,6 +132,12 @@ class Setup:
     parts: object  # 'auto' or a list
     torch_adam: bool = False  # optimizer.params.torch_adam: torch's foreach Adam(W) instead of FusedAdam
     reduce_bucket: int = 500_000_000  # zero_optimization.reduce_bucket_size (elements), ZeRO-1 only
+    lora: dict | None = None  # the `lora:` section as `models.lora.LoraConfig.to_dict()`, None: full fine-tuning
+
+    @property
+    def lora_json(self) -> str:
+        """A hashable key of the LoRA setting for the caches ('' without LoRA)."""
+        return json.dumps(self.lora, sort_keys=True) if self.lora else ""
 
 
 def _enabled(section) -> bool:
@@ -155,6 +171,27 @@ def gpus_to_dims(gpus: int, data: int) -> tuple[int, int]:
     return (gpus // data, data) if gpus % data == 0 else (gpus, 1)
 
 
+def lora_section(cfg: TrainConfig) -> dict | None:
+    """The config's `lora:` section as `LoraConfig.to_dict()`, None when absent (no rank): our flat `lora.*` keys
+    (utils/config.py), else a `lora` mapping, else the raw YAML's section."""
+    from models.lora import LoraConfig
+
+    ours = cfg.ours
+    section = ours.get("lora")
+    if not isinstance(section, dict):
+        section = {k[len("lora."):]: v for k, v in ours.items() if k.startswith("lora.")} or None
+    if section is None:
+        raw = (cfg.raw or {}).get("lora")
+        section = raw if isinstance(raw, dict) else None
+    section = {k: v for k, v in (section or {}).items() if v is not None}  # unset keys: LoraConfig's defaults
+    if not section.get("r"):
+        return None
+    try:
+        return LoraConfig.from_dict(section).to_dict()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"lora: {e}") from None
+
+
 def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
     pipe, data = cfg.dims
     parts = cfg["model_topo.parts"]
@@ -177,7 +214,7 @@ def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
                  pipe=pipe, data=data, micro_batch=mbs, micro_batches=gas, seq=cfg["max_seq_len"],
                  grad_ckpt=cfg["use_grad_ckpt"], fused_head_loss=bool(cfg.ours.get("fused_head_loss", True)),
                  parts=parts, torch_adam=torch_adam,
-                 reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))))
+                 reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))), lora=lora_section(cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,28 +258,57 @@ def _cfg_key(hf_cfg: dict) -> str:
     return json.dumps(hf_cfg, sort_keys=True)
 
 
+def _lora_cfg(lora_json: str):
+    from models.lora import LoraConfig
+
+    return LoraConfig.from_dict(json.loads(lora_json)) if lora_json else None
+
+
 @functools.lru_cache(maxsize=None)
-def _spec_params(cfg_json: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """(own params per spec, resident size of each spec's tied module (0 if untied), number of blocks)."""
+def _spec_counts(cfg_json: str, lora_json: str = "") -> tuple[tuple[tuple[int, int], ...], int]:
+    """((params, trained params) of each spec's module, built on the meta device with LoRA applied when
+    `lora_json`; all trained without), number of blocks."""
     import models
+    from models.lora import apply_lora
 
     model = models.resolve(json.loads(cfg_json))
-    specs = model.specs()
-    own, tied, seen = [], [], set()
+    lora = _lora_cfg(lora_json)
+    counts = []
     with torch.device("meta"):
-        for spec in specs:
-            n = sum(p.numel() for p in spec.build().parameters())
-            key = getattr(spec, "key", None)
-            own.append(0 if key in seen else n)
-            tied.append(n if key is not None else 0)
-            if key is not None:
-                seen.add(key)
-    return tuple(own), tuple(tied), model.num_blocks
+        for spec in model.specs():
+            module = spec.build()
+            if lora is not None:
+                apply_lora(module, lora)
+            params = list(module.parameters())
+            counts.append((sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)))
+    return tuple(counts), model.num_blocks
 
 
-def layer_params(hf_cfg: dict) -> list[int]:
-    """Own parameters per spec (Enter, blocks, Exit[, tied head = 0]); their sum is the model's count."""
-    return list(_spec_params(_cfg_key(hf_cfg))[0])
+@functools.lru_cache(maxsize=None)
+def _spec_params(cfg_json: str, lora_json: str = "") -> tuple[tuple[int, ...], tuple[int, ...], int,
+                                                             tuple[int, ...], tuple[int, ...]]:
+    """(own params per spec, resident size of each spec's tied module (0 if untied), number of blocks, and
+    the trained part of both: with LoRA, adapters and `modules_to_save`; without, all of it)."""
+    import models
+
+    counts, blocks = _spec_counts(cfg_json, lora_json)
+    own, tied, own_trained, tied_trained, seen = [], [], [], [], set()
+    for spec, (n, trained) in zip(models.resolve(json.loads(cfg_json)).specs(), counts):
+        key = getattr(spec, "key", None)
+        own.append(0 if key in seen else n)
+        own_trained.append(0 if key in seen else trained)
+        tied.append(n if key is not None else 0)
+        tied_trained.append(trained if key is not None else 0)
+        if key is not None:
+            seen.add(key)
+    return tuple(own), tuple(tied), blocks, tuple(own_trained), tuple(tied_trained)
+
+
+def layer_params(hf_cfg: dict, lora: dict | None = None, trained: bool = False) -> list[int]:
+    """Own parameters per spec (Enter, blocks, Exit[, tied head = 0]); their sum is the model's count.
+    `trained`: only those that train under `lora` (a `LoraConfig.to_dict()`; adapters included)."""
+    spec = _spec_params(_cfg_key(hf_cfg), json.dumps(lora, sort_keys=True) if lora else "")
+    return list(spec[3] if trained else spec[0])
 
 
 def stage_specs(parts: list[int], num_specs: int) -> list[range]:
@@ -252,13 +318,17 @@ def stage_specs(parts: list[int], num_specs: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(len(parts))]
 
 
-def resident_params(hf_cfg: dict, parts: list[int]) -> list[tuple[int, int]]:
-    """(own, resident) parameters per stage: resident adds the tied modules DeepSpeed copies onto a stage."""
-    own, tied, _ = _spec_params(_cfg_key(hf_cfg))
+def resident_params(hf_cfg: dict, parts: list[int], lora: dict | None = None,
+                    trained: bool = False) -> list[tuple[int, int]]:
+    """(own, resident) parameters per stage: resident adds the tied modules DeepSpeed copies onto a stage.
+    `lora` (a `LoraConfig.to_dict()`): the model with adapters; `trained`: count only trained parameters."""
+    own, tied, _, own_trained, tied_trained = _spec_params(_cfg_key(hf_cfg),
+                                                           json.dumps(lora, sort_keys=True) if lora else "")
     out = []
     for idx in stage_specs(parts, len(own)):
-        mine = sum(own[i] for i in idx)
-        copies = sum(tied[i] for i in idx if own[i] == 0 and tied[i])
+        count, copy_count = (own_trained, tied_trained) if trained else (own, tied)
+        mine = sum(count[i] for i in idx)
+        copies = sum(copy_count[i] for i in idx if own[i] == 0 and tied[i])
         out.append((mine, mine + copies))
     return out
 
@@ -334,15 +404,21 @@ def _run(spec, module, x):
     return forward_fn(module, x) if forward_fn is not None else module(x)
 
 
-def measure_at_width(hf_cfg: dict, dtype: torch.dtype) -> dict[str, float]:
-    """Bytes per token saved for backward by Enter, one block and Exit, and handed on by a block."""
+def measure_at_width(hf_cfg: dict, dtype: torch.dtype, lora_json: str = "") -> dict[str, float]:
+    """Bytes per token saved for backward by Enter, one block and Exit, and handed on by a block; with
+    `lora_json` (a `LoraConfig.to_dict()` as JSON) the modules carry adapters and frozen base weights."""
     import models
+    from models.lora import apply_lora
 
     model = models.resolve(hf_cfg)
     specs = model.specs()
     specs = [specs[0], specs[1], *specs[model.num_blocks + 1:]]  # Enter, the first block, Exit (+ tied head)
     torch.manual_seed(0)
     modules = [spec.build().to(dtype).train() for spec in specs]
+    lora = _lora_cfg(lora_json)
+    if lora is not None:  # dropout as configured: its mask and dropped input are saved too
+        for module in modules:
+            apply_lora(module, lora)
     params = [p for m in modules for p in m.parameters()]
     ids = torch.randint(0, model.vocab_size, (MEASURE_BATCH, MEASURE_SEQ))
     pos = torch.arange(MEASURE_SEQ).expand(MEASURE_BATCH, MEASURE_SEQ).contiguous()
@@ -384,11 +460,11 @@ def width_divisors(hf_cfg: dict) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _measure_cached(cfg_json: str, precision: str) -> tuple[tuple[str, float], ...]:
+def _measure_cached(cfg_json: str, precision: str, lora_json: str = "") -> tuple[tuple[str, float], ...]:
     hf_cfg = json.loads(cfg_json)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     divs = width_divisors(hf_cfg)
-    samples = [(1.0 / d, measure_at_width(scaled_config(hf_cfg, d), dtype)) for d in divs]
+    samples = [(1.0 / d, measure_at_width(scaled_config(hf_cfg, d), dtype, lora_json)) for d in divs]
     if len(samples) == 1:
         return tuple(samples[0][1].items())
     (f1, y1), (f2, y2) = samples
@@ -399,9 +475,11 @@ def _measure_cached(cfg_json: str, precision: str) -> tuple[tuple[str, float], .
     return tuple(fitted.items())
 
 
-def measure_bytes_per_token(hf_cfg: dict, precision: str) -> dict[str, float]:
-    """{'enter', 'block', 'exit', 'boundary'}: bytes per token at the model's real width (see docstring)."""
-    return dict(_measure_cached(_cfg_key(hf_cfg), "fp32" if precision == "fp32" else "bf16"))
+def measure_bytes_per_token(hf_cfg: dict, precision: str, lora: dict | None = None) -> dict[str, float]:
+    """{'enter', 'block', 'exit', 'boundary'}: bytes per token at the model's real width (see docstring);
+    `lora` (a `LoraConfig.to_dict()`): measured with the adapters in place."""
+    return dict(_measure_cached(_cfg_key(hf_cfg), "fp32" if precision == "fp32" else "bf16",
+                                json.dumps(lora, sort_keys=True) if lora else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +502,7 @@ class StagePlan:
     host: float
     total: float = 0.0
     fits: bool = False
+    trained_params: int = 0  # resident parameters the optimizer updates (all of them without LoRA)
 
 
 @dataclass
@@ -484,20 +563,23 @@ def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
     model = models.resolve(hf_cfg)
     parts = resolve_stage_parts(hf_cfg, setup)
     per_param = param_bytes(setup)
-    per_token = measure_bytes_per_token(hf_cfg, setup.precision)
+    per_token = measure_bytes_per_token(hf_cfg, setup.precision, setup.lora)
     num_blocks = model.num_blocks
     plan = Plan(setup, per_param.wrapper, gpu_gib, model.model_type, parts, per_token)
     start = 0
-    for s, ((own, resident), count) in enumerate(zip(resident_params(hf_cfg, parts), parts)):
+    stages = zip(resident_params(hf_cfg, parts, setup.lora), resident_params(hf_cfg, parts, setup.lora, True), parts)
+    for s, ((own, resident), (_, trained), count) in enumerate(stages):
         logical = range(start, start + count)
         blocks = sum(1 for i in logical if 1 <= i <= num_blocks)
         n, act = stage_activations(s, blocks, 0 in logical, num_blocks + 1 in logical, setup, per_token,
                                    model.hidden_size, model.vocab_size)
+        # Every resident parameter holds its weights; only trained ones (all, without LoRA) have gradients,
+        # master copies, optimizer state and step temporaries (the trainer gives DeepSpeed no frozen one).
         st = StagePlan(s, (start, start + count - 1), blocks, own, resident, n,
                        weights=resident * per_param.weights,
-                       grads=resident * per_param.grads + zero_bucket_bytes(setup),
-                       optim=resident * per_param.optim, activations=act, step=resident * per_param.step,
-                       host=resident * per_param.host)
+                       grads=trained * per_param.grads + zero_bucket_bytes(setup),
+                       optim=trained * per_param.optim, activations=act, step=trained * per_param.step,
+                       host=trained * per_param.host, trained_params=trained)
         st.total = st.weights + st.grads + st.optim + max(st.activations, st.step)
         st.fits = st.total <= gpu_gib * GIB
         plan.stages.append(st)
@@ -560,6 +642,12 @@ def format_plan(plan: Plan) -> str:
                  f"{plan.gpus} GPUs ({s.pipe} stages x {s.data} replicas), worst stage {worst.stage}: "
                  f"{_gib(worst.total)} GiB -> {'fits' if plan.fits else 'does NOT fit'} {plan.gpu_gib:g} GiB; "
                  f"host per rank up to {_gib(max(st.host for st in plan.stages))} GiB")
+    if s.lora:
+        trained = sum(st.trained_params for st in plan.stages)
+        resident = sum(st.resident_params for st in plan.stages)
+        lines.append(f"LoRA r={s.lora['r']} alpha={s.lora['alpha']:g} on {', '.join(s.lora['target_modules'])}"
+                     + (f" (+ full {', '.join(s.lora['modules_to_save'])})" if s.lora["modules_to_save"] else "")
+                     + f": {trained:,} trained of {resident:,} resident parameters; frozen ones cost weights only")
     lines.append(f"assumptions: {plan.model_type}, {s.precision}, {s.optimizer} ({s.state_bytes} B/param of "
                  f"state), ZeRO {s.zero_stage}{' + CPU offload' if s.offload else ''} -> {plan.wrapper}; "
                  f"micro-batch {s.micro_batch} x seq {s.seq}, {s.micro_batches} micro-batches/step (1F1B), "

@@ -78,3 +78,12 @@ class PartitionedPipelineModule(PipelineModule):
         self.parts = list(self._given_bounds)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    def _get_frozen_parameter_names(self, layer):
+        """The state_dict keys `save_checkpoint(exclude_frozen_parameters=True)` leaves out: every key that is not
+        a trained tensor. DeepSpeed's own version lists frozen parameter names, which a layer whose state_dict
+        renames its parameters (stacked MoE experts written per expert) does not have as keys (KeyError)."""
+        from models.lora import is_lora_name
+
+        trained = {name for name, p in layer.named_parameters() if p.requires_grad}
+        return [key for key in layer.state_dict() if key not in trained and not is_lora_name(key)]

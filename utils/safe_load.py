@@ -160,8 +160,8 @@ def direct_loads_weights_only() -> Iterator[None]:
         torch.load = original
 
 
-def load_checkpoint(engine, load_dir: str, tag: str):
-    """`engine.load_checkpoint(load_dir, tag)` with every file read by `safe_load`."""
+def load_checkpoint(engine, load_dir: str, tag: str, **kwargs):
+    """`engine.load_checkpoint(load_dir, tag, **kwargs)` with every file read by `safe_load`."""
     install(engine)
     with direct_loads_weights_only():
-        return engine.load_checkpoint(load_dir, tag=tag)
+        return engine.load_checkpoint(load_dir, tag=tag, **kwargs)
