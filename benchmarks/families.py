@@ -515,15 +515,15 @@ def run_key(rec: dict) -> tuple[str, str, str]:
     return rec["family"], rec["trainer"], rec["variant"]
 
 
-def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
-    """Old runs kept in place, a new run replacing the old one with the same (family, trainer, variant)."""
+def merge_runs(old: list[dict], new: list[dict], key=run_key) -> list[dict]:
+    """Old runs kept in place, a new run replacing the old one with the same `key` (family, trainer, variant)."""
     out = list(old)
-    index = {run_key(r): i for i, r in enumerate(out)}
+    index = {key(r): i for i, r in enumerate(out)}
     for rec in new:
-        if run_key(rec) in index:
-            out[index[run_key(rec)]] = rec
+        if key(rec) in index:
+            out[index[key(rec)]] = rec
         else:
-            index[run_key(rec)] = len(out)
+            index[key(rec)] = len(out)
             out.append(rec)
     return out
 
@@ -653,6 +653,7 @@ def markdown(result: dict) -> str:
              "the pipeline counts mixtral's 2 active experts, train_ds_zero.py all parameters). Speed-up: default "
              "tokens/s over the variant's. default / hf: pipeline tokens/s over transformers + ZeRO tokens/s. "
              "A status (OOM, timeout, failed) stands where a run did not finish; — where not run.", "",
+             *(f"Note: {n}" for n in result.get("notes") or ()), *([""] if result.get("notes") else []),
              "## All runs", "", runs_table(result), ""]
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:

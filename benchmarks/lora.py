@@ -266,15 +266,7 @@ def run_key(rec: dict) -> tuple[int, int, str]:
 
 
 def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
-    out = list(old)
-    index = {run_key(r): i for i, r in enumerate(out)}
-    for rec in new:
-        if run_key(rec) in index:
-            out[index[run_key(rec)]] = rec
-        else:
-            index[run_key(rec)] = len(out)
-            out.append(rec)
-    return out
+    return families.merge_runs(old, new, key=run_key)
 
 
 def derive(runs: list[dict], matmul_tflops: float | None) -> list[dict]:
