@@ -1,9 +1,11 @@
 """Shared fixtures: tiny models converted to the pipeline layout, and a DeepSpeed launcher on CPU ranks."""
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,29 @@ def run_deepspeed(script: str, config: dict, tmp_path: Path, num_procs: int, *ex
     cmd = [deepspeed_bin(), "--num_gpus", str(num_procs), "--master_port", str(free_port()),
            str(ROOT / script), "--config", str(cfg_path), *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_background(cfg: dict, tmp_path: Path, name: str) -> subprocess.Popen:
+    """`deepspeed --num_gpus 2 train_ds.py --config tmp_path/name.yml` started in its own process group
+    (output discarded), for tests that kill it."""
+    cfg_path = tmp_path / f"{name}.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train_ds.py"),
+           "--config", str(cfg_path)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def sigkill_after_rows(proc: subprocess.Popen, save_path: Path, rows: int, timeout: float = 240) -> None:
+    """SIGKILL the whole process group of `proc` once save_path/metrics.jsonl has `rows` rows (or at `timeout`)."""
+    deadline = time.time() + timeout
+    metrics = save_path / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def run_cli(*args: str, timeout: int = 120):

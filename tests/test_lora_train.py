@@ -8,12 +8,9 @@ in-process, as `python train_ds.py --config X`, and stop before any process grou
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import yaml
 
 import train_ds
 import train_ds_zero
-from tests.conftest import ROOT, deepspeed_bin, free_port, launch_env, run_deepspeed, train_config
+from tests.conftest import ROOT, launch_background, launch_env, run_deepspeed, sigkill_after_rows, train_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 4, "alpha": 8, "target_modules": TARGETS}
@@ -156,15 +153,6 @@ def test_checkpoint_holds_adapters_and_their_optimizer_state_only(two_stage, tin
     assert "LORA.json" in json.loads((tag / "MANIFEST.json").read_text())["files"]
 
 
-def _launch(cfg: dict, tmp_path: Path, name: str):
-    path = tmp_path / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train_ds.py"),
-           "--config", str(path)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
 def test_sigkill_then_resume_reproduces_the_losses(two_stage, tiny_llama_pp, tmp_path):
     """As tests/test_resume.py for full training: kill every rank after the step-6 checkpoint, resume (base
     weights from model_path, adapters and their optimizer state from the checkpoint), same losses. The base
@@ -174,15 +162,8 @@ def test_sigkill_then_resume_reproduces_the_losses(two_stage, tiny_llama_pp, tmp
     ref = losses(two_stage[0])
     out = tmp_path / "crash"
     cfg = lora_run(pp, out)
-    proc = _launch(cfg, tmp_path, "crash")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = launch_background(cfg, tmp_path, "crash")
+    sigkill_after_rows(proc, out, 7)
     assert not (out / "checkpoint_final").exists(), "run finished before the kill; the test proves nothing"
     assert list(out.glob("global_step*")), "no periodic checkpoint was written before the kill"
 

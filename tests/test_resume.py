@@ -1,13 +1,8 @@
 """Crash-safe checkpoints and exact resume: SIGKILL every rank mid-run, resume, same losses."""
 import json
-import os
-import signal
-import subprocess
-import time
 
-import yaml
 
-from tests.conftest import ROOT, deepspeed_bin, free_port, launch_env, run_deepspeed, train_config
+from tests.conftest import launch_background, run_deepspeed, sigkill_after_rows, train_config
 
 
 def losses_by_step(save_path):
@@ -16,16 +11,6 @@ def losses_by_step(save_path):
     for r in rows:  # after a crash a step may appear twice; the resumed run's row comes last
         out[r["step"]] = r["loss"]
     return out, rows
-
-
-def launch(cfg, tmp_path, name):
-    cfg_path = tmp_path / f"{name}.yml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    env = launch_env()  # as run_deepspeed
-    cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "train_ds.py"),
-           "--config", str(cfg_path)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
 
 
 def test_sigkill_then_resume_gives_the_same_losses(tiny_llama_pp, tmp_path):
@@ -39,15 +24,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_llama_pp, tmp_path):
 
     out = tmp_path / "crash"
     cfg = train_config(pp, out, **common)
-    proc = launch(cfg, tmp_path, "crash")
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill somewhere after the step-6 checkpoint, before the end
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = launch_background(cfg, tmp_path, "crash")
+    sigkill_after_rows(proc, out, 7)  # somewhere after the step-6 checkpoint, before the end
     assert not (out / "checkpoint_final").exists(), "run finished before the kill; the test proves nothing"
     tags = sorted(p.name for p in out.glob("global_step*"))
     assert tags, "no periodic checkpoint was written before the kill"
