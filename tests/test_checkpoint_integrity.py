@@ -8,8 +8,6 @@ checkpoint, a layer file of the newest checkpoint truncated, resumed (two launch
 import hashlib
 import json
 import os
-import signal
-import time
 
 import pytest
 
@@ -283,20 +281,14 @@ def read_rows(path):
 
 @pytest.fixture(scope="module")
 def damaged_resume(tiny_llama_pp, tmp_path_factory):
-    from tests.test_resume import launch
+    from tests.conftest import launch_background, sigkill_after_rows
 
     _, pp = tiny_llama_pp
     tmp = tmp_path_factory.mktemp("ckpt_integrity")
     out = tmp / "run"
     cfg = train_config(pp, out, n_epoches=2, save_interval=2, keep_last_n=2, **{"optimizer.params.lr": 3e-3})
-    proc = launch(cfg, tmp, "crash")
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill after the second periodic checkpoint is complete, before the end
-        if len(read_rows(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = launch_background(cfg, tmp, "crash")
+    sigkill_after_rows(proc, out, 7)  # after the second periodic checkpoint is complete, before the end
     assert not (out / "checkpoint_final").exists(), "run finished before the kill; the test proves nothing"
     complete = ckpt.complete_tags(str(out))
     assert len(complete) >= 2, complete

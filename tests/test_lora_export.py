@@ -251,10 +251,7 @@ def test_deepspeed_written_lora_checkpoint_merges(tmp_path, monkeypatch):
     """The layer files as DeepSpeed's PipelineModule writes them with exclude_frozen_params (one process, gloo):
     a tied llama whose trained embedding is shared with the head."""
     import deepspeed
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    import models
     from tests.conftest import free_port
 
     spec = SPECS["llama_tied"]
@@ -264,6 +261,18 @@ def test_deepspeed_written_lora_checkpoint_merges(tmp_path, monkeypatch):
                        "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        _save_and_export_pipeline_checkpoint(tmp_path, spec)
+    finally:  # later tests run the trainers in this process: they expect no process group
+        torch.distributed.destroy_process_group()
+
+
+def _save_and_export_pipeline_checkpoint(tmp_path, spec):
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    import models
+
     cfg = json.loads((tmp_path / "pp" / "config.json").read_text())
     module = PipelineModule(models.build_pipeline_layers(cfg), num_stages=1, loss_fn=models.build_loss_fn(cfg),
                             partition_method="uniform")

@@ -19,6 +19,7 @@ import yaml
 
 import train_ds
 import train_ds_zero
+from utils.safe_load import safe_load
 from tests.conftest import ROOT, launch_background, launch_env, run_deepspeed, sigkill_after_rows, train_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -143,7 +144,7 @@ def test_checkpoint_holds_adapters_and_their_optimizer_state_only(two_stage, tin
         assert torch.load(tag / empty, weights_only=True) == {}
     state_numel = 0
     for stage_file in sorted(tag.glob("mp_rank_*_model_states.pt")):  # fp32 pipeline: the optimizer per stage
-        ckpt = torch.load(stage_file, weights_only=False)
+        ckpt = safe_load(stage_file)
         assert ckpt["module"] is None  # the pipeline's weights live in the layer files
         state_numel += adam_state_numel(ckpt["optimizer"])
     assert state_numel == sum(tensors.values())
@@ -257,10 +258,10 @@ def test_zero_trainer_trains_adapters_only_and_resumes(forked, two_stage, tiny_l
     assert sorted(resumed) == [3, 4] and all(close(resumed[s], zero[s]) for s in (3, 4)), (resumed, zero)
 
     tag = tmp / "zero" / "checkpoint_final"
-    module = torch.load(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    module = safe_load(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     names = list(module["module"])
     assert len(names) == 4 * len(TARGETS) * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in names)
-    optim = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+    optim = safe_load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
     shapes = [s for group in module["param_shapes"] for s in group.values()]
     assert sum(t.numel() for t in optim["fp32_flat_groups"]) == sum(s.numel() for s in shapes)
     assert len(shapes) == len(names)
