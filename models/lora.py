@@ -127,6 +127,12 @@ def check_targets(cfg: LoraConfig, module: nn.Module, family: str) -> None:
     if unknown:
         raise ModelError(f"lora.target_modules: {', '.join(map(repr, unknown))} not in {family}; valid names: "
                          f"{', '.join(valid)}")
+    saved = {q for q, _ in module.named_modules() if q and _own_name(q) in cfg.modules_to_save}
+    inside = sorted({_own_name(q) for q, _ in module.named_modules()
+                     if _own_name(q) in cfg.target_modules and any(q.startswith(s + ".") for s in saved)})
+    if inside:
+        raise ModelError(f"lora.modules_to_save: {', '.join(cfg.modules_to_save)} contains the targets "
+                         f"{', '.join(inside)}; a module is either trained in full or given adapters")
 
 
 def apply_lora(module: nn.Module, cfg: LoraConfig) -> list[str]:

@@ -77,7 +77,7 @@ def two_stage(tiny_llama_pp, tmp_path_factory):
 def forked(tiny_llama_pp, tmp_path_factory):
     """Single-process runs in one warm process: the pipeline trainer with LoRA (same config as two_stage, one
     stage), without LoRA (one step), with LoRA and activation checkpointing (two steps); the ZeRO-3 trainer with
-    LoRA (4 steps) and its resume from step 2."""
+    LoRA (4 steps) and its resume from step 2; LoRA with packing and ZeRO-1 CPU offload (3 steps)."""
     hf, pp = tiny_llama_pp
     tmp = tmp_path_factory.mktemp("lora_forked")
     jobs, names = [], []
@@ -93,6 +93,9 @@ def forked(tiny_llama_pp, tmp_path_factory):
                                          **{"optimizer.params.lr": 3e-3}))
     job("ckpt", "train_ds", lora_run(pp, tmp / "ckpt", dims=(1, 1), max_steps=2, save_interval=0, save_final=False,
                                      use_grad_ckpt=True))
+    job("packed_offload", "train_ds", lora_run(pp, tmp / "packed_offload", dims=(1, 1), max_steps=3, packing=True,
+                                               save_interval=0, zero_optimization={"stage": 1, "offload_optimizer":
+                                                                                   {"device": "cpu"}}))
     zero = dict(max_steps=4, keep_last_n=5, **{"optimizer.params.torch_adam": True})
     job("zero", "train_ds_zero", lora_run(hf, tmp / "zero", dims=(1, 1), **zero))
     job("zero_resume", "train_ds_zero", lora_run(hf, tmp / "zero_resume", dims=(1, 1), resume=True, **zero),
@@ -300,6 +303,7 @@ def run_main(main, cfg: dict, tmp_path: Path, capsys) -> tuple[int, str]:
     ({"quantize": "nf4"}, ["lora.quantize", "nf4", "not supported in this build"]),
     ({"r": None}, ["missing required key 'lora.r'"]),
     ({"rank": 8}, ["unknown key 'lora.rank'", "did you mean 'lora.r'"]),
+    ({"modules_to_save": ["self_attn"]}, ["lora.modules_to_save", "self_attn", "q_proj"]),
 ])
 def test_bad_lora_values_are_one_line(lora, words, tiny_llama_pp, tmp_path, capsys):
     _, pp = tiny_llama_pp
@@ -363,3 +367,14 @@ def test_resume_refuses_another_base_or_lora_section(two_stage, tiny_llama_pp, t
     del cfg["lora"]
     code, line = run_main(train_ds.main, cfg, tmp_path, capsys)
     assert code == 2 and "holds LoRA adapters" in line, line
+
+
+def test_packing_and_zero1_cpu_offload_train_the_adapters_only(forked):
+    """LoRA with packed rows and ZeRO-1 whose optimizer lives in CPU memory (DeepSpeed's CPU Adam): it trains,
+    and the final checkpoint's layer files hold the adapters only."""
+    tmp, results = forked
+    assert "packing:" in results["packed_offload"]["log"]
+    rows = losses(tmp / "packed_offload")
+    assert sorted(rows) == [1, 2, 3] and all(v == v and v < 20 for v in rows.values()), rows
+    tensors = trained_numel(tmp / "packed_offload" / "checkpoint_final")
+    assert tensors and all(k.endswith((".lora_A", ".lora_B")) for k in tensors), sorted(tensors)
