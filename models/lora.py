@@ -53,6 +53,12 @@ class LoraConfig:
                 "modules_to_save": list(self.modules_to_save), "quantize": self.quantize}
 
 
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling · B A computed in fp32, returned in W's dtype; batched over leading dims (stacked experts:
+    W [E, out, in], A [E, r, in], B [E, out, r])."""
+    return (w.float() + (b.float() @ a.float()) * scaling).to(w.dtype)
+
+
 def init_lora_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     """PEFT's default init: A kaiming-uniform (a=√5, as nn.Linear), B zeros."""
     with torch.no_grad():
@@ -85,10 +91,6 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        """scaling · B A in fp32, [out_features, in_features]."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling}"
@@ -127,12 +129,17 @@ def check_targets(cfg: LoraConfig, module: nn.Module, family: str) -> None:
     if unknown:
         raise ModelError(f"lora.target_modules: {', '.join(map(repr, unknown))} not in {family}; valid names: "
                          f"{', '.join(valid)}")
-    saved = {q for q, _ in module.named_modules() if q and _own_name(q) in cfg.modules_to_save}
+    saved = _saved_modules(module, cfg)
     inside = sorted({_own_name(q) for q, _ in module.named_modules()
                      if _own_name(q) in cfg.target_modules and any(q.startswith(s + ".") for s in saved)})
     if inside:
         raise ModelError(f"lora.modules_to_save: {', '.join(cfg.modules_to_save)} contains the targets "
                          f"{', '.join(inside)}; a module is either trained in full or given adapters")
+
+
+def _saved_modules(module: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Qualified names of the modules `cfg.modules_to_save` names (by own name): trained in full."""
+    return [q for q, _ in module.named_modules() if q and _own_name(q) in cfg.modules_to_save]
 
 
 def apply_lora(module: nn.Module, cfg: LoraConfig) -> list[str]:
@@ -153,16 +160,11 @@ def apply_lora(module: nn.Module, cfg: LoraConfig) -> list[str]:
             elif hasattr(child, "add_lora") and targets & set(child.lora_targets()):
                 child.add_lora(sorted(targets & set(child.lora_targets())), cfg)
                 wrapped.append(name)
-    save = set(cfg.modules_to_save)
-    trained_prefixes = [q for q, _ in module.named_modules() if q and _own_name(q) in save]
+    trained_prefixes = _saved_modules(module, cfg)
     for pname, p in module.named_parameters():
         trained = is_lora_name(pname) or any(pname.startswith(prefix + ".") for prefix in trained_prefixes)
         p.requires_grad_(trained)
     return wrapped
-
-
-def trainable_names(module: nn.Module) -> list[str]:
-    return [n for n, p in module.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -174,7 +176,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
             if isinstance(child, LoraLinear):
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                 dtype=child.weight.dtype, device=child.weight.device)
-                lin.weight.copy_((child.weight.float() + child.delta_weight()).to(child.weight.dtype))
+                lin.weight.copy_(merged_weight(child.weight, child.lora_A, child.lora_B, child.scaling))
                 if child.bias is not None:
                     lin.bias.copy_(child.bias)
                 setattr(parent, own, lin)
@@ -183,11 +185,12 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-def lora_state_dict(module: nn.Module, cfg: LoraConfig) -> dict[str, torch.Tensor]:
-    """The trained tensors only: adapters and `modules_to_save` parameters, by state_dict name."""
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors only: adapters and `modules_to_save` parameters, by state_dict name (adapter keys
+    that are not parameter names included: stacked experts write theirs per expert)."""
     keep = {n for n, p in module.named_parameters() if p.requires_grad}
     return {k: v for k, v in module.state_dict().items() if k in keep or is_lora_name(k)}
 
 
 __all__ = ["LoraConfig", "LoraLinear", "apply_lora", "check_targets", "init_lora_pair", "is_lora_name",
-           "lora_state_dict", "merge_lora", "trainable_names", "valid_targets"]
+           "lora_state_dict", "merge_lora", "merged_weight", "valid_targets"]

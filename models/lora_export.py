@@ -120,13 +120,13 @@ class LoraLayers:
     def trained_shapes(self, idx: int) -> dict[str, torch.Size]:
         """What the checkpoint's file of layer `idx` must hold: adapters and `modules_to_save` tensors."""
         module = self.module(idx)
-        return {k: v.shape for k, v in lora_state_dict(module, self.config).items()}
+        return {k: v.shape for k, v in lora_state_dict(module).items()}
 
     def trained(self, layer_dir: Path, idx: int) -> dict[str, torch.Tensor]:
         """The trained tensors of layer `idx` from the checkpoint, checked against the layer with adapters."""
         module = self.module(idx)
         known = {k: v.shape for k, v in module.state_dict().items()}
-        expected = {k: v.shape for k, v in lora_state_dict(module, self.config).items()}
+        expected = {k: v.shape for k, v in lora_state_dict(module).items()}
         try:
             path, state = load_layer_file(layer_dir, idx)
         except ModelError:

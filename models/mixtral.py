@@ -40,7 +40,7 @@ from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, ModelError, Mod
                      read_rope_config, split_labels)
 from .family import Family, WeightRule, even_parts, pipeline_specs
 from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, read_decoder_fields
-from .lora import LoraConfig, init_lora_pair
+from .lora import LoraConfig, init_lora_pair, merged_weight
 
 MIXTRAL_8X7B_LAYERS = 32
 DEFAULT_ROPE_THETA = 1e6  # MixtralConfig's default when config.json names none
@@ -316,8 +316,7 @@ class Experts(nn.Module):
         for w in self.lora_names:
             weight = getattr(self, w)
             a, b = getattr(self, w + "_lora_A"), getattr(self, w + "_lora_B")
-            delta = torch.bmm(b.float(), a.float()) * self.lora_scaling  # [E, out, in]
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            weight.copy_(merged_weight(weight, a, b, self.lora_scaling))
             delattr(self, w + "_lora_A")
             delattr(self, w + "_lora_B")
         self.lora_names, self.lora_scaling, self.lora_dropout = (), 1.0, nn.Identity()

@@ -176,10 +176,10 @@ def check_resume(cfg: TrainConfig, tag_dir: str) -> None:
 def merged_state_dict(module: torch.nn.Module, state: dict) -> dict:
     """A gathered state dict of `module` with every adapter merged, W + scaling·BA (in fp32, stored in W's
     dtype), and the adapter keys dropped: what transformers loads as a plain model (the ZeRO trainer's export)."""
-    from models.lora import LoraLinear, is_lora_name
+    from models.lora import LoraLinear, is_lora_name, merged_weight
 
     for name, sub in module.named_modules():
         if isinstance(sub, LoraLinear):
             w, a, b = state[f"{name}.weight"], state[f"{name}.lora_A"], state[f"{name}.lora_B"]
-            state[f"{name}.weight"] = (w.float() + sub.scaling * (b.float() @ a.float())).to(w.dtype)
+            state[f"{name}.weight"] = merged_weight(w, a, b, sub.scaling)
     return {k: v for k, v in state.items() if not is_lora_name(k)}

@@ -83,7 +83,7 @@ class PartitionedPipelineModule(PipelineModule):
         """The state_dict keys `save_checkpoint(exclude_frozen_parameters=True)` leaves out: every key that is not
         a trained tensor. DeepSpeed's own version lists frozen parameter names, which a layer whose state_dict
         renames its parameters (stacked MoE experts written per expert) does not have as keys (KeyError)."""
-        from models.lora import is_lora_name
+        from models.lora import lora_state_dict
 
-        trained = {name for name, p in layer.named_parameters() if p.requires_grad}
-        return [key for key in layer.state_dict() if key not in trained and not is_lora_name(key)]
+        kept = lora_state_dict(layer)
+        return [key for key in layer.state_dict() if key not in kept]
