@@ -16,7 +16,6 @@ Reference: transformers' `BloomForCausalLM`.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .attention import causal_block_mask, flex_usable, packed_block_mask
 from .common import (EmbeddingEnter, ModelError, ModelOptions, alibi_causal_attention, alibi_slopes, cfg_get,
-                     check_attention_backend, document_ids, make_linear, maybe_checkpoint, tied_head_fn)
+                     check_attention_backend, make_linear, maybe_checkpoint, tied_head_fn)
 from .family import Family, WeightRule, even_parts, pipeline_specs
 
 BLOOM_7B_LAYERS = 30
@@ -113,55 +113,6 @@ class BloomExit(nn.Module):
 # ALiBi through FlexAttention (compiled blocks only)
 
 COMPILE_BACKEND = "inductor"  # torch.compile backend of the blocks (the CPU gradient tests swap in aot_eager)
-NO_FLEX_BACKWARD = ("cpu", "mps")  # devices where torch 2.13's FlexAttention refuses inputs that need grad
-
-_CAUSAL_MASKS: dict[tuple[int, torch.device], BlockMask] = {}
-_LAST_PACKED: list = []  # [(weakref to position_ids, its _version, BlockMask)] of the latest packed batch
-
-
-def flex_usable(device: torch.device) -> bool:
-    """Whether FlexAttention can run a block on `device` now: anywhere without grad, else not on CPU/MPS."""
-    return device.type not in NO_FLEX_BACKWARD or not torch.is_grad_enabled()
-
-
-def _causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-    """mask_mod: query i sees key j <= i."""
-    return q_idx >= kv_idx
-
-
-def causal_block_mask(seq: int, device: torch.device) -> BlockMask:
-    """Causal `BlockMask` for `[*, *, seq, seq]` (broadcast over batch and heads), built once per (seq, device)."""
-    key = (seq, device)
-    if key not in _CAUSAL_MASKS:
-        _CAUSAL_MASKS[key] = create_block_mask(_causal, None, None, seq, seq, device=device)
-    return _CAUSAL_MASKS[key]
-
-
-def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
-    """position_ids [B, S] of packed rows -> `BlockMask` [B, 1, S, S]: key j <= query i, same document.
-
-    The same mask as `common.document_causal_mask`, as a block-sparse map plus a `mask_mod` that flex
-    evaluates only inside blocks the boundaries cut.
-    """
-    doc = document_ids(position_ids)  # (B, S)
-
-    def same_document(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
-
-    batch, seq = position_ids.shape
-    return create_block_mask(same_document, batch, None, seq, seq, device=position_ids.device)
-
-
-def packed_block_mask(position_ids: torch.Tensor) -> BlockMask:
-    """`document_block_mask`, built once per micro-batch: the blocks of a stage pass the same position_ids
-    tensor along, so the latest one (same object, not modified since) reuses its mask."""
-    if _LAST_PACKED:
-        ref, version, mask = _LAST_PACKED[0]
-        if ref() is position_ids and version == position_ids._version:
-            return mask
-    mask = document_block_mask(position_ids)
-    _LAST_PACKED[:] = [(weakref.ref(position_ids), position_ids._version, mask)]
-    return mask
 
 
 def flex_alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,

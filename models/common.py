@@ -6,6 +6,7 @@ throughout: `[batch B, seq S, hidden H]`; attention runs as `[B, heads, S, head_
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -14,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .attention import (PLAIN, attend, document_causal_mask, document_ids, flex_block_mask,  # noqa: F401
+                        varlen_cu_seqlens)
 
 IGNORE_INDEX = -100
 
@@ -96,56 +100,128 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(input_dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: `x / rms(x) · (1 + weight)` all in fp32, then cast to the input dtype; weight starts at 0."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., H] -> [..., H] in x's dtype."""
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.to(torch.float32))).to(x.dtype)
+
+
+def make_norm(size: int, eps: float, offset: bool, dtype: torch.dtype) -> nn.Module:
+    """`OffsetRMSNorm` (Gemma, `offset`) or the llama `RMSNorm` over the last `size` dims."""
+    return (OffsetRMSNorm if offset else RMSNorm)(size, eps, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters. `scaling` is None or the llama-3.1 'llama3' parameters."""
+    """Rotary embedding parameters.
+
+    head_dim: the rotated dims per head (the whole head, or its first `partial_rotary_factor` part).
+    kind: 'default', 'llama3' (llama-3.1's smooth band), 'linear' (positions divided by `factor`) or 'longrope'
+        (Phi-3: per-frequency `short_factor`s, or `long_factor`s once a row is longer than the original context).
+    scaling: the kind's parameters (None for 'default').
+    attention_factor: cos and sin are multiplied by it (longrope's magnitude correction; 1 elsewhere).
+    """
     head_dim: int
     theta: float = 10000.0
     scaling: dict | None = None
+    kind: str = "default"
+    attention_factor: float = 1.0
 
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+ROPE_TYPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                  "linear": ("factor",),
+                  "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
 
 
-def read_rope_config(cfg: dict, head_dim: int) -> RopeConfig:
-    """Read RoPE settings from config.json, in either layout.
-
-    Hub checkpoints: `rope_theta` (+ optional `rope_scaling` with `rope_type` or legacy `type`).
-    transformers >= 5 saves: `rope_parameters` holding `rope_theta`, `rope_type` and the scaling keys.
-    As in transformers, a non-empty `rope_scaling` takes precedence over `rope_parameters`, and a
-    `rope_theta` inside the chosen dict over the top-level one.
-    Types other than 'default' and 'llama3' are refused, so a model never silently trains with the
-    wrong positions.
-    """
+def rope_params(cfg: dict) -> dict:
+    """The rope dict of config.json, in either layout (a copy): a non-empty `rope_scaling` (hub checkpoints) takes
+    precedence over `rope_parameters` (transformers >= 5 saves), as in transformers."""
     params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ModelError("config.json: 'rope_parameters'/'rope_scaling' must be an object")
-    params = dict(params)
+    return dict(params)
+
+
+def read_rope_config(cfg: dict, head_dim: int, params: dict | None = None,
+                     default_theta: float = 10000.0) -> RopeConfig:
+    """Read RoPE settings from config.json (or from `params`, one layer type's rope dict).
+
+    Hub checkpoints: `rope_theta` (+ optional `rope_scaling` with `rope_type` or legacy `type`).
+    transformers >= 5 saves: `rope_parameters` holding `rope_theta`, `rope_type` and the scaling keys.
+    A `rope_theta` inside the chosen dict wins over the top-level one. `partial_rotary_factor` (top level or in
+    the dict) rotates only the first `int(head_dim * factor)` dims. Types outside `SUPPORTED_ROPE_TYPES` are
+    refused, so a model never silently trains with the wrong positions.
+    """
+    params = rope_params(cfg) if params is None else dict(params)
     theta = params.get("rope_theta", cfg.get("rope_theta"))
-    theta = float(10000.0 if theta is None else theta)
+    theta = float(default_theta if theta is None else theta)
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None:
+        if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise ModelError(f"config.json: 'partial_rotary_factor' must be in (0, 1], got {partial!r}")
+        head_dim = int(head_dim * partial)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelError(f"config.json: rope scaling type '{rope_type}' is not supported "
                          f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if rope_type == "default":
         return RopeConfig(head_dim=head_dim, theta=theta)
-    params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-    missing = [k for k in _LLAMA3_KEYS if params.get(k) is None]
+    params.setdefault("original_max_position_embeddings",
+                      cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings"))
+    missing = [k for k in ROPE_TYPE_KEYS[rope_type] if params.get(k) is None]
     if missing:
-        raise ModelError(f"config.json: rope scaling 'llama3' needs {', '.join(missing)}")
-    return RopeConfig(head_dim=head_dim, theta=theta, scaling={k: float(params[k]) for k in _LLAMA3_KEYS})
+        raise ModelError(f"config.json: rope scaling '{rope_type}' needs {', '.join(missing)}")
+    if rope_type == "longrope":
+        return read_longrope(cfg, params, head_dim, theta)
+    scaling = {k: float(params[k]) for k in ROPE_TYPE_KEYS[rope_type]}
+    return RopeConfig(head_dim=head_dim, theta=theta, scaling=scaling, kind=rope_type)
 
 
-def rope_inv_freq(rope: RopeConfig) -> torch.Tensor:
+def read_longrope(cfg: dict, params: dict, head_dim: int, theta: float) -> RopeConfig:
+    """LongRoPE as transformers' `_compute_longrope_parameters`: one factor per frequency, the attention factor
+    from `factor` (else max_position_embeddings / original) unless given."""
+    original = int(params["original_max_position_embeddings"])
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = params[key]
+        if not isinstance(values, list) or len(values) != head_dim // 2:
+            raise ModelError(f"config.json: rope scaling '{key}' must be a list of {head_dim // 2} numbers "
+                             f"(rotary dims / 2), got {len(values) if isinstance(values, list) else values!r}")
+        factors[key] = tuple(float(v) for v in values)
+    factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeConfig(head_dim=head_dim, theta=theta, kind="longrope", attention_factor=float(attention),
+                      scaling={**factors, "original_max_position_embeddings": original})
+
+
+def rope_inv_freq(rope: RopeConfig, long: bool = False) -> torch.Tensor:
     """Inverse frequencies `[head_dim // 2]` in fp32 on CPU (explicit device: safe under meta init).
 
     The 'llama3' branch reproduces transformers' `_compute_llama3_parameters`: long wavelengths are
-    divided by `factor`, short ones kept, the band in between interpolated smoothly.
+    divided by `factor`, short ones kept, the band in between interpolated smoothly. 'linear' divides every
+    frequency by `factor`; 'longrope' divides them by its short (or, `long`, its long) factors.
     """
     dim = rope.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / dim
+    if rope.kind == "longrope":
+        ext = torch.tensor(rope.scaling["long_factor" if long else "short_factor"], dtype=torch.float32,
+                           device="cpu")
+        return 1.0 / (ext * rope.theta ** exponents)
     inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.kind == "linear":
+        return inv_freq / rope.scaling["factor"]
     if rope.scaling is None:
         return inv_freq
     factor = rope.scaling["factor"]
@@ -165,11 +241,16 @@ class Rotary:
     """Computes RoPE cos/sin from position ids.
 
     Holds `inv_freq` as a plain fp32 tensor, not a module buffer, so `module.half()`/`.bfloat16()`
-    (which DeepSpeed applies to the whole model) cannot degrade the angles.
+    (which DeepSpeed applies to the whole model) cannot degrade the angles. LongRoPE keeps both sets and picks
+    per micro-batch, as transformers does per forward: the long factors once the longest row
+    (max position id + 1) exceeds the original context, chosen on the device (no host sync).
     """
 
     def __init__(self, rope: RopeConfig):
+        self.rope = rope
         self.inv_freq = rope_inv_freq(rope)
+        if rope.kind == "longrope":
+            self.inv_freq = torch.stack([self.inv_freq, rope_inv_freq(rope, long=True)])  # (2, hd/2): short, long
         self._cached: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
@@ -178,11 +259,21 @@ class Rotary:
             self._cached[device] = self.inv_freq.to(device)
         return self._cached[device]
 
+    def _inv_freq_for(self, position_ids: torch.Tensor) -> torch.Tensor:
+        inv = self.inv_freq_on(position_ids.device)
+        if self.rope.kind != "longrope":
+            return inv
+        longer = position_ids.max() + 1 > self.rope.scaling["original_max_position_embeddings"]
+        return torch.where(longer, inv[1], inv[0])
+
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S] int64 -> (cos, sin), each [B, 1, S, head_dim] in `dtype` (angles in fp32)."""
-        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq_on(position_ids.device)  # (B, S, hd/2)
+        freqs = position_ids[..., None].to(torch.float32) * self._inv_freq_for(position_ids)  # (B, S, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, hd)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope.attention_factor != 1.0:
+            cos, sin = cos * self.rope.attention_factor, sin * self.rope.attention_factor
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -192,8 +283,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, S, hd], cos/sin [B, 1, S, hd] -> rotated x (half-split llama convention)."""
-    return x * cos + rotate_half(x) * sin
+    """x [B, heads, S, hd], cos/sin [B, 1, S, r] -> x with its first r dims rotated (half-split llama
+    convention over those r dims; r < hd is partial rotary, the rest passes unchanged)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 def flash_attn_available() -> bool:
@@ -210,76 +306,15 @@ def check_attention_backend(opts: ModelOptions) -> None:
         raise ModelError("use_flash_attn: true but flash-attn is not installed")
 
 
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids [B, S] -> [B, S] int64: which document of its row each token belongs to.
-
-    A position id 0 starts a new document (packed rows restart positions per sample); right padding keeps
-    counting, so it stays in the last document, where causal attention never lets real tokens see it.
-    """
-    return (position_ids == 0).cumsum(-1)
-
-
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """position_ids [B, S] -> bool [B, 1, S, S], True where query i may attend key j: j <= i, same document."""
-    doc = document_ids(position_ids)
-    seq = position_ids.shape[-1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
-
-
-def varlen_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """position_ids [B, S] -> (cu_seqlens int32 [docs + 1], longest document) over the flattened B*S tokens.
-
-    Every row starts a document at its first token, whatever its position id, so rows never merge.
-    """
-    starts = position_ids == 0
-    starts[:, 0] = True
-    idx = torch.nonzero(starts.reshape(-1)).reshape(-1)
-    total = torch.tensor([position_ids.numel()], device=idx.device, dtype=idx.dtype)
-    cu = torch.cat([idx, total]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """flash-attn's varlen kernel over the documents of packed rows; q [B, nh, S, hd] -> [B, S, nh, hd]."""
-    from flash_attn import flash_attn_varlen_func
-    b, nh, s, hd = q.shape
-    cu, longest = varlen_cu_seqlens(position_ids)
-
-    def flat(x):
-        return x.transpose(1, 2).reshape(b * s, x.shape[1], hd)
-    out = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, longest, longest, causal=True)
-    return out.view(b, s, nh, hd)
-
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_flash_attn: bool,
                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal self-attention; without `position_ids`, with no materialised mask.
+    """Plain causal self-attention (`models.attention.attend` with no window, soft-cap or custom scale).
 
-    q [B, nh, S, hd], k/v [B, nkv, S, hd] with nh % nkv == 0 (query head j reads kv head j // (nh/nkv)).
-    Returns [B, S, nh, hd]. Right padding needs no mask: real tokens never attend to later positions.
-    `position_ids` [B, S] is given for packed rows only: attention then stays inside each document
-    (flash-attn varlen, or SDPA with `document_causal_mask`).
+    q [B, nh, S, hd], k/v [B, nkv, S, hd] with nh % nkv == 0 -> [B, S, nh, hd]. `position_ids` [B, S] is given
+    for packed rows only: attention then stays inside each document (flash-attn varlen, or SDPA with
+    `document_causal_mask`); without it no mask is materialised.
     """
-    if use_flash_attn:
-        if position_ids is not None:
-            return _flash_varlen(q, k, v, position_ids)
-        from flash_attn import flash_attn_func
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out
-    mask = None if position_ids is None else document_causal_mask(position_ids)
-    causal = mask is None
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1 and _SDPA_HAS_GQA:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-    else:
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    return out.transpose(1, 2)
+    return attend(q, k, v, PLAIN, use_flash_attn, position_ids)
 
 
 def maybe_checkpoint(module: nn.Module, fn: Callable, *args: torch.Tensor, enabled: bool) -> Any:
@@ -289,16 +324,38 @@ def maybe_checkpoint(module: nn.Module, fn: Callable, *args: torch.Tensor, enabl
     return fn(*args)
 
 
-class PreNormBlock(nn.Module):
-    """Pre-norm decoder block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`.
+# Where a block's norms sit, by role, under their HF names (None: no norm in that place). Llama's
+# "post_attention_layernorm" is the norm *before* its MLP; Gemma and OLMo-2 use that name for the norm after attention.
+NORM_LAYOUTS = {
+    "pre": {"pre_attn": "input_layernorm", "post_attn": None,
+            "pre_mlp": "post_attention_layernorm", "post_mlp": None},
+    "sandwich": {"pre_attn": "input_layernorm", "post_attn": "post_attention_layernorm",  # Gemma-2/3
+                 "pre_mlp": "pre_feedforward_layernorm", "post_mlp": "post_feedforward_layernorm"},
+    "post": {"pre_attn": None, "post_attn": "post_attention_layernorm",  # OLMo-2
+             "pre_mlp": None, "post_mlp": "post_feedforward_layernorm"},
+    "glm4": {"pre_attn": "input_layernorm", "post_attn": "post_self_attn_layernorm",
+             "pre_mlp": "post_attention_layernorm", "post_mlp": "post_mlp_layernorm"},
+}
 
-    `h += attn(norm1(h), rope(position_ids)); h += mlp(norm2(h))`. Subclasses create `input_layernorm`,
-    the attention under `attn_name` (its HF name), `post_attention_layernorm`, `mlp` and `rotary`, and
-    call `set_options(opts)`; RoPE angles come from `position_ids`, so right-padded batches need no mask.
+
+def _norm_or_identity(block: nn.Module, name: str | None, x: torch.Tensor) -> torch.Tensor:
+    return x if name is None else getattr(block, name)(x)
+
+
+class PreNormBlock(nn.Module):
+    """Residual decoder block: `(hidden [B,S,H], position_ids [B,S])` -> `(hidden, position_ids)`.
+
+    `h += post_attn(attn(pre_attn(h), rope(position_ids))); h += post_mlp(mlp(pre_mlp(h)))`, the norms placed as
+    `norm_layout` says (`NORM_LAYOUTS`; llama's pre-norm by default). Subclasses create the norms under their HF
+    names, the attention under `attn_name` (its HF name, with an `AttentionSpec` as `spec`), `mlp` and `rotary`,
+    and call `set_options(opts)`; RoPE angles come from `position_ids`, so right-padded batches need no mask.
     With `use_grad_ckpt` the whole block is recomputed in backward; with `packed_sequences` attention
-    stays inside each document; with `compile_blocks` the block's math runs through `torch.compile`.
+    stays inside each document; with `compile_blocks` the block's math runs through `torch.compile`, and
+    attention that needs a mask (a window shorter than the row, a soft-cap, packed rows) through FlexAttention
+    with a block mask built outside the graph.
     """
     attn_name = "self_attn"
+    norm_layout = "pre"
     rope_in_fp32 = False  # angles in fp32 whatever the compute dtype (Baichuan2 does this)
     use_grad_ckpt = packed_sequences = compile_blocks = False
 
@@ -310,22 +367,38 @@ class PreNormBlock(nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
         self.rotary.inv_freq_on(position_ids.device)  # no dict mutation inside a compiled/checkpointed region
-        run = compiled_block() if self.compile_blocks else _run_block
-        return run(self, hidden, position_ids), position_ids
+        if not self.compile_blocks:
+            return _run_block(self, hidden, position_ids), position_ids
+        return compiled_block()(self, hidden, position_ids, self.flex_mask(position_ids)), position_ids
 
-    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def flex_mask(self, position_ids: torch.Tensor):
+        """The FlexAttention `BlockMask` of a compiled block, or None (plain SDPA, flash-attn, CPU with grad)."""
+        attn = getattr(self, self.attn_name)
+        spec = getattr(attn, "spec", None)
+        if spec is None or getattr(attn, "use_flash_attn", False):
+            return None
+        return flex_block_mask(spec, position_ids, self.packed_sequences)
+
+    def _block(self, hidden: torch.Tensor, position_ids: torch.Tensor, block_mask=None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(position_ids, torch.float32 if self.rope_in_fp32 else hidden.dtype)
         attn = getattr(self, self.attn_name)
         docs = position_ids if self.packed_sequences else None
-        hidden = hidden + attn(self.input_layernorm(hidden), cos, sin, docs)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        norms = NORM_LAYOUTS[self.norm_layout]
+        mask_kw = {} if block_mask is None else {"block_mask": block_mask}
+        out = attn(_norm_or_identity(self, norms["pre_attn"], hidden), cos, sin, docs, **mask_kw)
+        hidden = hidden + _norm_or_identity(self, norms["post_attn"], out)
+        out = self.mlp(_norm_or_identity(self, norms["pre_mlp"], hidden))
+        return hidden + _norm_or_identity(self, norms["post_mlp"], out)
 
 
-def _run_block(block: PreNormBlock, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def _run_block(block: PreNormBlock, hidden: torch.Tensor, position_ids: torch.Tensor,
+               block_mask=None) -> torch.Tensor:
     """The block, recomputed in backward with `use_grad_ckpt`. Compiled, the checkpoint is traced inside the
     graph (compiling the function that checkpoints, not checkpointing a compiled function, which fails
     torch.utils.checkpoint's recomputation check)."""
-    return maybe_checkpoint(block, block._block, hidden, position_ids, enabled=block.use_grad_ckpt)
+    if block_mask is None:
+        return maybe_checkpoint(block, block._block, hidden, position_ids, enabled=block.use_grad_ckpt)
+    return maybe_checkpoint(block, block._block, hidden, position_ids, block_mask, enabled=block.use_grad_ckpt)
 
 
 _COMPILED: list = []
@@ -346,18 +419,23 @@ def compiled_block() -> Callable:
 class EmbeddingEnter(nn.Module):
     """Enter layer: `(input_ids [B,S] int64, position_ids [B,S] int64)` -> `(hidden [B,S,H], position_ids)`.
 
-    `padding_idx` follows HF (its row gets no gradient), so gradients match `LlamaForCausalLM`.
+    `padding_idx` follows HF (its row gets no gradient), so gradients match `LlamaForCausalLM`. `scale` (Gemma:
+    √hidden) multiplies the looked-up rows, rounded to the weight's dtype first as transformers does.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, padding_idx: int | None, init_std: float,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, scale: float | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size, padding_idx=padding_idx, dtype=dtype)
         nn.init.normal_(self.embed_tokens.weight, std=init_std)
+        self.scale = scale
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, position_ids = inputs
-        return self.embed_tokens(input_ids).contiguous(), position_ids.contiguous()
+        hidden = self.embed_tokens(input_ids)
+        if self.scale is not None:
+            hidden = hidden * torch.tensor(self.scale, dtype=torch.float32).to(hidden.dtype)
+        return hidden.contiguous(), position_ids.contiguous()
 
 
 class NormHeadExit(nn.Module):
@@ -370,10 +448,12 @@ class NormHeadExit(nn.Module):
     """
 
     def __init__(self, hidden_size: int, vocab_size: int | None, eps: float, init_std: float,
-                 dtype: torch.dtype = torch.float32, fused: bool = False):
+                 dtype: torch.dtype = torch.float32, fused: bool = False, offset_norm: bool = False,
+                 softcap: float | None = None):
         super().__init__()
-        self.norm = RMSNorm(hidden_size, eps, dtype=dtype)
+        self.norm = make_norm(hidden_size, eps, offset_norm, dtype)
         self.fused = fused
+        self.softcap = softcap
         if vocab_size is not None:
             self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=dtype)
             nn.init.normal_(self.lm_head.weight, std=init_std)
@@ -382,12 +462,19 @@ class NormHeadExit(nn.Module):
         hidden = self.norm(inputs[0])
         if not hasattr(self, "lm_head"):
             return hidden
-        return (hidden, self.lm_head.weight) if self.fused else self.lm_head(hidden)
+        if self.fused:
+            return hidden, self.lm_head.weight
+        return softcap_logits(self.lm_head(hidden), self.softcap)
 
 
-def tied_lm_head(enter: EmbeddingEnter, hidden: torch.Tensor) -> torch.Tensor:
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap · tanh(logits / cap)` (Gemma-2's final soft-cap), or `logits` when `cap` is None."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def tied_lm_head(enter: EmbeddingEnter, hidden: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """`forward_fn` of the trailing tied spec: hidden [B,S,H] @ embed_tokens.weightᵀ -> logits [B,S,V]."""
-    return F.linear(hidden, enter.embed_tokens.weight)
+    return softcap_logits(F.linear(hidden, enter.embed_tokens.weight), softcap)
 
 
 def tied_head_weight(enter: EmbeddingEnter, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,8 +482,12 @@ def tied_head_weight(enter: EmbeddingEnter, hidden: torch.Tensor) -> tuple[torch
     return hidden, enter.embed_tokens.weight
 
 
-def tied_head_fn(opts: ModelOptions) -> Callable:
-    return tied_head_weight if opts.fused_head_loss else tied_lm_head
+def tied_head_fn(opts: ModelOptions, softcap: float | None = None) -> Callable:
+    """The trailing tied spec's `forward_fn`; with a final soft-cap the unfused head applies it (the fused loss
+    applies it itself: `CausalLMLoss(softcap=...)`)."""
+    if opts.fused_head_loss:
+        return tied_head_weight
+    return functools.partial(tied_lm_head, softcap=softcap) if softcap else tied_lm_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +508,12 @@ def head_chunk_rows(vocab: int, budget_bytes: int = 1 << 30) -> int:
     return max(1, budget_bytes // (4 * vocab))
 
 
-def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, write_grad: bool) -> torch.Tensor:
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, write_grad: bool,
+                softcap: float = 0.0) -> torch.Tensor:
     """One chunk: logits [c, V] (compute dtype), targets [c] -> Σ CE (+ z·Σ max²), fp32 scalar.
+
+    `softcap` (> 0): the loss is taken on `softcap · tanh(logits / softcap)` (in fp32), and the gradient
+    written back is with respect to the raw logits (times 1 − tanh²).
 
     With `write_grad`, `logits` is overwritten in place with d loss / d logits: softmax − onehot (+ 2·z·max
     at the argmax), zero on ignored rows, computed in fp32 and stored in the compute dtype, as the unfused
@@ -426,6 +521,9 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, wr
     it into two passes over the chunk (reductions, then the gradient) with no fp32 `[c, V]` temporaries.
     """
     x = logits.float()
+    if softcap:
+        t = torch.tanh(x / softcap)
+        x = t * softcap
     valid = targets != IGNORE_INDEX
     safe_t = torch.where(valid, targets, 0)
     lse = torch.logsumexp(x, dim=-1)
@@ -440,6 +538,8 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, wr
     g = torch.exp(x - lse[:, None]) - (cols == safe_t[:, None]).to(torch.float32)
     if z_weight:
         g = g + (cols == top_idx[:, None]).to(torch.float32) * (2.0 * z_weight * top)[:, None]
+    if softcap:
+        g = g * (1.0 - t * t)
     logits.copy_(g * valid[:, None])
     return total
 
@@ -469,7 +569,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_weight: float, chunk: int):
+    def forward(ctx, hidden, weight, targets, z_weight: float, chunk: int, softcap: float = 0.0):
         rows = hidden.shape[0]
         needs_grad = hidden.requires_grad or weight.requires_grad
         run = chunk_loss_fn(hidden.device)
@@ -482,7 +582,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = torch.mm(h, weight.t(), out=grad_logits[start:start + chunk])
             else:
                 logits = h @ weight.t()
-            total += run(logits, targets[start:start + chunk], z_weight, needs_grad)
+            total += run(logits, targets[start:start + chunk], z_weight, needs_grad, softcap)
         ctx.save_for_backward(grad_logits, hidden, weight)
         return total
 
@@ -492,18 +592,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out.to(hidden.dtype)
         gh = (grad_logits @ weight).mul_(scale) if ctx.needs_input_grad[0] else None
         gw = (grad_logits.t() @ hidden).mul_(scale) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                 z_weight: float = 0.0, chunk: int | None = None) -> torch.Tensor:
+                                 z_weight: float = 0.0, chunk: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     """hidden [N, H], weight [V, H], targets [N] (-100 = ignore) -> Σ CE (+ z·Σ max_logit²), fp32 scalar.
 
     Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` in value and
-    gradients, without the `[N, V]` logits ever existing whole (see `_LinearCrossEntropy`).
+    gradients (with `softcap`, of the soft-capped logits), without the `[N, V]` logits ever existing whole
+    (see `_LinearCrossEntropy`).
     """
     chunk = chunk or head_chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(z_weight), int(chunk))
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(z_weight), int(chunk), float(softcap or 0.0))
 
 
 class CausalLMLoss:
@@ -517,8 +619,9 @@ class CausalLMLoss:
     """
     __name__ = "causal_lm_loss"
 
-    def __init__(self, z_loss_weight: float = 0.0):
+    def __init__(self, z_loss_weight: float = 0.0, softcap: float | None = None):
         self.z_loss_weight = float(z_loss_weight)
+        self.softcap = softcap  # a fused Exit's logits are soft-capped here (an unfused Exit caps its own)
 
     def __call__(self, outputs: torch.Tensor | tuple, labels: torch.Tensor | tuple) -> torch.Tensor:
         labels, scale = split_labels(labels)
@@ -530,7 +633,7 @@ class CausalLMLoss:
         if fused:
             hidden, weight = outputs
             loss = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shifted,
-                                                self.z_loss_weight) / count
+                                                self.z_loss_weight, softcap=self.softcap) / count
         else:
             flat = outputs.reshape(-1, outputs.shape[-1]).float()  # (B*S, V)
             loss = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum") / count
@@ -543,8 +646,8 @@ class CausalLMLoss:
 
 
 def causal_lm_loss_fn(args: Any, opts: ModelOptions) -> CausalLMLoss:
-    """Family.loss_fn for plain decoder LMs (no MoE aux loss)."""
-    return CausalLMLoss(opts.aux_max_z_loss_weight)
+    """Family.loss_fn for plain decoder LMs (no MoE aux loss); `args.final_softcap` where the family has one."""
+    return CausalLMLoss(opts.aux_max_z_loss_weight, getattr(args, "final_softcap", None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,6 +129,16 @@ def check_targets(cfg: LoraConfig, module: nn.Module, family: str) -> None:
     if unknown:
         raise ModelError(f"lora.target_modules: {', '.join(map(repr, unknown))} not in {family}; valid names: "
                          f"{', '.join(valid)}")
+    names = sorted({_own_name(q) for q, m in module.named_modules()
+                    if q and not _own_name(q).isdigit() and next(m.parameters(), None) is not None})
+    missing = [m for m in cfg.modules_to_save if m not in names]
+    if missing:
+        import difflib
+
+        hints = [f"{m!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(m, names, n=1)) else repr(m)
+                 for m in missing]
+        raise ModelError(f"lora.modules_to_save: {', '.join(hints)} not in {family}; modules with weights: "
+                         f"{', '.join(names)}")
     saved = _saved_modules(module, cfg)
     inside = sorted({_own_name(q) for q, _ in module.named_modules()
                      if _own_name(q) in cfg.target_modules and any(q.startswith(s + ".") for s in saved)})

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 
+from .attention import AttentionSpec
 from .common import (IGNORE_INDEX, CausalLMLoss, EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, RMSNorm,
                      RopeConfig, Rotary, cfg_get, check_attention_backend, make_linear, maybe_checkpoint,
                      read_rope_config, split_labels)
@@ -70,6 +71,14 @@ class MixtralArgs:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     attention_bias: bool = False
+    qkv_bias: bool | None = None  # the llama attention flags mixtral leaves at llama's math
+    qk_norm: str | None = None
+    offset_norm: bool = False
+    fused_qkv: bool = False
+
+    def spec(self, layer: int) -> AttentionSpec:
+        """Every layer attends within `sliding_window` when the config sets one (as transformers' mixtral)."""
+        return AttentionSpec(window=self.sliding_window)
 
 
 def read_config(cfg: dict) -> MixtralArgs:

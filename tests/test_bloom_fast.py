@@ -17,7 +17,7 @@ import torch.nn.attention.flex_attention as flex_module
 from torch._dynamo.utils import counters
 
 from models import ModelOptions, load_sequential
-from models import bloom
+from models import attention, bloom
 from models.bloom import BloomBlock, read_config
 from models.common import alibi_causal_attention, document_causal_mask
 from models.convert import WeightMapper, hg_to_pp
@@ -63,7 +63,7 @@ def recorder(monkeypatch) -> GraphRecorder:
 def flex_on_cpu(monkeypatch, recorder) -> GraphRecorder:
     """FlexAttention allowed to take CPU inputs that need grad (see the module docstring)."""
     monkeypatch.setattr(flex_module, "_validate_device", lambda query, key, value: None)
-    monkeypatch.setattr(bloom, "NO_FLEX_BACKWARD", ())
+    monkeypatch.setattr(attention, "NO_FLEX_BACKWARD", ())
     return recorder
 
 
