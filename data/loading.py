@@ -587,11 +587,13 @@ class JsonlSamples:
 
     def __init__(self, path: str | os.PathLike, visit: Visitor | None = None):
         self.path = os.fspath(path)
+        self._seen = _identity(self.path)
         self._offsets = array("q", (offset for offset, _, _ in _scan_jsonl(self.path, visit)))
         if not self._offsets:
             raise DataError(f"{self.path}: no samples")
         self._handle = None
         self._pid = None
+        self._last = None
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -600,7 +602,17 @@ class JsonlSamples:
         offset = self._offsets[index]
         handle = self._file()
         handle.seek(offset)
-        return normalize_record(parse_json(handle.readline().decode("utf-8-sig")))[1]
+        try:
+            sample = normalize_record(parse_json(handle.readline().decode("utf-8-sig")))[1]
+        except (ValueError, FieldError) as exc:  # JSONSyntaxError, UnicodeDecodeError, a foreign record
+            if _identity(self.path) != self._seen and self._last is not None:
+                # Rewritten during the run: the step finishes on the last good sample, and the loop's DataWatch
+                # stops the run at the step boundary with a checkpoint (utils.run_fingerprint).
+                return self._last
+            raise DataError(f"{self.path}: sample {index} (byte {offset}) no longer reads as it did when the file "
+                            f"was loaded ({exc}); was the file changed?") from None
+        self._last = sample
+        return sample
 
     def _file(self):
         if self._handle is None or self._pid != os.getpid():
@@ -621,13 +633,15 @@ class JsonlSamples:
 class ParquetSamples:
     """The samples of a validated parquet file: (row group, row) per sample, row groups read back on access.
 
-    Holds 6 bytes per sample plus, per process, the decoded row groups last used (up to `cache_bytes`
+    Holds 8 bytes per sample plus, per process, the decoded row groups last used (up to `cache_bytes`
     of Arrow data; a file smaller than that is read once). Items are normalized records.
     """
 
     def __init__(self, path: str | os.PathLike, visit: Visitor | None = None, cache_bytes: int = 256 << 20):
         self.path = os.fspath(path)
-        self._groups, self._rows = array("H"), array("I")
+        self._seen = _identity(self.path)
+        self._last = None
+        self._groups, self._rows = array("I"), array("I")
         for index, (group, row, values) in enumerate(iter_parquet_rows(self.path)):
             sample = validate_record(self.path, index, None, values)
             if visit is not None:
@@ -655,8 +669,16 @@ class ParquetSamples:
         return table
 
     def __getitem__(self, index: int) -> dict:
-        row = self._group(self._groups[index]).slice(self._rows[index], 1).to_pylist()[0]
-        return normalize_record(_drop_nulls(row))[1]
+        try:
+            row = self._group(self._groups[index]).slice(self._rows[index], 1).to_pylist()[0]
+            sample = normalize_record(_drop_nulls(row))[1]
+        except Exception as exc:  # pyarrow's errors of a file rewritten since it was loaded
+            if _identity(self.path) != self._seen and self._last is not None:
+                return self._last  # as JsonlSamples: the loop stops at the step boundary
+            raise DataError(f"{self.path}: sample {index} no longer reads as it did when the file was loaded "
+                            f"({exc}); was the file changed?") from None
+        self._last = sample
+        return sample
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -92,7 +92,8 @@ def save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch:
     if rank == 0:
         ckpt.mark_complete(cfg["save_path"], tag, {"step": step, "epoch": epoch, "samples": step * plan.tbs,
                                                     "trainer": trainer.name, "dims": trainer.dims(cfg, plan.world),
-                                                    **trainer.checkpoint_info()})
+                                                    **trainer.checkpoint_info(),
+                                                    **({"fingerprint": plan.fingerprint} if plan.fingerprint else {})})
         removed = ckpt.prune(cfg["save_path"], cfg["keep_last_n"])
         log(f"saved checkpoint {tag_dir} (step {step})" + (f", pruned {', '.join(removed)}" if removed else ""), rank)
     dist.barrier()

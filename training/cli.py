@@ -1,8 +1,9 @@
 """Arguments and config in, exit code out, for both trainers.
 
-Exit codes: 0 done; 2 a user error or a refused checkpoint file (one `error:` line, no traceback); 3 too many
-consecutive non-finite steps; 130 / 143 stopped by SIGINT / SIGTERM or the launcher's exit (utils.preempt),
-after writing a checkpoint.
+Exit codes: 0 done; 2 a user error or a refused checkpoint file (one `error:` line, no traceback, printed by
+rank 0 when every rank finds it before the process group), or a data file changed during the run (after a
+checkpoint); 3 too many consecutive non-finite steps; 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM or
+the launcher's exit (utils.preempt), after writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -36,22 +37,33 @@ def run_cli(trainer, description: str, argv=None) -> int:
     from utils.checkpoint import CheckpointError
     from utils.guard import BadStepsError
 
+    from utils import save_path
+
     restore_signals = preempt.install()
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return train(cfg, trainer)
     except preempt.Stopped as e:  # the step's checkpoint is written: one line, no traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            log(str(e), 0)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr) if e.is_error else log(str(e), 0)
         return e.code
     except (ConfigError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0 or _after_init():  # before the process group every rank finds the same: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
-        if not (e.every_rank and int(os.environ.get("RANK", "0")) != 0):
+        if not (e.every_rank and rank != 0):
             print(f"error: {e}", file=sys.stderr)
         return 2
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     finally:
+        save_path.release()
         restore_signals()
+
+
+def _after_init() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

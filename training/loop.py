@@ -22,6 +22,7 @@ def train(cfg: TrainConfig, trainer) -> int:
     from training.distributed import init_distributed
     from utils import preempt
     from utils.guard import BadStepCounter
+    from utils.run_fingerprint import DataWatch
     from utils.metrics import MetricsWriter, peak_mem_gib, step_row, write_rank_stats
 
     plan = plan_run(cfg, trainer)  # everything a user can get wrong, before the first collective
@@ -35,6 +36,7 @@ def train(cfg: TrainConfig, trainer) -> int:
     evaluator = evaluate.Evaluator(cfg, plan, trainer, device) if plan.eval_dataset is not None else None
     shown_eval = {}  # the last eval loss, in the progress bar
     bad_steps = BadStepCounter(cfg["max_bad_steps"])
+    watch = DataWatch(list(plan.data_identity or {}), plan.data_identity)  # a data file rewritten mid-run
     metrics = bar = None
     if trainer.reporter:
         from tqdm import tqdm
@@ -54,6 +56,7 @@ def train(cfg: TrainConfig, trainer) -> int:
         if feeder is not None:
             feeder.start_epoch(epoch, step - epoch * spe)
         for _ in range(step - epoch * spe, spe):
+            lr = engine.get_lr()[0]  # this step's: DeepSpeed steps the scheduler after the optimizer
             t0 = time.perf_counter()
             if step + 1 == cfg["profile_step"]:
                 from utils.profile import profile_call
@@ -69,7 +72,7 @@ def train(cfg: TrainConfig, trainer) -> int:
             if skipped and rank == 0:
                 log(f"step {step}: loss {loss}, gradient norm {norm}: optimizer step skipped", rank)
             if metrics is not None:
-                row = step_row(step, epoch, loss, engine.get_lr()[0], norm, skipped, dt, feeder, plan.tbs, plan.dp,
+                row = step_row(step, epoch, loss, lr, norm, skipped, dt, feeder, plan.tbs, plan.dp,
                                flops_per_token_per_gpu, peak_mem_gib(device))
                 row.update(extra)
                 metrics.write(row)
@@ -79,6 +82,8 @@ def train(cfg: TrainConfig, trainer) -> int:
                 bar.update(1)
             if not engine.fp16_enabled():
                 bad_steps.update(step, norm)  # raises BadStepsError past max_bad_steps in a row
+            if step < total_steps and (changed := watch.changed()):
+                preempt.request(preempt.DATA_CHANGED, changed)
             stop = preempt.agreed(device) if step < total_steps else 0  # a signal on any rank: all stop now
             if step < total_steps and (stop or cfg["save_interval"] and step % cfg["save_interval"] == 0):
                 save_checkpoint(cfg, trainer, plan, f"global_step{step}", step, epoch)

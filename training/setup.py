@@ -33,6 +33,8 @@ class Plan:
     total_steps: int
     resume_tag: str | None
     eval_dataset: Any = None  # eval_data_path's samples or eval_ratio's held-out share (never trained on)
+    fingerprint: dict | None = None  # utils.run_fingerprint of this run (rank 0 only: it writes the markers)
+    data_identity: dict | None = None  # (size, mtime_ns) of each data file before it was read (DataWatch)
 
 
 def plan_run(cfg: TrainConfig, trainer) -> Plan:
@@ -41,16 +43,34 @@ def plan_run(cfg: TrainConfig, trainer) -> Plan:
     from training.checkpoints import choose_resume_tag
     from utils.train_data import BatchPlan
 
+    from utils import run_fingerprint, save_path
+
     world = launched_world_size()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     trainer.check(cfg, world)
     preflight(cfg, trainer.name)  # optimizer present, ZeRO stage allowed, save_path writable
+    if rank0:
+        save_path.acquire(cfg["save_path"])  # one live run per save_path (released by run_cli)
+    previous = [] if cfg["resume"] else save_path.check_fresh(cfg["save_path"], cfg["overwrite"])
     dp = trainer.data_parallel(cfg, world)
     ds = copy.deepcopy(dict(cfg.ds))
     applied = speed_defaults(ds)
-    if applied and int(os.environ.get("RANK", "0")) == 0:
+    if applied and rank0:
         log(f"speed defaults (unset in the config): {', '.join(applied)}")
     tbs, mbs, gas = resolve_batch(ds, dp)
+    files = [] if cfg["synthetic_data"] else run_fingerprint.data_paths(cfg["data_path"])
+    files += run_fingerprint.data_paths(cfg["eval_data_path"])
+    for key in ("data_path", "eval_data_path"):
+        if key == "data_path" and cfg["synthetic_data"]:
+            continue
+        for path in run_fingerprint.data_paths(cfg[key]):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{key}: file not found: {path}")
+    identities = {path: run_fingerprint.identity(path) for path in files}
+    fingerprint = run_fingerprint.of_run(cfg, tbs, mbs, gas, dp) if rank0 else None
     resume_tag = choose_resume_tag(cfg, trainer, world)
+    if resume_tag is not None and fingerprint is not None:
+        check_fingerprint(cfg, resume_tag, fingerprint)
     model = trainer.prepare_model(cfg, resuming=resume_tag is not None)
     tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
@@ -67,8 +87,35 @@ def plan_run(cfg: TrainConfig, trainer) -> Plan:
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
     fill_scheduler_steps(ds, total_steps)
+    if fingerprint is not None:
+        fingerprint.update(samples=len(dataset), steps_per_epoch=steps_per_epoch)
+    if previous and rank0:  # overwrite: true, every user error checked: the old run's files go aside, whole
+        moved = save_path.move_aside(cfg["save_path"])
+        log(f"overwrite: the previous run's files ({save_path.describe(previous)}) moved to {moved}")
     return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag,
-                eval_dataset)
+                eval_dataset, fingerprint, identities)
+
+
+def check_fingerprint(cfg: TrainConfig, tag: str, fingerprint: dict) -> None:
+    """Refuse to resume checkpoint `tag` when its run fingerprint (utils.run_fingerprint) differs from this
+    run's, naming what changed; with `resume_allow_changes: true` say it in one warning and go on."""
+    from utils import checkpoint as ckpt
+    from utils import run_fingerprint
+
+    info = ckpt.read_info(cfg["save_path"], tag)
+    old = info.get("fingerprint")
+    if not isinstance(old, dict):
+        return  # written before fingerprints existed
+    diffs = run_fingerprint.changes(old, fingerprint)
+    if not diffs:
+        return
+    where = os.path.join(cfg["save_path"], tag)
+    if not cfg["resume_allow_changes"]:
+        raise ConfigError(f"resume: since checkpoint {where} was saved: {'; '.join(diffs)}; its data position (step "
+                          f"{info.get('step')}) would continue on other data: set resume_allow_changes: true to "
+                          f"continue anyway, or start again (resume: false, overwrite: true or a new save_path)")
+    log(f"warning: resume_allow_changes: since checkpoint {where} was saved: {'; '.join(diffs)}; "
+        f"{run_fingerprint.position_note(old, int(info.get('step', 0)))}", 0)
 
 
 def speed_defaults(ds: dict) -> list[str]:

@@ -15,6 +15,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
@@ -64,6 +65,8 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "keep_last_n": ((int,), 2, "periodic checkpoints kept (the newest complete one is never pruned)"),
     "max_bad_steps": ((int,), 5, "consecutive NaN/Inf steps tolerated before stopping (bf16/fp32)"),
     "resume": ((bool,), False, "continue from the newest complete checkpoint in save_path"),
+    "overwrite": ((bool,), False, "resume: false into a save_path that holds another run's checkpoints or metrics: move them into save_path/replaced-<time>/ and start again (without it such a run is refused)"),
+    "resume_allow_changes": ((bool,), False, "resume: true although the data files, tokenizer, seed or batch geometry differ from the checkpoint's run fingerprint (one warning naming the change; without it the resume is refused)"),
     "seed": ((int,), 42, "seed for init, shuffling and dropout"),
     "trust_remote_code": ((bool,), False, "allow the tokenizer's remote code"),
     "num_workers": ((int,), 1, "DataLoader workers that tokenize"),
@@ -204,6 +207,7 @@ def validate(raw: dict, path: str = "<config>") -> TrainConfig:
     if isinstance(optimizer, dict) and "no_wd_kws" in optimizer:
         ours["optimizer.no_wd_kws"] = optimizer["no_wd_kws"]
         ds["optimizer"] = {k: copy.deepcopy(v) for k, v in optimizer.items() if k != "no_wd_kws"}
+    given = set(ours) | ({"lora"} if isinstance(raw.get("lora"), dict) else set())  # keys the user wrote
     for key, (types, default, _help) in OUR_KEYS.items():
         if key not in ours:
             if default is REQUIRED:
@@ -211,12 +215,12 @@ def validate(raw: dict, path: str = "<config>") -> TrainConfig:
             ours[key] = copy.deepcopy(default)
         elif ours[key] is not None or default is not None:
             _check_type(key, ours[key], types, path)
-    _check_values(ours, ds, path)
+    _check_values(ours, ds, path, given)
     check_deepspeed(ds, path)
     return TrainConfig(ours=ours, ds=ds, path=path, raw=raw)
 
 
-def _check_values(ours: dict, ds: dict, path: str) -> None:
+def _check_values(ours: dict, ds: dict, path: str, given: set | None = None) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{path}: {msg}")
@@ -249,9 +253,15 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
     need(not isinstance(ours["data_path"], list) or all(isinstance(p, str) and p for p in ours["data_path"]),
          f"data_path: expected a file path or a list of file paths, got {ours['data_path']!r}")
     _check_eval(ours, need)
-    _check_lora(ours, need)
-    for kw in ours["optimizer.no_wd_kws"]:
+    _check_lora(ours, need, given)
+    for i, kw in enumerate(ours["optimizer.no_wd_kws"]):
         need(isinstance(kw, str), f"optimizer.no_wd_kws: expected a list of regex strings, got {kw!r}")
+        try:
+            re.compile(kw)
+        except re.error as e:
+            need(False, f"optimizer.no_wd_kws[{i}]: {kw!r} is not a valid regex ({e})")
+    need(0 <= ours["seed"] < 2**32, f"seed: must be in [0, 2**32) (it seeds torch, numpy and the sample order), "
+                                   f"got {ours['seed']}")
     need("train_batch_size" in ds or "train_micro_batch_size_per_gpu" in ds,
          "missing train_batch_size (global batch, samples) and/or train_micro_batch_size_per_gpu")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -260,11 +270,15 @@ def _check_values(ours: dict, ds: dict, path: str) -> None:
                  f"{key}: expected a positive integer, got {ds[key]!r}")
 
 
-def _check_lora(ours: dict, need) -> None:
-    """The `lora:` section: r and target_modules when any lora key is set, their ranges; quantize refused."""
-    given = sorted(k for k in OUR_KEYS if k.startswith("lora.") and ours[k] != OUR_KEYS[k][1])
-    if not given:
+def _check_lora(ours: dict, need, written: set | None = None) -> None:
+    """The `lora:` section: r and target_modules when the section or any lora key is written (even at its
+    default: `lora: {dropout: 0.0}` must not train the full model), their ranges; targets and modules_to_save
+    disjoint; quantize refused."""
+    written = written if written is not None else set()
+    given = sorted(k for k in OUR_KEYS if k.startswith("lora.") and (ours[k] != OUR_KEYS[k][1] or k in written))
+    if not given and "lora" not in written:
         return
+    given = given or ["lora: {}"]
     quantize = ours["lora.quantize"]
     need(quantize in (None, "nf4"), f"lora.quantize: expected nf4 (reserved), got {quantize!r}")
     need(quantize is None, "lora.quantize: nf4 (4-bit base weights, QLoRA) is not supported in this build; "
@@ -281,6 +295,9 @@ def _check_lora(ours: dict, need) -> None:
     saved = ours["lora.modules_to_save"]
     need(all(isinstance(t, str) and t for t in saved),
          f"lora.modules_to_save: expected a list of module names, got {saved!r}")
+    both = sorted(set(targets) & set(saved))
+    need(not both, f"lora.target_modules and lora.modules_to_save both name {', '.join(both)}; a module either gets "
+                   f"adapters (target_modules) or is trained in full (modules_to_save), not both")
     need(not ours["from_scratch"], "lora: needs pretrained base weights (they stay frozen); from_scratch: true "
                                    "would train adapters on a random model: remove one of them")
 
