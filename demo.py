@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.chat import TEMPLATE_CHOICES, chat_ids, chat_prompt, chat_template_of, end_of_turn_id, sample_to_messages
+from data.chat import TEMPLATE_CHOICES, chat_prompt, chat_stop_ids as _chat_stop_ids, chat_template_of, sample_to_messages
 from data.render import _segment_ids, eos_id_of, load_tokenizer
 from data.schema import DataError
 from data.templates import (EOS, NEXT_ANSWER_TAG, TEMPLATES, Segment, call_expression, conversation_prompt,
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="Hugging Face model directory (convert_model.py pp_to_hg)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory (convert_model.py pp_to_hg "
                                                     "--adapter-only) applied to --model-path, its base model")
+    p.add_argument("--any-base", action="store_true",
+                   help="apply --adapter even when the base weights it records (adapter_base.json) differ from "
+                        "--model-path's")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--instruct", metavar="TEXT", help="answer one instruction (instruct template)")
     mode.add_argument("--chat", action="store_true", help="multi-turn conversation, user lines from stdin")
@@ -210,14 +213,13 @@ def build_chat_prompt(tokenizer, sample: dict) -> Prompt:
 
 
 def chat_stop_ids(tokenizer) -> frozenset[int]:
-    """The chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`), found by rendering a one-round
-    conversation; nothing when the template does not show one."""
-    sample = {"type": "conversation", "rounds": [["ask", "Hi"], ["ans", "Hello"]]}
+    """The tokens training taught to end an assistant turn (`data.chat.chat_stop_ids`: the template's
+    end-of-turn tokens, and eos where the template ends a conversation's last turn with nothing); nothing
+    when the template shows none."""
     try:
-        ids, trained = chat_ids(sample, tokenizer)
+        return _chat_stop_ids(tokenizer)
     except DataError:
         return frozenset()
-    return frozenset({end_of_turn_id(ids, trained, tokenizer, eos_id_of(tokenizer))})
 
 
 def build_dialogue_prompt(tokenizer, kind: str, rounds: list, reference: str | None = None,
@@ -427,6 +429,37 @@ def load_model(model_dir: Path, dtype, trust_remote_code: bool):
             if "trust_remote_code" in str(exc) and not trust_remote_code else ""
         raise DemoError(f"--model-path {model_dir}: cannot load model: {_first_line(exc)}{hint}") from None
     return model.eval()
+
+
+def check_adapter_base(model, adapter_dir: Path, any_base: bool) -> None:
+    """DemoError when the adapter records its base weights (adapter_base.json, written by pp_to_hg --adapter-only)
+    and --model-path's differ (another model of the same shapes would take the adapter without complaint);
+    a warning instead with --any-base. Adapters without the file are not checked."""
+    import json
+
+    from utils.lora_ckpt import ADAPTER_BASE, sampled_fingerprint
+
+    try:
+        recorded = json.loads((adapter_dir / ADAPTER_BASE).read_text())
+        expected, modules = recorded["base_weights"], list(recorded["modules"])
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DemoError(f"--adapter {adapter_dir}: unreadable {ADAPTER_BASE} ({_first_line(exc)})") from None
+    if not expected:
+        return
+    try:
+        actual = sampled_fingerprint({m: model.get_submodule(m).weight for m in modules})
+    except AttributeError:
+        actual = None
+    if actual == expected:
+        return
+    base = recorded.get("base_model_name_or_path") or "the base it was exported from"
+    message = (f"--adapter {adapter_dir} was trained on other base weights ({base}) than --model-path's"
+               + ("" if actual else f" (it has no module {next(iter(modules), '?')} of the adapter)"))
+    if not any_base:
+        raise DemoError(f"{message}; give its base as --model-path, or --any-base to apply it anyway")
+    print(f"warning: {message}; applying it anyway (--any-base)", file=sys.stderr)
 
 
 def apply_adapter(model, adapter_dir: Path):
@@ -796,6 +829,7 @@ def start(args: argparse.Namespace, model_dir: Path) -> Demo:
     dtype = resolve_dtype(args.dtype, runtime.device)
     model = load_model(model_dir, dtype, args.trust_remote_code)
     if args.adapter is not None:
+        check_adapter_base(model, check_adapter_dir(args.adapter), args.any_base)
         model = apply_adapter(model, check_adapter_dir(args.adapter))
     config, generation_config = model.config, getattr(model, "generation_config", None)
     runner = place_model(model, runtime, dtype)

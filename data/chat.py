@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from .schema import DataError, FieldError, json_type, parse_api_param
@@ -232,8 +234,11 @@ def record_to_messages(record: dict) -> tuple[list[dict], list | None]:
         where = f"messages[{i}]"
         message = dict(message)
         calls = message.get("tool_calls")
-        message["content"] = _text(message.get("content"), f"{where}.content",
-                                   allow_none=bool(calls) or message["role"] == "tool")
+        if message.get("content") is None and calls:
+            message["content"] = None  # OpenAI's shape, passed on as transformers passes it (templates branch on it)
+        else:
+            message["content"] = _text(message.get("content"), f"{where}.content",
+                                       allow_none=bool(calls) or message["role"] == "tool")
         if calls:
             if not isinstance(calls, list):
                 raise FieldError(f"{where}.tool_calls", f"expected an array, got {json_type(calls)}")
@@ -256,6 +261,25 @@ def chat_messages(record: dict) -> tuple[list[dict], list | None]:
 
 
 # ------------------------------------------------------------------------------------- chat rendering
+#
+# The rule, for every template: the trained tokens of an assistant turn are what the model generates at
+# inference for that turn, its text (reasoning, content, tool calls, as the template renders them) and the
+# token that ends it (the template's end-of-turn token; where a template has none, the token that starts
+# the next turn, or an eos appended after the last turn), nothing of system / user / tool text and nothing
+# the template appends after the last turn (Phi-3's eos after `<|end|>`). A template with
+# `{% generation %}` markers gives the span itself (`return_assistant_tokens_mask`), extended by the
+# end-of-turn token when the span stops before it.
+#
+# Without markers each turn is located in the render of the whole conversation ("final render"), which is
+# what the model sees in a conversation at inference: it starts where the render of the conversation before
+# it plus the generation prompt stops matching (`messages[:i]` with `add_generation_prompt`), and ends at
+# the template's first end-of-turn token. Reasoning templates that rewrite history (Qwen3, DeepSeek-R1 and
+# its distills, QwQ, GLM-4.5) render earlier turns without their reasoning, so earlier turns train without
+# it, as the model sees them; a reasoning text the render drops is counted in a warning (`lost_content`).
+
+SENTINEL = "\u2063"  # invisible separator: not whitespace (survives trim/strip), in no template's syntax
+_PROBE_WORDS = ("zqa1", "zqb2", "zqc3", "zqd4", "zqe5")
+
 
 def chat_template_of(tokenizer) -> str:
     """The tokenizer's chat template text; a one-line `DataError` when it has none."""
@@ -289,14 +313,54 @@ def _special_texts(tokenizer) -> list[str]:
     return sorted(texts, key=len, reverse=True)
 
 
+def _hint(message: str) -> str:
+    """What to do about an error a template raised (`raise_exception(...)` or a jinja error)."""
+    low = message.lower()
+    if "system" in low and ("support" in low or "allow" in low):
+        return "merge the system text into the first user message (this template has no system role), " \
+               "or use template: builtin"
+    if "alternate" in low:
+        return "make the roles alternate user/assistant (merge consecutive messages of one role, tool " \
+               "turns only where the template allows them), or use template: builtin"
+    if "id" in low and "tool" in low:
+        return "give tool calls and tool results the ids this template requires, or use template: builtin"
+    return "reshape the record the way this model's chat template expects, or use template: builtin"
+
+
+def _string_arguments(messages: list[dict]) -> list[dict] | None:
+    """The messages with tool-call arguments as JSON strings (for templates that concatenate them, such as
+    DeepSeek-R1's), or None when no call has object arguments."""
+    out, changed = [], False
+    for message in messages:
+        calls = message.get("tool_calls")
+        if calls and any(isinstance(c.get("function", {}).get("arguments"), dict) for c in calls):
+            changed = True
+            message = {**message, "tool_calls": [
+                {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                              ensure_ascii=False)}}
+                if isinstance(c.get("function", {}).get("arguments"), dict) else c for c in calls]}
+        out.append(message)
+    return out if changed else None
+
+
 def _apply(tokenizer, messages, tools, **kwargs):
+    """`apply_chat_template`; a template error becomes one line with the template's message and what to do.
+    Tool-call arguments go in as objects (transformers' documented shape); a template that fails on them
+    and renders them as JSON strings instead (DeepSeek-R1 concatenates them) gets strings."""
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, **kwargs)
     except DataError:
         raise
     except Exception as exc:  # jinja2 errors, `raise_exception(...)` in the template, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"chat_template of tokenizer {_name(tokenizer)!r} failed: {first}") from None
+        retry = _string_arguments(messages)
+        if retry is not None:
+            try:
+                return tokenizer.apply_chat_template(retry, tools=tools, **kwargs)
+            except Exception:
+                pass
+    raise DataError(f"chat_template of tokenizer {_name(tokenizer)!r} refused the record: {first!r}; "
+                    f"{_hint(first)}") from None
 
 
 def _ids_of(encoded) -> list[int]:
@@ -306,80 +370,323 @@ def _ids_of(encoded) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _by_mask(messages, tools, tokenizer) -> tuple[list[int], list[bool]]:
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[-1 - i] == b[-1 - i]:
+        i += 1
+    return i
+
+
+def _special_at(text: str, position: int, specials: list[str]) -> str | None:
+    return next((s for s in specials if text.startswith(s, position)), None)
+
+
+@dataclass(frozen=True)
+class TurnEnds:
+    """How a template ends an assistant turn: the end-of-turn token texts and ids (`<|im_end|>`,
+    `<|eot_id|>`, `</s>`; GLM's `<|user|>` / `<|observation|>`, the next turn's start), and whether the last
+    turn of a conversation ends with nothing (then training appends eos and `demo.py` stops on it)."""
+
+    texts: tuple[str, ...]
+    ids: frozenset[int]
+    final_eos: bool
+
+
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def turn_ends(tokenizer) -> TurnEnds:
+    """`TurnEnds` of the tokenizer's chat template, read off probe conversations (cached per template)."""
+    template = chat_template_of(tokenizer)
+    cached = _TURN_ENDS.get(tokenizer)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    specials = _special_texts(tokenizer)
+    q1, a1, q2, a2, r1 = _PROBE_WORDS
+    found: list[str] = []
+    final_eos = False
+
+    def after(text: str, word: str):
+        k = text.find(word)
+        if k < 0:
+            return None, False
+        rest = text[k + len(word):]
+        stripped = rest.lstrip()
+        return _special_at(stripped, 0, specials), not stripped
+
+    probes = [([{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                {"role": "user", "content": q2}, {"role": "assistant", "content": a2}], (a1, a2)),
+              ([{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                {"role": "tool", "content": r1}], (a1,))]
+    for messages, words in probes:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template without tool turns, or one refusing the probe: nothing learned
+            continue
+        for word in words:
+            token, at_end = after(text, word)
+            if token is not None and token not in found:
+                found.append(token)
+            final_eos = final_eos or (at_end and word == words[-1] and len(words) > 1)
+    ids = frozenset(int(tokenizer.convert_tokens_to_ids(t)) for t in found)
+    ends = TurnEnds(tuple(sorted(found, key=len, reverse=True)), ids, final_eos)
+    _TURN_ENDS[tokenizer] = (template, ends)
+    return ends
+
+
+def _not_located(tokenizer, i: int, why: str) -> DataError:
+    return DataError(f"chat_template of tokenizer {_name(tokenizer)!r}: assistant turn messages[{i}] cannot be "
+                     f"located in the render of the whole conversation ({why}); add {{% generation %}} markers "
+                     f"to the template or use template: builtin")
+
+
+class _Turns:
+    """Locates every assistant turn of one conversation in its final render (see the section comment)."""
+
+    def __init__(self, messages: list[dict], tools, tokenizer):
+        self.messages, self.tools, self.tokenizer = messages, tools, tokenizer
+        self.full = self.render(messages)
+        self.ends = turn_ends(tokenizer)
+        self.specials = _special_texts(tokenizer)
+
+    def render(self, messages: list[dict], generation: bool = False) -> str:
+        return _apply(self.tokenizer, messages, self.tools, tokenize=False, add_generation_prompt=generation)
+
+    def content_end(self, messages: list[dict], k: int, text: str, generation: bool) -> int | None:
+        """Where message k's content ends in `text` (the render of `messages`): found by rendering it with
+        an invisible character appended; None when the template does not render it there."""
+        altered = list(messages)
+        altered[k] = {**messages[k], "content": (messages[k].get("content") or "") + SENTINEL}
+        try:
+            other = self.render(altered, generation)
+        except DataError:
+            return None
+        end = len(text) - _common_suffix(text, other)
+        if len(other) != len(text) + len(SENTINEL) or other[:end] != text[:end] or \
+                other[end:end + len(SENTINEL)] != SENTINEL:
+            return None
+        return end
+
+    def content_start(self, k: int) -> int | None:
+        """Where message k's content starts in the full render (an invisible character put in front)."""
+        altered = list(self.messages)
+        altered[k] = {**self.messages[k], "content": SENTINEL + (self.messages[k].get("content") or "")}
+        try:
+            other = self.render(altered)
+        except DataError:
+            return None
+        start = _common_prefix(self.full, other)
+        return start if other[start:start + len(SENTINEL)] == SENTINEL else None
+
+    def start(self, i: int) -> int:
+        """Where assistant turn i starts: the end of `messages[:i]` rendered with the generation prompt, as
+        far as the full render shows it (DeepSeek-R1's prompt ends in `<think>\\n`, which its full render
+        drops); a template that renders earlier turns differently (Mistral's system text, which moves to the
+        last user message) is matched from the end of the previous message's content."""
+        before = self.render(self.messages[:i], generation=True)
+        if self.full.startswith(before):
+            return len(before)
+        base = self.render(self.messages[:i]) if i else ""
+        prompt_from = _common_prefix(before, base)  # the generation prompt: before[prompt_from:]
+        matched = _common_prefix(before, self.full)
+        if matched >= prompt_from:
+            return matched
+        if i == 0:
+            raise _not_located(self.tokenizer, i, "the generation prompt does not match the render")
+        end_full = self.content_end(self.messages, i - 1, self.full, False)
+        end_before = self.content_end(self.messages[:i], i - 1, before, True)
+        if end_full is None or end_before is None:
+            raise _not_located(self.tokenizer, i, "the template renders earlier turns differently when more follow")
+        tail = before[end_before:]
+        k = _common_prefix(tail, self.full[end_full:])
+        content = self.content_start(i)
+        reached = end_before + k > prompt_from or prompt_from == len(before)  # into the generation prompt
+        if end_before + k < prompt_from or not reached or (content is not None and end_full + k > content):
+            raise _not_located(self.tokenizer, i, "the template renders earlier turns differently when more follow")
+        return end_full + k
+
+    def end(self, i: int, start: int, limit: int) -> tuple[int, bool]:
+        """(end, append_eos) of assistant turn i: through its first end-of-turn token before `limit` (the next
+        message's content); a turn without one ends where the render of `messages[:i+1]` stops matching,
+        plus the special token that follows (the next turn's start), or, at the very end, with an appended eos."""
+        positions = [(self.full.find(t, start, limit), t) for t in self.ends.texts]
+        positions = [(p, t) for p, t in positions if p >= 0]
+        if positions:
+            p, t = min(positions)
+            return p + len(t), False
+        through = self.render(self.messages[:i + 1])
+        e = max(_common_prefix(through, self.full), start)
+        e = start + len(self.full[start:e].rstrip())
+        rest = self.full[e:]
+        stripped = rest.lstrip()
+        if not stripped:
+            return e, True
+        token = _special_at(stripped, 0, self.specials)
+        if token is not None:
+            return e + len(rest) - len(stripped) + len(token), False
+        if e <= start:
+            raise _not_located(self.tokenizer, i, "no end-of-turn token follows it")
+        return e, False
+
+    def spans(self) -> tuple[list[tuple[int, int]], bool, dict[int, tuple[int, int]]]:
+        assistants = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+        starts = {i: self.start(i) for i in assistants}
+        spans, by_message, append_eos = [], {}, False
+        for n, i in enumerate(assistants):
+            start = starts[i]
+            limit = starts[assistants[n + 1]] if n + 1 < len(assistants) else len(self.full)
+            if i + 1 < len(self.messages) and self.messages[i + 1]["role"] != "assistant":
+                content = self.content_start(i + 1)
+                if content is not None and start < content < limit:
+                    limit = content
+            end, eos = self.end(i, start, limit)
+            if eos and end < len(self.full.rstrip()):
+                eos = False
+            spans.append((start, end))
+            by_message[i] = (start, end)
+            append_eos = append_eos or eos
+        return spans, append_eos, by_message
+
+
+def _reasoning_and_answer(message: dict) -> tuple[str, str]:
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content") if isinstance(message.get("reasoning_content"), str) else ""
+    if "</think>" in content:
+        head, content = content.split("</think>", 1)[0], content.split("</think>")[-1]
+        reasoning = reasoning or head.split("<think>")[-1]
+    return reasoning, content
+
+
+def lost_parts(messages: list[dict], full: str, turns: dict[int, tuple[int, int]] | None = None) -> list[str]:
+    """Record text the render does not show: assistant reasoning, content or tool calls (looked for in the
+    turn's own span when `turns` gives it), system / user / tool contents. `messages[2] reasoning`, ..."""
+    lost = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        where = full
+        if role == "assistant":
+            if turns is not None and i in turns:
+                where = full[turns[i][0]:turns[i][1]]
+            reasoning, answer = _reasoning_and_answer(message)
+            parts = [("reasoning", reasoning), ("content", answer)]
+            for call in message.get("tool_calls") or []:
+                name = call.get("function", {}).get("name", "")
+                parts.append((f"tool call {name}", name))
+        else:
+            parts = [("content", message.get("content") or "")]
+        for label, text in parts:
+            if text.strip() and text.strip() not in where:
+                lost.append(f"messages[{i}] {label}" if role == "assistant" else f"messages[{i}] ({role}) content")
+    return lost
+
+
+@dataclass
+class ChatRender:
+    """A record under its chat template: token ids, which are trained, and what of the record the render
+    lost (`lost_parts`)."""
+
+    ids: list[int]
+    trained: list[bool]
+    lost: list[str]
+
+
+def _by_mask(messages, tools, tokenizer) -> ChatRender:
     """Ids and trained flags from the template's own `{% generation %}` mask, each span extended by the
-    special token (the end of turn) the template emits right after it when the span does not hold it."""
+    end-of-turn token right after it (whitespace between skipped) when the span stops before it."""
     out = _apply(tokenizer, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = _ids_of(out)
     mask = out["assistant_masks"]
     if mask and isinstance(mask[0], list):
         mask = mask[0]
     trained = [bool(m) for m in mask]
-    special = _special_ids(tokenizer)
-    for i in range(len(ids) - 1):
-        if trained[i] and not trained[i + 1] and ids[i] not in special and ids[i + 1] in special:
-            trained[i + 1] = True
-    return ids, trained
+    ends = turn_ends(tokenizer)
 
+    def blank(k: int) -> bool:
+        return not tokenizer.decode([ids[k]], skip_special_tokens=False).strip()
 
-def _by_prefixes(messages, tools, tokenizer) -> tuple[list[int], list[bool]]:
-    """Ids and trained flags from prefix renders: assistant message i spans from the end of
-    `messages[:i]` + generation prompt to the end of `messages[:i+1]`, minus whitespace after its last
-    special token (ChatML's newline after `<|im_end|>`)."""
-    def render(upto: int, generation: bool) -> str:
-        return _apply(tokenizer, messages[:upto], tools, tokenize=False, add_generation_prompt=generation)
-
-    full = render(len(messages), False)
-    specials = _special_texts(tokenizer)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    n = len(ids)
+    for j in range(n):
+        if not trained[j] or (j + 1 < n and trained[j + 1]):
             continue
-        before, through = render(i, True), render(i + 1, False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise DataError(
-                f"chat_template of tokenizer {_name(tokenizer)!r} is not prefix-stable: rendering messages[:{i}] "
-                f"with the generation prompt, then messages[:{i + 1}], does not extend the text (the template "
-                f"changes earlier turns), so the assistant turns cannot be located; add {{% generation %}} "
-                f"markers to the template or use template: builtin")
-        start, end = len(before), len(through)
-        kept = full[start:end].rstrip()
-        if any(kept.endswith(s) for s in specials):
-            end = start + len(kept)
-        spans.append((start, end))
+        last = j
+        while last > 0 and trained[last - 1] and blank(last):
+            last -= 1
+        if ids[last] in ends.ids:
+            continue
+        k = j + 1
+        while k < n and blank(k) and ids[k] not in ends.ids:
+            k += 1
+        if k < n and ids[k] in ends.ids:
+            trained[k] = True
+    if trained and trained[-1] and ids[-1] not in ends.ids and ends.final_eos:
+        ids.append(int(tokenizer.eos_token_id))
+        trained.append(True)
+    text = _apply(tokenizer, messages, tools, tokenize=False)
+    return ChatRender(ids, trained, lost_parts(messages, text))
+
+
+def _by_turns(messages, tools, tokenizer) -> ChatRender:
+    """Ids and trained flags of the final render, each assistant turn located by `_Turns`."""
+    turns = _Turns(messages, tools, tokenizer)
+    spans, append_eos, by_message = turns.spans()
     try:
-        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(turns.full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
         raise DataError(f"template: chat with a chat_template without {{% generation %}} markers needs a fast "
                         f"tokenizer (offsets); {_name(tokenizer)!r} is not one") from None
     ids = [int(i) for i in encoded["input_ids"]]
     trained = [any(s <= begin < e for s, e in spans) for begin, _ in encoded["offset_mapping"]]
-    return ids, trained
+    if append_eos:  # the last turn ends with nothing (GLM): the model learns to stop on eos
+        ids.append(int(tokenizer.eos_token_id))
+        trained.append(True)
+    return ChatRender(ids, trained, lost_parts(messages, turns.full, by_message))
 
 
 def uses_generation_mask(tokenizer) -> bool:
     return bool(_GENERATION.search(chat_template_of(tokenizer)))
 
 
-def chat_ids(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
-    """Token ids of a record (not `pretrain`) rendered with the tokenizer's chat template, and which are trained."""
+def chat_render(record: dict, tokenizer) -> ChatRender:
+    """A record (not `pretrain`) rendered with the tokenizer's chat template (see the section comment)."""
     try:
         messages, tools = chat_messages(record)
     except FieldError as err:
         raise DataError(f"sample ({record_kind(record)}): {err}") from None
     if uses_generation_mask(tokenizer):
         return _by_mask(messages, tools, tokenizer)
-    return _by_prefixes(messages, tools, tokenizer)
+    return _by_turns(messages, tools, tokenizer)
+
+
+def chat_ids(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+    """Token ids of a record (not `pretrain`) rendered with the tokenizer's chat template, and which are trained."""
+    rendered = chat_render(record, tokenizer)
+    return rendered.ids, rendered.trained
 
 
 def end_of_turn_id(ids: list[int], trained: list[bool], tokenizer, eos_id: int) -> int:
-    """The template's end-of-turn token: the last token of the first trained span when it is a special
-    token (`<|eot_id|>`, `<|im_end|>`, `</s>`), else eos. A truncated chat sample ends with it."""
-    special = _special_ids(tokenizer)
+    """The token a truncated chat sample ends with: the last token of the first trained span when it is an
+    end-of-turn (or other special) token, else eos."""
+    stops = turn_ends(tokenizer).ids | _special_ids(tokenizer)
     for i, flag in enumerate(trained):
         if flag and (i + 1 == len(trained) or not trained[i + 1]):
-            return ids[i] if ids[i] in special else eos_id
+            return ids[i] if ids[i] in stops else eos_id
     return eos_id
+
+
+def chat_stop_ids(tokenizer) -> frozenset[int]:
+    """The tokens `demo.py --template chat` stops on: the end-of-turn tokens training teaches (`TurnEnds`),
+    and eos where the template ends a conversation's last turn with nothing (training appends eos there)."""
+    ends = turn_ends(tokenizer)
+    return ends.ids | (frozenset({int(tokenizer.eos_token_id)}) if ends.final_eos else frozenset())
 
 
 def chat_prompt(messages: list[dict], tokenizer, tools: list | None = None) -> str:

@@ -17,7 +17,7 @@ import os
 import weakref
 from dataclasses import dataclass, field, replace
 
-from .chat import chat_ids, check_template_name, end_of_turn_id, is_messages, messages_to_sample, record_kind
+from .chat import chat_render, check_template_name, end_of_turn_id, is_messages, messages_to_sample, record_kind
 from .schema import DataError, FieldError, validate_sample
 from .templates import Segment, segments_of
 
@@ -35,6 +35,7 @@ class Rendered:
     type: str
     segments: list[tuple[str, bool]] = field(default_factory=list)
     full_length: int = 0
+    lost: list[str] = field(default_factory=list)  # record text the chat template does not render
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False):
@@ -179,11 +180,13 @@ def render_chat(record: dict, tokenizer, max_seq_len: int | None = None, keep_se
     """A record rendered with the tokenizer's chat template (`data.chat`); truncation keeps the template's
     end-of-turn token last (trained iff the token it replaces was)."""
     eos_id = eos_id_of(tokenizer)
-    ids, trained = chat_ids(record, tokenizer)
+    chat = chat_render(record, tokenizer)
+    ids, trained = chat.ids, chat.trained
     labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
-    rendered = Rendered(ids, labels, False, record_kind(record), [], len(ids))
+    rendered = Rendered(ids, labels, False, record_kind(record), [], len(ids), chat.lost)
     if max_seq_len is not None and len(ids) > max_seq_len:
-        rendered = _cut(rendered, max_seq_len, end_of_turn_id(ids, trained, tokenizer, eos_id))
+        rendered = replace(_cut(rendered, max_seq_len, end_of_turn_id(ids, trained, tokenizer, eos_id)),
+                           lost=chat.lost)
     if keep_segments:
         rendered.segments = _runs(rendered, tokenizer)
     return rendered

@@ -43,14 +43,19 @@ CHATML_LIKE = (
     "{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-# The last message is marked: rendering a prefix changes how earlier turns look.
+# The last message is marked: rendering a prefix changes how earlier turns look, and the last turn's
+# header is not the generation prompt, so the last turn cannot be located.
 UNSTABLE = ("{% for message in messages %}{% if loop.last %}[last] {% endif %}"
+            "{{ message['role'] + ': ' + (message['content'] or '') + '</s>' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+# Messages rendered newest first: no assistant turn can be located after the text before it.
+REVERSED = ("{% for message in messages | reverse %}"
             "{{ message['role'] + ': ' + (message['content'] or '') + '</s>' }}{% endfor %}"
             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 
 SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>", "<|im_start|>", "<|im_end|>"]
 END_OF_TURN = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
-TEMPLATES = {"llama3": LLAMA3_LIKE, "chatml": CHATML_LIKE, "unstable": UNSTABLE}
+TEMPLATES = {"llama3": LLAMA3_LIKE, "chatml": CHATML_LIKE, "unstable": UNSTABLE, "reversed": REVERSED}
 
 MESSAGES = {"messages": [
     {"role": "system", "content": "You are brief."},
@@ -192,10 +197,11 @@ def test_truncation_ends_with_the_end_of_turn_token(toks, name):
     assert masked_cut.input_ids[-1] == eot_id and masked_cut.labels == [IGNORE_INDEX] * 3
 
 
-def test_not_prefix_stable_template_is_refused(toks):
-    with pytest.raises(DataError, match="not prefix-stable") as info:
-        render_validated(MESSAGES, toks["unstable"], None, "chat")
-    assert "\n" not in str(info.value) and "tokenizer" in str(info.value)
+@pytest.mark.parametrize("name", ["unstable", "reversed"])
+def test_template_whose_turns_cannot_be_located_is_refused(toks, name):
+    with pytest.raises(DataError, match="cannot be located") as info:
+        render_validated(MESSAGES, toks[name], None, "chat")
+    assert "\n" not in str(info.value) and "tokenizer" in str(info.value) and "template: builtin" in str(info.value)
 
 
 def test_tokenizer_without_chat_template(toks, tmp_path):
@@ -381,11 +387,11 @@ def test_render_errors_name_the_line(toks, tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     first = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     path.write_text(json.dumps(first) + "\n" + json.dumps(MESSAGES) + "\n")  # builtin renders both
-    SFTDataset(path, toks["unstable"], 64, warn=None)
-    with pytest.raises(DataError, match=r"m\.jsonl: line 1: sample 0: chat_template .* not prefix-stable"):
-        SFTDataset(path, toks["unstable"], 64, warn=None, template="chat")
-    tok_dir = tmp_path / "unstable"
-    make_tokenizer(tok_dir, UNSTABLE)
+    SFTDataset(path, toks["reversed"], 64, warn=None)
+    with pytest.raises(DataError, match=r"m\.jsonl: line 1: sample 0: chat_template .* cannot be located"):
+        SFTDataset(path, toks["reversed"], 64, warn=None, template="chat")
+    tok_dir = tmp_path / "reversed"
+    make_tokenizer(tok_dir, REVERSED)
     code = check.main(["--data", str(path), "--tokenizer", str(tok_dir), "--max-seq-len", "64", "--template", "chat"])
     err = capsys.readouterr().err
     assert code == 2 and "line 1: sample 0: chat_template" in err and len(err.strip().splitlines()) == 1
