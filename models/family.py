@@ -6,7 +6,9 @@ A family module (`models/llama.py`, ...) defines one `FAMILY = Family(...)`; `mo
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -118,6 +120,17 @@ def pipeline_specs(enter: tuple, blocks: list, exit_spec: LayerSpec, tied: bool 
 
 
 # ----------------------------------------------------------------------------------------------
+# Released configs
+
+RELEASED_DIR = Path(__file__).resolve().parent / "released"
+
+
+def released_config(file_name: str) -> dict:
+    """One committed real config.json of a released checkpoint (`models/released/FILE`)."""
+    return json.loads((RELEASED_DIR / file_name).read_text())
+
+
+# ----------------------------------------------------------------------------------------------
 # The record
 
 
@@ -166,6 +179,11 @@ class Family:
     from_hf_tensor(args, hf_name, tensor) -> {hf_name: tensor}: optional per-tensor rewrite of another
         layout of the same weights into the names of `weight_map`, applied on import after
         `canonical_hf_name` (mixtral: transformers 5's fused `experts.gate_up_proj` -> per-expert w1/w3).
+    debug_config(**overrides) -> config.json dict of a tiny random model of the family (a few hundred thousand
+        parameters, every feature of the family switched on: windows shorter than the test sequences, biases,
+        norms), for the tests, the benchmarks' CPU smoke mode and any check that loops over the registry.
+    released_configs: {benchmark name: file name in `models/released/`}: real config.json files of released
+        checkpoints (`released_config(name)` reads one); the first is the family's benchmark width.
     """
     model_type: str
     read_config: Callable[[dict], Any]
@@ -187,3 +205,5 @@ class Family:
     hf_formats: dict[str, HfFormat] = field(default_factory=dict)
     canonical_hf_name: Callable[[str], str] | None = None
     from_hf_tensor: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    debug_config: Callable[..., dict] | None = None
+    released_configs: dict[str, str] = field(default_factory=dict)

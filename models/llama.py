@@ -6,6 +6,7 @@ Norms, RoPE, attention backend, Enter/Exit layers and the loss come from `models
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -148,6 +149,42 @@ def read_windows(cfg: dict, layer_types: list[str]) -> tuple[int | None, ...]:
     if window < 1:
         raise ModelError(f"config.json: 'sliding_window' must be >= 1, got {window}")
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop")
+
+
+def with_defaults(cfg: dict, defaults: dict) -> dict:
+    """config.json with the family's transformers defaults for the keys it omits (an explicit null is kept: for
+    some keys, e.g. `sliding_window`, null means off while a missing key means the default). Dropout keys must be
+    0: training here runs without dropout, so a config asking for it is refused rather than silently ignored."""
+    cfg = {**defaults, **cfg}
+    for key in DROPOUT_KEYS:
+        rate = cfg_get(cfg, key, (int, float), 0.0)
+        if rate:
+            raise ModelError(f"config.json: {key} {rate} is not supported (only 0.0)")
+    return cfg
+
+
+def dense_family(model_type: str, read: Callable[[dict], LlamaArgs], debug: Callable[..., dict],
+                 released: dict[str, str], **kw) -> Family:
+    """The `Family` of a dense family built on `LlamaBlock` with flags: llama's layers, FLOPs and partitions, the
+    `DENSE_WEIGHT_MAP`; `read` turns its config.json into `LlamaArgs`."""
+    return Family(model_type=model_type, read_config=read, build_layers=build_layers, weight_map=DENSE_WEIGHT_MAP,
+                  layer_flops=layer_flops, default_parts=default_parts, tied_hf_names=("lm_head.weight",),
+                  debug_config=debug, released_configs=released, **kw)
+
+
+def debug_config(model_type: str, architecture: str, **overrides) -> dict:
+    """A tiny llama-shaped config.json (vocab 512, hidden 64, 4 layers, GQA 4/2, head_dim 16) of `model_type`, for
+    the families' `debug_config`s to extend."""
+    cfg = {"model_type": model_type, "architectures": [architecture], "vocab_size": 512, "hidden_size": 64,
+           "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+           "max_position_embeddings": 512, "initializer_range": 0.02, "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "use_cache": False}
+    cfg.update(overrides)
+    return cfg
 
 
 def read_config(cfg: dict) -> LlamaArgs:

@@ -12,7 +12,7 @@ import importlib
 from .common import ModelError
 from .family import Family
 
-FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral")
+FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral", "qwen2", "qwen3", "mistral")
 
 REGISTRY: dict[str, Family] = {}
 
