@@ -85,18 +85,22 @@ POSITIVE_CONFIG_KEYS = {"hidden_size", "n_embed", "num_hidden_layers", "n_layer"
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back to the input dtype, then times `weight` (HF llama order)."""
+    """RMSNorm computed in fp32, cast back to the input dtype, then times `weight` (HF llama order); with
+    `weight_in_fp32` times `weight` in fp32 first, then cast (OLMo-2's order)."""
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype = torch.float32, weight_in_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = eps
+        self.weight_in_fp32 = weight_in_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., H] -> [..., H] in x's dtype."""
         input_dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_in_fp32:
+            return (self.weight * x32).to(input_dtype)
         return self.weight * x32.to(input_dtype)
 
 
@@ -115,9 +119,12 @@ class OffsetRMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.to(torch.float32))).to(x.dtype)
 
 
-def make_norm(size: int, eps: float, offset: bool, dtype: torch.dtype) -> nn.Module:
-    """`OffsetRMSNorm` (Gemma, `offset`) or the llama `RMSNorm` over the last `size` dims."""
-    return (OffsetRMSNorm if offset else RMSNorm)(size, eps, dtype=dtype)
+def make_norm(size: int, eps: float, offset: bool, dtype: torch.dtype, weight_in_fp32: bool = False) -> nn.Module:
+    """`OffsetRMSNorm` (Gemma, `offset`) or the llama `RMSNorm` (OLMo-2's order with `weight_in_fp32`) over the last
+    `size` dims."""
+    if offset:
+        return OffsetRMSNorm(size, eps, dtype=dtype)
+    return RMSNorm(size, eps, dtype=dtype, weight_in_fp32=weight_in_fp32)
 
 
 @dataclass(frozen=True)
@@ -449,9 +456,9 @@ class NormHeadExit(nn.Module):
 
     def __init__(self, hidden_size: int, vocab_size: int | None, eps: float, init_std: float,
                  dtype: torch.dtype = torch.float32, fused: bool = False, offset_norm: bool = False,
-                 softcap: float | None = None):
+                 softcap: float | None = None, norm_weight_fp32: bool = False):
         super().__init__()
-        self.norm = make_norm(hidden_size, eps, offset_norm, dtype)
+        self.norm = make_norm(hidden_size, eps, offset_norm, dtype, norm_weight_fp32)
         self.fused = fused
         self.softcap = softcap
         if vocab_size is not None:

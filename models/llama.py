@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 
 from .attention import AttentionSpec, attend
-from .common import (NORM_LAYOUTS, EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, PreNormBlock, RopeConfig,
-                     Rotary, apply_rope, cfg_get, check_attention_backend, make_linear, make_norm, read_rope_config,
-                     tied_head_fn)
+from .common import (NORM_LAYOUTS, EmbeddingEnter, ModelError, ModelOptions, NormHeadExit, PairRotary, PreNormBlock,
+                     RopeConfig, Rotary, apply_rope, apply_rope_pairs, cfg_get, check_attention_backend, make_linear,
+                     make_norm, read_rope_config, tied_head_fn)
 from .family import Family, WeightRule, even_parts, pipeline_specs
 
 LLAMA_7B_LAYERS = 32
@@ -40,6 +40,8 @@ class LlamaArgs:
     attn_scale / attn_softcap: the score scale (None: head_dim ** -0.5) and tanh soft-cap of attention scores.
     final_softcap: tanh soft-cap of the output logits (Gemma-2).
     embed_scale: the embedding rows are multiplied by it (Gemma: √hidden).
+    norm_weight_fp32: norms multiply by their weight in fp32 before the cast (OLMo-2's RMSNorm).
+    rope_interleaved: RoPE turns pairs (2i, 2i+1) of the rotated dims (GLM-4), not the two halves.
     """
     vocab_size: int
     hidden_size: int
@@ -68,6 +70,8 @@ class LlamaArgs:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embed_scale: float | None = None
+    norm_weight_fp32: bool = False
+    rope_interleaved: bool = False
 
     def window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
@@ -222,9 +226,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = make_linear(q_dim, args.hidden_size, args.attention_bias, std, dtype)
         if args.qk_norm is not None:
             q_size, k_size = (hd, hd) if args.qk_norm == "head" else (q_dim, kv_dim)
-            self.q_norm = make_norm(q_size, args.rms_norm_eps, args.offset_norm, dtype)
-            self.k_norm = make_norm(k_size, args.rms_norm_eps, args.offset_norm, dtype)
+            self.q_norm = make_norm(q_size, args.rms_norm_eps, args.offset_norm, dtype, args.norm_weight_fp32)
+            self.k_norm = make_norm(k_size, args.rms_norm_eps, args.offset_norm, dtype, args.norm_weight_fp32)
         self.qk_norm = args.qk_norm
+        self.rope = apply_rope_pairs if args.rope_interleaved else apply_rope
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B,S,H] -> q [B,S,nh*hd], k, v [B,S,nkv*hd]."""
@@ -246,7 +251,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh|nkv, S, hd)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = attend(q, k, v, self.spec, self.use_flash_attn, position_ids, block_mask)  # (B, S, nh, hd)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
@@ -286,10 +291,11 @@ class LlamaBlock(PreNormBlock):
         self.norm_layout = args.norm_layout
         for name in NORM_LAYOUTS[args.norm_layout].values():
             if name is not None:
-                setattr(self, name, make_norm(args.hidden_size, args.rms_norm_eps, args.offset_norm, opts.dtype))
+                setattr(self, name, make_norm(args.hidden_size, args.rms_norm_eps, args.offset_norm, opts.dtype,
+                                              args.norm_weight_fp32))
         self.self_attn = LlamaAttention(args, opts.use_flash_attn, opts.dtype, layer)
         self.mlp = LlamaMLP(args, opts.dtype)
-        self.rotary = Rotary(args.rope_of(layer))
+        self.rotary = (PairRotary if args.rope_interleaved else Rotary)(args.rope_of(layer))
         self.set_options(opts)
 
 
@@ -303,7 +309,7 @@ def build_layers(args: LlamaArgs, opts: ModelOptions) -> list:
     tied = args.tie_word_embeddings
     exit_spec = LayerSpec(NormHeadExit, args.hidden_size, None if tied else args.vocab_size, args.rms_norm_eps,
                           args.initializer_range, opts.dtype, opts.fused_head_loss, args.offset_norm,
-                          args.final_softcap)
+                          args.final_softcap, args.norm_weight_fp32)
     return pipeline_specs((EmbeddingEnter, args.vocab_size, args.hidden_size, args.pad_token_id,
                            args.initializer_range, opts.dtype, args.embed_scale),
                           [LayerSpec(LlamaBlock, args, opts, i) for i in range(args.num_layers)], exit_spec,

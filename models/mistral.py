@@ -23,7 +23,4 @@ def debug_config(**overrides) -> dict:
     return llama_debug_config("mistral", "MistralForCausalLM", **{"sliding_window": 8, "head_dim": 32, **overrides})
 
 
-FAMILY = dense_family("mistral", read_config, debug_config, {
-    "mistral-7b-v0.3": "mistral-7b-v0.3.json", "mistral-7b-v0.1": "mistral-7b-v0.1.json",
-    "mistral-nemo-base-2407": "mistral-nemo-base-2407.json", "ministral-8b-instruct-2410":
-        "ministral-8b-instruct-2410.json"})
+FAMILY = dense_family("mistral", read_config, debug_config, {"mistral-7b-v0.3": "mistral-7b-instruct-v0.3.json"})

@@ -36,7 +36,4 @@ def debug_config(**overrides) -> dict:
         "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "rope_theta": 1e6, **overrides})
 
 
-FAMILY = dense_family("qwen2", read_config, debug_config, {
-    "qwen2.5-7b": "qwen2.5-7b.json", "qwen2.5-0.5b": "qwen2.5-0.5b.json", "qwen2-7b": "qwen2-7b.json",
-    "qwen2.5-coder-7b": "qwen2.5-coder-7b.json", "qwen2.5-math-7b": "qwen2.5-math-7b.json",
-    "deepseek-r1-distill-qwen-7b": "deepseek-r1-distill-qwen-7b.json"})
+FAMILY = dense_family("qwen2", read_config, debug_config, {"qwen2.5-7b": "qwen2.5-7b-instruct.json"})

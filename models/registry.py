@@ -12,7 +12,8 @@ import importlib
 from .common import ModelError
 from .family import Family
 
-FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral", "qwen2", "qwen3", "mistral")
+FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral", "qwen2", "qwen3", "mistral", "phi3", "olmo2",
+                 "glm4")
 
 REGISTRY: dict[str, Family] = {}
 

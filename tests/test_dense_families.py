@@ -124,7 +124,10 @@ def test_round_trip_is_bit_exact(case, tmp_path):
 
 def test_packed_rows_equal_their_documents_alone(case):
     """Two documents longer than any window in one packed row: each document's logits equal a run of it alone."""
-    _, reference, _, pp_dir = case
+    model_type, reference, _, pp_dir = case
+    if models.resolve_dir(pp_dir).args.rope.kind == "longrope":
+        pytest.skip("LongRoPE picks its factors from the longest row of the batch (as transformers does), so a "
+                    "document packed beside a longer one is rotated differently from the document alone")
     ours = load_sequential(pp_dir, opts=ModelOptions(packed_sequences=True)).eval()
     alone = load_sequential(pp_dir).eval()
     g = torch.Generator().manual_seed(5)
