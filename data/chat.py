@@ -386,6 +386,16 @@ def _common_suffix(a: str, b: str) -> int:
     return i
 
 
+def _snap(text: str, position: int, specials: list[str]) -> int:
+    """`position`, moved back to the start of a special token's text it falls inside of (a character-level
+    match can end in the middle of `<｜end▁of▁sentence｜>` where the other text has `<｜tool▁calls▁begin｜>`)."""
+    for s in specials:
+        k = text.rfind(s, max(0, position - len(s) + 1), position + len(s) - 1)
+        if 0 <= k < position < k + len(s):
+            return k
+    return position
+
+
 def _special_at(text: str, position: int, specials: list[str]) -> str | None:
     return next((s for s in specials if text.startswith(s, position)), None)
 
@@ -497,7 +507,7 @@ class _Turns:
             return len(before)
         base = self.render(self.messages[:i]) if i else ""
         prompt_from = _common_prefix(before, base)  # the generation prompt: before[prompt_from:]
-        matched = _common_prefix(before, self.full)
+        matched = _snap(self.full, _common_prefix(before, self.full), self.specials)
         if matched >= prompt_from:
             return matched
         if i == 0:
@@ -507,7 +517,7 @@ class _Turns:
         if end_full is None or end_before is None:
             raise _not_located(self.tokenizer, i, "the template renders earlier turns differently when more follow")
         tail = before[end_before:]
-        k = _common_prefix(tail, self.full[end_full:])
+        k = _snap(self.full, end_full + _common_prefix(tail, self.full[end_full:]), self.specials) - end_full
         content = self.content_start(i)
         reached = end_before + k > prompt_from or prompt_from == len(before)  # into the generation prompt
         if end_before + k < prompt_from or not reached or (content is not None and end_full + k > content):
@@ -524,7 +534,7 @@ class _Turns:
             p, t = min(positions)
             return p + len(t), False
         through = self.render(self.messages[:i + 1])
-        e = max(_common_prefix(through, self.full), start)
+        e = max(_snap(self.full, _common_prefix(through, self.full), self.specials), start)
         e = start + len(self.full[start:e].rstrip())
         rest = self.full[e:]
         stripped = rest.lstrip()
@@ -566,9 +576,11 @@ def _reasoning_and_answer(message: dict) -> tuple[str, str]:
     return reasoning, content
 
 
-def lost_parts(messages: list[dict], full: str, turns: dict[int, tuple[int, int]] | None = None) -> list[str]:
+def lost_parts(messages: list[dict], full: str, turns: dict[int, tuple[int, int]] | None = None,
+               trained_text: str | None = None) -> list[str]:
     """Record text the render does not show: assistant reasoning, content or tool calls (looked for in the
-    turn's own span when `turns` gives it), system / user / tool contents. `messages[2] reasoning`, ..."""
+    turn's own span when `turns` gives it, else in `trained_text`), system / user / tool contents.
+    `messages[2] reasoning`, ..."""
     lost = []
     for i, message in enumerate(messages):
         role = message["role"]
@@ -576,6 +588,8 @@ def lost_parts(messages: list[dict], full: str, turns: dict[int, tuple[int, int]
         if role == "assistant":
             if turns is not None and i in turns:
                 where = full[turns[i][0]:turns[i][1]]
+            elif trained_text is not None:
+                where = trained_text
             reasoning, answer = _reasoning_and_answer(message)
             parts = [("reasoning", reasoning), ("content", answer)]
             for call in message.get("tool_calls") or []:
@@ -631,7 +645,9 @@ def _by_mask(messages, tools, tokenizer) -> ChatRender:
         ids.append(int(tokenizer.eos_token_id))
         trained.append(True)
     text = _apply(tokenizer, messages, tools, tokenize=False)
-    return ChatRender(ids, trained, lost_parts(messages, text))
+    trained_text = tokenizer.decode([i for i, t in zip(ids, trained) if t], skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
+    return ChatRender(ids, trained, lost_parts(messages, text, trained_text=trained_text))
 
 
 def _by_turns(messages, tools, tokenizer) -> ChatRender:
@@ -655,12 +671,31 @@ def uses_generation_mask(tokenizer) -> bool:
     return bool(_GENERATION.search(chat_template_of(tokenizer)))
 
 
+def _none_safe(messages: list[dict], tools, tokenizer) -> list[dict]:
+    """An assistant `content: null` (with tool calls) goes in as None, OpenAI's shape as transformers passes
+    it (DeepSeek-R1 renders its tool calls only then); a template that cannot take None, or prints it as the
+    text "None" (GLM-4.5), gets "" instead."""
+    if not any(m["role"] == "assistant" and m.get("content") is None for m in messages):
+        return messages
+    empty = [{**m, "content": ""} if m["role"] == "assistant" and m.get("content") is None else m for m in messages]
+    try:
+        with_none = _apply(tokenizer, messages, tools, tokenize=False)
+    except DataError:
+        return empty
+    try:
+        with_empty = _apply(tokenizer, empty, tools, tokenize=False)
+    except DataError:
+        return messages
+    return empty if with_none.count("None") > with_empty.count("None") else messages
+
+
 def chat_render(record: dict, tokenizer) -> ChatRender:
     """A record (not `pretrain`) rendered with the tokenizer's chat template (see the section comment)."""
     try:
         messages, tools = chat_messages(record)
     except FieldError as err:
         raise DataError(f"sample ({record_kind(record)}): {err}") from None
+    messages = _none_safe(messages, tools, tokenizer)
     if uses_generation_mask(tokenizer):
         return _by_mask(messages, tools, tokenizer)
     return _by_turns(messages, tools, tokenizer)

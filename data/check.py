@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 
 from .loading import Record, is_jsonl, iter_array_records, iter_jsonl_records, parse_sample
-from .notes import Notes, key_detail, nothing_trains_message, round_notes
+from .notes import Notes, key_detail, lost_detail, nothing_trains_message, round_notes
 from .chat import TEMPLATE_CHOICES, chat_template_of, located
 from .render import (IGNORE_INDEX, Rendered, first_trained_positions, load_tokenizer, render_many,
                      render_validated)
@@ -204,6 +204,8 @@ def check_chunk(records: list[Record], error: DataError | None = None, job: Job 
         chunk.tokens += len(rendered.labels)
         trained = len(rendered.labels) - rendered.labels.count(IGNORE_INDEX)
         chunk.trained += trained
+        if rendered.lost:
+            notes.add("lost_content", record.index, record.line, lost_detail(rendered.lost))
         if not trained:
             notes.add("untrained", record.index, record.line)
             untrained.append(sample)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .loading import is_jsonl, open_samples
-from .notes import Notes, key_detail, nothing_trains_message, round_notes
+from .notes import Notes, key_detail, lost_detail, nothing_trains_message, round_notes
 from .chat import chat_template_of, check_template_name, located
 from .render import IGNORE_INDEX, eos_id_of, first_trained_positions, load_tokenizer, render_validated
 from .schema import DataError
@@ -55,9 +55,10 @@ class _TrainedScan:
             self.flush()
 
     def flush(self) -> None:
+        lost: list = []
         try:
             positions = first_trained_positions([sample for _, _, sample in self.pending], self.tokenizer,
-                                                self.template)
+                                                self.template, lost)
         except DataError:  # a messages record the template cannot take: find it, name its line
             for index, line, sample in self.pending:
                 try:
@@ -65,6 +66,9 @@ class _TrainedScan:
                 except DataError as exc:
                     raise located(self.path, index, line, exc) from None
             raise
+        for (index, line, _), parts in zip(self.pending, lost):
+            if parts:
+                self.notes.add("lost_content", index, line, lost_detail(parts))
         for (index, line, _), position in zip(self.pending, positions):
             if position is None or position >= self.max_seq_len:
                 self.notes.add("untrained", index, line)

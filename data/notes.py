@@ -7,6 +7,9 @@ None of these stops loading (the samples are valid), but each used to pass witho
 - `trailing_ask`: a dialogue that ends with an `ask` round; that last question is never answered.
 - `leading_ans`: a dialogue that starts with an answer (`ans` / `ans-api`), an answer to no question.
 - `duplicate_key`: a JSON object with the same key twice; JSON keeps only the last value.
+- `lost_content`: under `template: chat`, record text the chat template does not render (`data.chat.lost_parts`):
+  an assistant's reasoning that a reasoning template drops from earlier turns, a tool call a template has no
+  place for, a system message a template moves or drops.
 
 A `Notes` collects, per kind, how many samples have the problem and where the first few are (line
 numbers for `.jsonl`, sample indices and lines for `.json`). Notes of consecutive chunks of a file
@@ -25,6 +28,8 @@ MESSAGES = {
     "trailing_ask": "end with an 'ask' round, which is never answered or trained",
     "leading_ans": "start with an answer round ('ans' or 'ans-api') that answers no question",
     "duplicate_key": "repeat a key in one JSON object; only the last value is kept",
+    "lost_content": "have message text the chat template does not render (assistant reasoning, content or tool "
+                    "calls; system or user text), which is therefore not trained or not seen",
 }
 KINDS = tuple(MESSAGES)
 
@@ -89,6 +94,11 @@ class Notes:
             text = MESSAGES[kind].format(max_seq_len=max_seq_len)
             lines.append(f"warning: {self.path}: {count} of {total} samples {text} (first: {self.positions(kind)})")
         return lines
+
+
+def lost_detail(parts: list[str]) -> str:
+    """`(messages[1] reasoning, messages[3] tool call search)`: what of one record the template dropped."""
+    return "(" + ", ".join(parts[:3]) + (", ..." if len(parts) > 3 else "") + ")"
 
 
 def key_detail(keys: list[str]) -> str:

@@ -478,7 +478,8 @@ def _masked_prefix(segments: list[Segment]) -> list[Segment] | None:
     return None
 
 
-def first_trained_positions(samples: list[dict], tokenizer, template: str = "builtin") -> list[int | None]:
+def first_trained_positions(samples: list[dict], tokenizer, template: str = "builtin",
+                            lost: list | None = None) -> list[int | None]:
     """Index of the first trained token of each sample before truncation (None if nothing is trained).
 
     A sample keeps a trained token after truncation to `max_seq_len` iff this is `< max_seq_len`
@@ -486,10 +487,17 @@ def first_trained_positions(samples: list[dict], tokenizer, template: str = "bui
     answer is tokenized: for pretraining documents, nothing. Under `template: chat` a record is rendered whole.
     """
     chat = [_uses_chat(sample, template) for sample in samples]
-    if any(chat):
+    if any(chat):  # `lost` (when given) gets each sample's `Rendered.lost`
         rest = iter(first_trained_positions([s for s, c in zip(samples, chat) if not c], tokenizer))
-        return [_first_trained(render_chat(s, tokenizer, keep_segments=False)) if c else next(rest)
-                for s, c in zip(samples, chat)]
+        out = []
+        for s, c in zip(samples, chat):
+            rendered = render_chat(s, tokenizer, keep_segments=False) if c else None
+            out.append(_first_trained(rendered) if c else next(rest))
+            if lost is not None:
+                lost.append(rendered.lost if c else [])
+        return out
+    if lost is not None:
+        lost.extend([] for _ in samples)
     samples = [builtin_sample(sample) for sample in samples]
     eos_id = eos_id_of(tokenizer)
     encoder = batch_encoder(tokenizer)
