@@ -8,7 +8,8 @@ every speed switch of the pipeline.
     python benchmarks/families.py --report-only benchmarks/results/families-HOST-DATE.json
 
 Workload: each family at its released width (llama-2-7b, llama-3-8b, bloom-7b1, baichuan2-7b, chatglm3-6b,
-mixtral-8x7b) with 8 blocks (mixtral 2), random init from a config.json written here (`from_scratch`,
+mixtral-8x7b; the families the registry describes, qwen2, qwen3, mistral, gemma2, gemma3, phi3, ..., from the real
+config.json of their first `released_configs` entry, `models/released/`) with 8 blocks (mixtral 2), random init from a config.json written here (`from_scratch`,
 `synthetic_data`: no weights, no tokenizer), bf16, seq 2048, micro-batch 2, global batch 16 per GPU, torch
 AdamW, gradient clipping 1.0, `max_steps` = warm-up + measured steps. Runs, most important first:
 the pipeline with the shipped defaults (`train_ds.py`, dims [N, 1]), transformers' own model under ZeRO-1
@@ -43,7 +44,7 @@ from benchmarks import launch, report, workload  # noqa: E402
 from utils.plot import read_metrics  # noqa: E402
 from benchmarks import run as pairs  # noqa: E402  (host_and_date, versions, measure_device, tidy_run_dir)
 
-FAMILIES = ("llama2", "llama3", "bloom", "baichuan", "chatglm", "mixtral")
+SEED_FAMILIES = ("llama2", "llama3", "bloom", "baichuan", "chatglm", "mixtral")
 RELEASED_NAME = {"llama2": "llama-2-7b", "llama3": "llama-3-8b", "bloom": "bloom-7b1", "baichuan": "baichuan2-7b",
                  "chatglm": "chatglm3-6b", "mixtral": "mixtral-8x7b"}
 BLOCKS = {"llama2": 8, "llama3": 8, "bloom": 8, "baichuan": 8, "chatglm": 8, "mixtral": 2}
@@ -110,6 +111,28 @@ RELEASED = {
 }
 
 
+
+
+def registry_families() -> dict[str, str]:
+    """Families the registry describes itself (its `debug_config` and real `released_configs`): benchmark name
+    (the model_type) -> the released config.json file of the benchmark width (the first of `released_configs`)."""
+    import models
+    from models.family import RELEASED_DIR
+
+    seed_types = {MODULE[f] for f in SEED_FAMILIES}
+    return {mt: next(iter(f.released_configs.values())) for mt, f in models.REGISTRY.items()
+            if mt not in seed_types and f.debug_config is not None and f.released_configs
+            and (RELEASED_DIR / next(iter(f.released_configs.values()))).is_file()}
+
+
+REGISTRY_RELEASED = registry_families()
+FAMILIES = SEED_FAMILIES + tuple(REGISTRY_RELEASED)
+for _fam, _file in REGISTRY_RELEASED.items():
+    RELEASED_NAME[_fam] = _file.removesuffix(".json")
+    BLOCKS[_fam] = 8
+    HF_MODEL_TYPE[_fam] = _fam
+
+
 # ----------------------------------------------------------------------------------------------
 # Model configs
 
@@ -118,6 +141,10 @@ def base_config(family: str, **overrides) -> dict:
     """The family's tiny config.json: its module's `debug_config(**overrides)` where it has one, else TINY."""
     import importlib
 
+    if family in REGISTRY_RELEASED:
+        import models
+
+        return models.get_family(family).debug_config(**overrides)
     module = importlib.import_module(f"models.{MODULE[family]}")
     if hasattr(module, "debug_config"):
         return module.debug_config(**overrides)
@@ -128,6 +155,8 @@ def set_blocks(cfg: dict, blocks: int) -> dict:
     """The block count under the family's own key (bloom: also `num_hidden_layers`, which train_ds_zero.py's
     attention FLOP term reads; chatglm: `num_layers`)."""
     mt = cfg["model_type"]
+    if isinstance(cfg.get("layer_types"), list):  # per-layer attention kinds, kept for the first `blocks`
+        cfg["layer_types"] = cfg["layer_types"][:blocks]
     if mt == "chatglm":
         cfg["num_layers"] = blocks
     elif mt == "bloom":
@@ -147,7 +176,12 @@ def fit_positions(cfg: dict, seq: int) -> dict:
 def family_config(family: str, released: bool = True, blocks: int | None = None, seq: int = 2048) -> dict:
     """config.json (the family's own format) for the pipeline trainer: released width, `blocks` blocks
     (default 8, mixtral 2) when `released`, else the tiny debug width (2 blocks)."""
-    cfg = base_config(family, **RELEASED[family]) if released else base_config(family)
+    if released and family in REGISTRY_RELEASED:  # the real config.json, as released
+        from models.family import released_config
+
+        cfg = released_config(REGISTRY_RELEASED[family])
+    else:
+        cfg = base_config(family, **RELEASED[family]) if released else base_config(family)
     set_blocks(cfg, blocks if blocks is not None else (BLOCKS[family] if released else SMOKE_BLOCKS))
     return fit_positions(cfg, seq)
 

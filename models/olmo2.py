@@ -24,4 +24,5 @@ def debug_config(**overrides) -> dict:
     return cfg
 
 
-FAMILY = dense_family("olmo2", read_config, debug_config, {"olmo-2-1124-13b": "olmo-2-1124-13b.json"})
+FAMILY = dense_family("olmo2", read_config, debug_config, {"olmo-2-1124-7b": "olmo-2-1124-7b.json",
+                                                                  "olmo-2-1124-13b": "olmo-2-1124-13b.json"})

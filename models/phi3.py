@@ -31,6 +31,4 @@ def debug_config(**overrides) -> dict:
 
 
 FAMILY = dense_family("phi3", read_config, debug_config, {
-    "phi-3-mini-4k-instruct": "phi-3-mini-4k-instruct.json", "phi-3-mini-128k-instruct": "phi-3-mini-128k-instruct.json",
-    "phi-3.5-mini-instruct": "phi-3.5-mini-instruct.json", "phi-4-mini-instruct": "phi-4-mini-instruct.json",
-    "phi-3-medium-4k-instruct": "phi-3-medium-4k-instruct.json"})
+    "phi-3-mini-4k-instruct": "phi-3-mini-4k-instruct.json", "phi-4": "phi-4.json"})

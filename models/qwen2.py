@@ -36,4 +36,5 @@ def debug_config(**overrides) -> dict:
         "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "rope_theta": 1e6, **overrides})
 
 
-FAMILY = dense_family("qwen2", read_config, debug_config, {"qwen2.5-7b": "qwen2.5-7b-instruct.json"})
+FAMILY = dense_family("qwen2", read_config, debug_config, {"qwen2.5-7b": "qwen2.5-7b-instruct.json",
+                                                               "qwen2.5-32b": "qwen2.5-32b.json"})

@@ -25,4 +25,5 @@ def debug_config(**overrides) -> dict:
 
 
 FAMILY = dense_family("qwen3", read_config, debug_config, {
-    "qwen3-8b": "qwen3-8b.json", "qwen3-0.6b": "qwen3-0.6b.json", "qwen3-32b": "qwen3-32b.json"})
+    "qwen3-8b": "qwen3-8b.json", "qwen3-0.6b": "qwen3-0.6b.json", "qwen3-1.7b": "qwen3-1.7b.json",
+    "qwen3-32b": "qwen3-32b.json"})

@@ -166,6 +166,27 @@ SPECS = {
 }
 
 
+def dense_spec(model_type: str) -> Spec:
+    """A registry dense family (tests/test_dense_families.py): its debug config with windows and every bias and
+    norm perturbed; adapters on every linear of its blocks under the family's HF names (Phi-3's fused `qkv_proj`
+    and `gate_up_proj` included), the final norm trained in full."""
+    from models import resolve
+    from models.lora import valid_targets
+    from models.sequential import build_sequential
+    from models.common import ModelOptions
+    from tests.test_dense_families import family_config, save_reference
+
+    cfg = family_config(model_type, "base")
+    with torch.device("meta"):
+        targets = tuple(valid_targets(build_sequential(cfg, ModelOptions())))
+    return Spec(lambda out: save_reference(cfg, out), LoraConfig(r=4, alpha=8, target_modules=targets,
+                                                                  modules_to_save=("norm",)),
+                resolve(cfg).vocab_size)
+
+
+SPECS.update({mt: dense_spec(mt) for mt in __import__("tests.test_dense_families", fromlist=["DENSE"]).DENSE})
+
+
 @dataclass
 class Case:
     name: str
