@@ -26,12 +26,13 @@ import torch
 from .common import ModelError, ModelOptions
 from .family import Family, WeightRule
 from .hf_files import (AUX_FILE_PATTERNS, SAFETENSORS_INDEX, check_hf_weight_files, error_reason, hf_weight_files,
-                       iter_hf_tensors, read_hf_config, resolve_hf_source)
+                       iter_hf_tensors, open_safetensors, read_hf_config, resolve_hf_source)
 from .layout import check_layer_tensors, check_no_extra_layers, layer_file_name, load_layer_file, resolve_pp_dir
 from .registry import REGISTRY
 from .resolved import ResolvedModel, resolve_dir
 
 KINDS = ("enter", "block", "exit")
+EXTRA_TENSORS = "extra_tensors.safetensors"  # tensors outside the pipeline model, carried verbatim (see below)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,23 +349,77 @@ def canonical_hf_tensors(info: ModelInfo, tensors: Iterator[tuple[str, torch.Ten
             yield part_name, part
 
 
+class _Carried:
+    """Checkpoint tensors outside the pipeline model (`Family.carried_hf_prefixes`), kept verbatim, and the
+    checkpoint's own spelling of every name `canonical_hf_name` changed ({weight-map name: checkpoint name})."""
+
+    def __init__(self, family: Family):
+        self.prefixes = family.carried_hf_prefixes
+        self.canonical = family.canonical_hf_name
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.hf_names: dict[str, str] = {}
+
+    def pipeline_tensors(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """`tensors` less the carried ones (held back here); the respellings are noted on the way."""
+        for name, tensor in tensors:
+            if name.startswith(self.prefixes):
+                self.tensors[name] = tensor
+                continue
+            if self.canonical is not None and self.canonical(name) != name:
+                self.hf_names[self.canonical(name)] = name
+            yield name, tensor
+
+    def save(self, path: Path) -> None:
+        """`extra_tensors.safetensors`: the carried tensors, the respellings as JSON in its metadata."""
+        from safetensors.torch import save_file
+
+        with writing(path):
+            save_file(self.tensors, str(path), metadata={"format": "pt", "hf_names": json.dumps(self.hf_names)})
+
+
+def read_carried(family: Family, dirs: list[Path]) -> tuple[Path | None, dict[str, str]]:
+    """(`extra_tensors.safetensors` of the first of `dirs` holding one, its {weight-map name: checkpoint name});
+    (None, {}) for a family that carries nothing. Missing for a family that does: ModelError, since the export
+    would lack tensors its config.json describes."""
+    if not family.carried_hf_prefixes:
+        return None, {}
+    path = next((d / EXTRA_TENSORS for d in dirs if (d / EXTRA_TENSORS).is_file()), None)
+    if path is None:
+        raise ModelError(f"no {EXTRA_TENSORS} in {dirs[0]}: model_type '{family.model_type}' keeps the tensors it does "
+                         f"not train ({', '.join(family.carried_hf_prefixes)}) there; copy it from the hg_to_pp output")
+    with open_safetensors(path) as handle:
+        text = (handle.metadata() or {}).get("hf_names", "{}")
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise ModelError(f"{path}: metadata 'hf_names' is not a JSON object of names")
+    return path, names
+
+
 def hg_to_pp(input_path: str | Path, save_path: str | Path, overwrite: bool = False,
              log: Callable[[str], None] = print) -> Path:
-    """HF checkpoint (dir or hub id) -> `save_path/layer_XX-model_states.pt` + config/tokenizer files."""
+    """HF checkpoint (dir or hub id) -> `save_path/layer_XX-model_states.pt` + config/tokenizer files (+
+    `extra_tensors.safetensors` for a family with `carried_hf_prefixes`, held in memory until written)."""
     src = resolve_hf_source(input_path)
     info = model_info(src)
     mapper = WeightMapper(info.family.weight_map)
     files = hf_weight_files(src)
     collector = _LayerCollector(info, mapper)
+    carried = _Carried(info.family)
     with staged_output(save_path, overwrite, [src]) as tmp:
         for idx in collector.empty_layers():
             save_layer(collector.take(idx), tmp / layer_file_name(idx))
-        for name, tensor in canonical_hf_tensors(info, iter_hf_tensors(files)):
+        for name, tensor in canonical_hf_tensors(info, carried.pipeline_tensors(iter_hf_tensors(files))):
             idx = collector.add(name, tensor)
             if idx is not None:
                 local = collector.take(idx)
                 save_layer({k: _standalone(v) for k, v in local.items()}, tmp / layer_file_name(idx))
         collector.check_complete()
+        if carried.prefixes:
+            carried.save(tmp / EXTRA_TENSORS)
+            log(f"carried {len(carried.tensors)} tensor(s) outside the pipeline model verbatim into {EXTRA_TENSORS}")
         copy_aux_files([src], tmp)
     if collector.dropped:
         log(f"dropped {len(collector.dropped)} tensor(s) not used by the pipeline: {', '.join(collector.dropped[:4])}"
@@ -493,6 +548,7 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
             f" to {save_path}")
         return Path(save_path)
     check_no_extra_layers(layer_dir, len(info.layer_tensors))
+    carried_path, hf_names = read_carried(info.family, [layer_dir, *cfg_dirs])
     layers = lora_export.LoraLayers(info, lora.config) if lora is not None else None
     with staged_output(save_path, overwrite, [layer_dir, *cfg_dirs]) as tmp:
         writer = ShardWriter(tmp, max_bytes)
@@ -504,8 +560,12 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
                 check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
             for name, tensor in layer_to_hf(info, mapper, idx, state).items():
                 for out_name, out in (export.tensors(info.args, name, tensor) if export else {name: tensor}).items():
-                    writer.add(out_name, out)
+                    writer.add(hf_names.get(out_name, out_name), out)
             del state
+        if carried_path is not None:
+            with open_safetensors(carried_path) as handle:
+                for name in handle.keys():
+                    writer.add(name, handle.get_tensor(name))
         num_shards = writer.finish()
         if export is not None:
             with writing(tmp / "config.json"):

@@ -184,6 +184,12 @@ class Family:
         norms), for the tests, the benchmarks' CPU smoke mode and any check that loops over the registry.
     released_configs: {benchmark name: file name in `models/released/`}: real config.json files of released
         checkpoints (`released_config(name)` reads one); the first is the family's benchmark width.
+    carried_hf_prefixes: checkpoint tensor names (as in the files, before `canonical_hf_name`) that are not part
+        of the pipeline model but must survive a round trip, e.g. gemma3's vision tower and projector beside the
+        language model it trains. `hg_to_pp` stores them verbatim in `extra_tensors.safetensors` (`EXTRA_TENSORS`)
+        next to the layer files, together with the checkpoint's own spelling of every name `canonical_hf_name`
+        changed; `pp_to_hg` writes them back unchanged and the pipeline's tensors under those original names, so
+        the export has the source's layout and the source's config.json.
     """
     model_type: str
     read_config: Callable[[dict], Any]
@@ -207,3 +213,4 @@ class Family:
     from_hf_tensor: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     debug_config: Callable[..., dict] | None = None
     released_configs: dict[str, str] = field(default_factory=dict)
+    carried_hf_prefixes: tuple[str, ...] = ()

@@ -1,7 +1,8 @@
 """The model families, looked up by config.json's `model_type`.
 
 Adding a family = one new file `models/NAME.py` defining `FAMILY = Family(...)` (see `models/family.py`) plus
-its module name in `FAMILY_MODULES`. Nothing else in the repo names a family: the trainers, the converter,
+its module name in `FAMILY_MODULES`; a module defining several (gemma3: text-only and multimodal) lists them in
+`FAMILIES`. Nothing else in the repo names a family: the trainers, the converter,
 the memory planner and the benchmarks go through `models.resolve(config.json dict)`.
 `register` / `unregister` add or remove a family at run time (tests, out-of-tree families).
 """
@@ -13,7 +14,7 @@ from .common import ModelError
 from .family import Family
 
 FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral", "qwen2", "qwen3", "mistral", "phi3", "olmo2",
-                 "glm4")
+                 "glm4", "gemma2", "gemma3")
 
 REGISTRY: dict[str, Family] = {}
 
@@ -43,4 +44,6 @@ def get_family(model_type: str | None) -> Family:
 
 
 for _name in FAMILY_MODULES:
-    register(importlib.import_module(f"{__package__}.{_name}").FAMILY)
+    _module = importlib.import_module(f"{__package__}.{_name}")
+    for _family in getattr(_module, "FAMILIES", (_module.FAMILY,)):
+        register(_family)

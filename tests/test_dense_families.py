@@ -32,6 +32,8 @@ for _mt, _extra in {
                           "original_max_position_embeddings": 16, "max_position_embeddings": 64},
              "partial": {"partial_rotary_factor": 0.5}},
     "qwen2": {"no_window": {"use_sliding_window": False}},
+    "gemma2": {"no_softcap": {"attn_logit_softcapping": None, "final_logit_softcapping": None}},
+    "gemma3_text": {"unscaled_rope": {"rope_scaling": None}, "final_softcap": {"final_logit_softcapping": 1.0}},
 }.items():
     if _mt in VARIANTS:
         VARIANTS[_mt].update(_extra)
