@@ -334,8 +334,40 @@ def write_adapter(ckpt: LoraCheckpoint, info: Any, mapper: Any, export: HfFormat
     with writing(out_dir / ADAPTER_WEIGHTS):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
-    base_name = target_cfg.get("_name_or_path") or None
+    from utils.lora_ckpt import ADAPTER_BASE, converted_from
+
+    base_name = target_cfg.get("_name_or_path") or converted_from(str(ckpt.recorded_base)) or None
     with writing(out_dir / ADAPTER_CONFIG):
         (out_dir / ADAPTER_CONFIG).write_text(
             json.dumps(adapter_config(ckpt.config, plan, base_name), indent=2, sort_keys=True) + "\n")
+    base = {"base_model_name_or_path": base_name, "base_weights": base_weights_fingerprint(ckpt, info, namer, plan),
+            "modules": sorted(plan.lora_modules)}
+    with writing(out_dir / ADAPTER_BASE):
+        (out_dir / ADAPTER_BASE).write_text(json.dumps(base, indent=1) + "\n")
     return plan
+
+
+def base_weights_fingerprint(ckpt: LoraCheckpoint, info: Any, namer: "AdapterNamer", plan: AdapterPlan) -> str | None:
+    """utils.lora_ckpt.sampled_fingerprint of the base weights the adapter's modules modify, in the export's HF
+    names (what `demo.py --adapter` compares with the model it is given); None when the recorded base dir is gone
+    or no longer the one LORA.json fingerprints."""
+    from utils.lora_ckpt import sampled_fingerprint
+
+    try:
+        verified_base(ckpt)
+    except ModelError:
+        return None
+    weights: dict[str, torch.Tensor] = {}
+    layers = LoraLayers(info, ckpt.config)
+    for idx in range(len(info.layer_tensors)):
+        stems = [k[: -len(".lora_A")] for k in layers.trained_shapes(idx) if k.endswith(".lora_A")]
+        if not stems:
+            continue
+        _, state = load_layer_file(ckpt.recorded_base, idx)
+        for stem in stems:
+            for name, part in namer.hf_tensors(idx, f"{stem}.weight", state[f"{stem}.weight"]).items():
+                module = name[: -len(".weight")]
+                if module in plan.lora_modules:
+                    weights[module] = part
+        del state
+    return sampled_fingerprint(weights) if weights else None

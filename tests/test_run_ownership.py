@@ -216,14 +216,15 @@ def run_a(tiny_llama_pp, tmp_path_factory):
 
 
 def test_lr_logged_for_a_step_is_the_one_that_step_used(run_a):
-    assert [r["lr"] for r in rows(run_a["out"])] == pytest.approx([1e-3, 1.5e-3, 2e-3])
+    # WarmupLR: step 1 runs at warmup_min_lr, the scheduler steps after each optimizer step (from iteration 0)
+    assert [r["lr"] for r in rows(run_a["out"])] == pytest.approx([1e-3, 1e-3, 1.5e-3])  # was logged [1e-3, 1.5e-3, 2e-3]
 
 
 def test_second_fresh_run_is_refused_once_and_run_a_is_intact(run_a):
     res = run_a["res_b"]
     assert res.returncode == 2
     line = one_error_line(res.stderr)  # printed by rank 0 only
-    assert f"save_path: {run_a['out']} holds another run (global_step1, global_step2, global_step3, checkpoint_final" \
+    assert f"save_path: {run_a['out']} holds another run (global_step1, global_step2, checkpoint_final, latest" \
            in line
     assert run_a["after_b"] == run_a["before"]
     info = ckpt.read_info(str(run_a["out"]), "checkpoint_final")

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             started.append(self)
 
     # the runner module's own `subprocess` name only: everything else keeps the real module
-    runner.subprocess = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess)
-                                                 if not k.startswith("__")}, Popen=RecordingPopen)
+    names = {k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")}
+    runner.subprocess = types.SimpleNamespace(**{**names, "Popen": RecordingPopen})
     try:
         runner.main(argv if argv is not None else sys.argv[1:])
         code = None
