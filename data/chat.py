@@ -234,8 +234,10 @@ def record_to_messages(record: dict) -> tuple[list[dict], list | None]:
         where = f"messages[{i}]"
         message = dict(message)
         calls = message.get("tool_calls")
-        if message.get("content") is None and calls:
-            message["content"] = None  # OpenAI's shape, passed on as transformers passes it (templates branch on it)
+        if not message.get("content") and calls:
+            # OpenAI's `content: null` (loading normalizes it to ""): passed on as None, which transformers
+            # drops, so templates see no content (DeepSeek-R1 branches on it); `_none_safe` falls back to ""
+            message["content"] = None
         else:
             message["content"] = _text(message.get("content"), f"{where}.content",
                                        allow_none=bool(calls) or message["role"] == "tool")

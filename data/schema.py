@@ -301,7 +301,7 @@ def _sharegpt_messages(turns: Any) -> list[dict]:
                 _check_keys(one, {"name": None, "arguments": None}, ["name"], f"{at}.")
                 tool_calls.append({"type": "function",
                                    "function": {"name": one["name"], "arguments": one.get("arguments", {})}})
-            messages.append({"role": role, "content": None, "tool_calls": tool_calls})
+            messages.append({"role": role, "content": "", "tool_calls": tool_calls})
         else:
             _expect(value, STRING, f"{where}.value")
             messages.append({"role": role, "content": value})
@@ -311,8 +311,7 @@ def _sharegpt_messages(turns: Any) -> list[dict]:
 def validate_messages(record: Any, normalize: bool = False) -> dict:
     """Check a `{"messages": [...], "tools"?: [...]}` record; with `normalize`, return its normalized copy.
 
-    Normalized: null-valued keys dropped but an assistant's missing/null `content` with `tool_calls` (None,
-    OpenAI's shape, which chat templates such as DeepSeek-R1's branch on),
+    Normalized: null-valued keys dropped, an assistant's missing/null `content` with `tool_calls` -> "",
     each tool call `{"type": "function", "function": {"name": str, "arguments": object}}` (+ `"id"` if
     given; `arguments` given as a JSON string is parsed), `tools` a list of objects.
     """
@@ -350,13 +349,12 @@ def _check_message(message: Any, where: str) -> dict:
             raise FieldError(f"{where}.{key}", f"only {' or '.join(MESSAGE_FIELDS[key])} messages may have {key!r}")
     out = {"role": role}
     if "tool_calls" in message:
-        out["content"] = message.get("content")  # null kept: OpenAI's shape, which chat templates branch on
+        out["content"] = message.get("content", "")
     elif "content" not in message:
         raise FieldError(f"{where}.content", "missing required field")
     else:
         out["content"] = message["content"]
-    if out["content"] is not None:
-        _expect(out["content"], STRING, f"{where}.content")
+    _expect(out["content"], STRING, f"{where}.content")
     for key in ("name", "tool_call_id"):
         if key in message:
             _expect(message[key], STRING, f"{where}.{key}")
