@@ -112,7 +112,17 @@ def parse_record(text: str, first_line: int = 1) -> tuple[Any, list[str]]:
     return value, repeated
 
 
+TOO_DEEP = "nested too deeply (arrays/objects more than ~900 levels deep)"
+
+
 def _parse(text: str, first_line: int, loads: Callable[[str], Any]) -> Any:
+    try:
+        return _parse_once(text, first_line, loads)
+    except RecursionError:  # json's C decoder follows the nesting on the Python stack
+        raise JSONSyntaxError(first_line, 1, TOO_DEEP) from None
+
+
+def _parse_once(text: str, first_line: int, loads: Callable[[str], Any]) -> Any:
     with contextlib.suppress(json.JSONDecodeError):  # plain JSON: the fast path
         return loads(text)
     cleaned = strip_comments(text)
@@ -221,10 +231,32 @@ def validate_record(path: str, index: int, line: int | None, value: Any) -> dict
     """Validate and normalize one parsed record, checking it is of its file's kind; `DataError` if not."""
     try:
         kind, normalized = normalize_record(value)
+        _check_text(normalized, "")
     except FieldError as err:
         raise _sample_error(path, index, value, err, line) from None
+    except RecursionError:
+        raise DataError(f"{_where(path, index, line)}: {TOO_DEEP}") from None
     _check_file_kind(path, index, line, kind)
     return normalized
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: Any, field: str) -> None:
+    """FieldError naming the field of a string holding a lone surrogate (`"\\ud800"` in the JSON: valid JSON, not
+    text: no tokenizer or UTF-8 encoder takes it)."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            raise FieldError(field or "(record)", f"holds a lone surrogate (\\u{ord(found.group()):04x}) at character "
+                                                  f"{found.start()}: not valid Unicode text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{field}[{i}]")
 
 
 # path -> (file identity, kind of its first record): one file holds one kind of record. Per process, so
@@ -307,6 +339,10 @@ class _StreamFallback(Exception):
     """The streaming array parser met something it leaves to the whole-file parser (errors, odd layout)."""
 
 
+class _TooDeep(Exception):
+    """An element nested deeper than the JSON decoder can follow; `args[0]`: its line."""
+
+
 _SPACE = re.compile(r"(?:\s+|//[^\n]*(?:\n|\Z)|/\*[\s\S]*?\*/)*")
 _TOKEN = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*|/\*[\s\S]*?\*/|[{}\[\]]|[^"/{}\[\]]+|["/]')
 _CHUNK = 1 << 20
@@ -376,6 +412,8 @@ class _ArrayStream:
         while True:
             try:
                 _, end = self.plain.raw_decode(self.buf, start)
+            except RecursionError:
+                raise _TooDeep(self._line_at(start)) from None
             except json.JSONDecodeError as exc:
                 cut = exc.msg.startswith("Unterminated string") or exc.pos >= len(self.buf) - 32
                 if cut and not self.eof:
@@ -467,6 +505,8 @@ def iter_array_records(path: str, progress: Callable[[int], None] | None = None)
                 if progress is not None and stream.bytes_read != read:
                     read = stream.bytes_read
                     progress(read)
+        except _TooDeep as exc:
+            raise DataError(f"{path}: line {exc.args[0]}: sample {index}: {TOO_DEEP}") from None
         except _StreamFallback:
             values = _load_array(path)  # raises the whole-file parser's error; else the stream's limit
             for value in values[index:]:
@@ -475,12 +515,22 @@ def iter_array_records(path: str, progress: Callable[[int], None] | None = None)
 
 
 def _drop_nulls(value: Any) -> Any:
-    """A parquet row as JSON would have it: struct fields that are null (absent in that row) dropped."""
+    """A parquet row as JSON would have it: struct fields that are null (absent in that row) dropped; timestamps,
+    dates and times as ISO strings, decimals as numbers' text, binary as UTF-8 text (ValueError if it is not)."""
     if isinstance(value, dict):
         return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
         return [_drop_nulls(v) for v in value]
-    return value
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("binary data that is not UTF-8 text") from None
+    if hasattr(value, "isoformat"):  # datetime, date, time
+        return value.isoformat()
+    return str(value)  # Decimal, timedelta, ...
 
 
 def _parquet_file(path: str):
@@ -507,7 +557,13 @@ def iter_parquet_rows(path: str, progress: Callable[[int], None] | None = None) 
             row = 0
             for batch in handle.iter_batches(batch_size=PARQUET_BATCH, row_groups=[group]):
                 for values in batch.to_pylist():
-                    yield group, row, _drop_nulls(values)
+                    try:
+                        plain = _drop_nulls(values)
+                    except ValueError:
+                        column = next((k for k, v in values.items() if isinstance(v, (bytes, bytearray))), "?")
+                        raise DataError(f"{path}: row group {group}, row {row}: column {column!r}: binary data that "
+                                        f"is not UTF-8 text") from None
+                    yield group, row, plain
                     row += 1
                 done += batch.num_rows
                 if progress is not None:

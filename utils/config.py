@@ -159,7 +159,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"command line: cannot parse {item!r}; overrides look like --key.sub=value")
         key, _, text = item[2:].partition("=")
-        out[key] = yaml.safe_load(text)
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = (getattr(e, "problem", None) or str(e).splitlines()[0]).strip()
+            raise ConfigError(f"command line: --{key}: cannot read {text!r} as a YAML value ({problem}); quote "
+                              f"text values, e.g. --{key}='\"{text}\"'") from None
     return out
 
 
@@ -177,10 +182,14 @@ def load_config(path: str, overrides: dict[str, Any] | None = None) -> TrainConf
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); give the YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     raw = copy.deepcopy(raw)
