@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import run_cli, run_deepspeed, train_config
 from tests.test_families import make_baichuan, make_bloom, make_chatglm
+from tests.test_dense_families import DENSE, family_config, save_reference
 from tests.test_mixtral import make_tiny_mixtral
 
 MAKERS = {
@@ -15,6 +16,9 @@ MAKERS = {
     "baichuan": make_baichuan,
     "chatglm": lambda out: make_chatglm(out, groups=2, qkv_bias=True, rope_ratio=1.0),
     "mixtral": make_tiny_mixtral,
+    # every dense registry family (qwen2, qwen3, mistral, gemma2, gemma3, phi3, ...): its debug config, windows
+    # shorter than the rows
+    **{mt: (lambda out, mt=mt: save_reference(family_config(mt, "base"), out)) for mt in DENSE},
 }
 
 
