@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, TextIO
 
 from .loading import Record, is_jsonl, iter_array_records, iter_jsonl_records, parse_sample
 from .notes import Notes, key_detail, lost_detail, nothing_trains_message, round_notes
-from .chat import TEMPLATE_CHOICES, chat_template_of, located
+from .chat import TEMPLATE_CHOICES, chat_template_of, located, turn_ends
 from .render import (IGNORE_INDEX, Rendered, first_trained_positions, load_tokenizer, render_many,
                      render_validated)
 from .schema import SAMPLE_TYPES, DataError
@@ -142,6 +142,15 @@ def show(index: int, rendered: Rendered, out: TextIO) -> None:
     legend = "trained text in green" if tty else "trained text in [[ ]]"
     print(f"--- sample {index} ({rendered.type}): {len(rendered.input_ids)} tokens{cut}; {legend} ---", file=out)
     print("".join(f"{start}{text}{end}" if trained else text for text, trained in rendered.segments), file=out)
+
+
+def chat_rule(tokenizer) -> str:
+    """The line under `--show` with `--template chat`: what is trained, with this template's end-of-turn tokens."""
+    ends = turn_ends(tokenizer)
+    tokens = ", ".join(ends.texts) or "none"
+    eos = f"; an eos ({tokenizer.eos_token}) is appended after the last turn" if ends.final_eos else ""
+    return (f"trained: each assistant turn as the model generates it, through its end-of-turn token ({tokens}){eos};"
+            f" system, user and tool text, and anything the template appends after the last turn, are masked")
 
 
 def _dump_record(index: int, rendered: Rendered) -> str:
@@ -345,6 +354,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO | None = None) -> Non
         print(f"wrote {stats.count} rendered samples to {args.dump}", file=out)
     if shown is not None:
         show(args.show, shown, out)
+        if template == "chat":
+            print(chat_rule(tokenizer), file=out)
     out.flush()
     for line in stats.notes.warnings(stats.count, args.max_seq_len):
         print(line, file=err)
