@@ -610,7 +610,8 @@ def verify(hf_path: str | Path, pp_path: str | Path, batch: int = 2, seq_len: in
     except Exception as err:  # noqa: BLE001 - whatever transformers makes of a broken dir: one line naming it
         raise ModelError(f"cannot load the HF model in {hf_dir} with transformers: {error_reason(err)}") from None
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, int(reference.config.vocab_size), (batch, seq_len), generator=generator)
+    vocab = int(reference.config.get_text_config().vocab_size)  # a multimodal config holds it in its text config
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits
         actual = ours(input_ids)

@@ -62,7 +62,7 @@ def read_text_config(cfg: dict, family: str, ignored: tuple[str, ...] = ("attn_l
             raise ModelError(f"config.json: '{key}' {cfg[key]!r} is not supported for {family} (transformers' "
                              "Gemma-3 does not apply it; only null)")
     fields = gemma_fields(cfg, family)
-    types = gemma_layer_types(cfg, cfg_get(cfg, "sliding_window_pattern", int))
+    types = gemma_layer_types(cfg, cfg_get(cfg, "sliding_window_pattern", int, 6))
     ropes: dict[str, RopeConfig] = {t: read_rope_config(cfg, fields["head_dim"], params=p)
                                     for t, p in layer_rope_params(cfg).items()}
     return LlamaArgs(**fields, rope=ropes["full_attention"], qk_norm="head",
