@@ -146,6 +146,21 @@ def test_export_without_the_carried_tensors_is_refused(multimodal, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_training_checkpoints_carry_the_extra_tensors(multimodal, tmp_path):
+    """A checkpoint gets the model files the trainer copies (`utils.checkpoint.copy_model_files`) beside its layer
+    files: that is enough for pp_to_hg to give back the vision tower."""
+    from utils.checkpoint import copy_model_files
+
+    _, hf_dir, pp_dir = multimodal
+    tag = tmp_path / "global_step1"
+    tag.mkdir()
+    for path in pp_dir.glob("layer_*"):
+        (tag / path.name).write_bytes(path.read_bytes())
+    copy_model_files(str(pp_dir), str(tag))
+    pp_to_hg(tag, tmp_path / "out", **QUIET)
+    assert_same_tensors(read_hf_tensors(tmp_path / "out"), read_hf_tensors(hf_dir))
+
+
 # ----------------------------------------------------------------------------------------------
 # Config readers
 
