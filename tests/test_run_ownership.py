@@ -327,3 +327,116 @@ def test_launcher_exit_code_rules():
     assert exit_code(-9, [143, 143]) == 143
     assert exit_code(-9, [0, 0]) == 137
     assert exit_code(-1, []) == 129
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_stays(tiny_llama_pp, tmp_path):
+    _, pp = tiny_llama_pp
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        out = small / "out"
+        proc, log = start([deepspeed_bin()], train_config(pp, out, n_epoches=50, save_interval=2), tmp_path, "full")
+        try:
+            deadline = time.time() + 300
+            while not ckpt.is_complete(str(out), "global_step2"):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            before = snapshot(out / "global_step2")
+            with open(small / "filler", "wb") as f:  # the disk fills up under the run
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 20))
+                        f.flush()
+                except OSError:
+                    pass
+            code = finish(proc, timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        text = log.read_text()
+        assert code == 2, text[-3000:]
+        assert "Traceback" not in text
+        errors = [x for x in text.splitlines() if x.startswith("error: ")]
+        assert errors and all("No space left on device" in x and "resume with resume: true" in x for x in errors), text
+        assert snapshot(out / "global_step2") == before and ckpt.verify(str(out), "global_step2") is None
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Valid but odd input: one line naming the file, the key or the sample, no traceback
+
+
+def test_odd_data_files_are_one_line(tmp_path):
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import run_cli
+
+    deep = "[" * 5000 + "]" * 5000
+    good = '{"type": "pretrain", "text": "hi"}'
+    (tmp_path / "deep.jsonl").write_text(f'{good}\n{{"type": "pretrain", "text": {deep}}}\n')
+    (tmp_path / "deep.json").write_text(f'[{good}, {{"type": "pretrain", "text": {deep}}}]')
+    (tmp_path / "surrogate.jsonl").write_text(f'{good}\n{{"type": "pretrain", "text": "a\\ud800b"}}\n')
+    pq.write_table(pa.table({"text": ["a"], "type": ["pretrain"], "ts": [datetime.datetime(2024, 1, 1)],
+                             "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2))}),
+                   tmp_path / "typed.parquet")
+    pq.write_table(pa.table({"type": ["pretrain"], "text": [b"\xff\xfe"]}), tmp_path / "binary.parquet")
+    cases = [("deep.jsonl", "line 2, column 1: invalid JSON: nested too deeply"),
+             ("deep.json", "line 1: sample 1: nested too deeply"),
+             ("surrogate.jsonl", "line 2: sample 1 (pretrain): text: holds a lone surrogate (\\ud800) at character 1"),
+             ("typed.parquet", "sample 0 (pretrain): ts: unknown field"),
+             ("binary.parquet", "row group 0, row 0: column 'text': binary data that is not UTF-8 text")]
+    tok = ROOT / "examples" / "tiny_llama"
+    for name, words in cases:
+        res = run_cli("-m", "data.check", "--data", str(tmp_path / name), "--tokenizer", str(tok), "--max-seq-len", "64")
+        line = one_error_line(res.stderr)
+        assert res.returncode != 0 and f"{tmp_path / name}: " in line and words in line, (name, line)
+
+
+def test_parquet_with_more_than_65535_row_groups_trains(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.loading import open_samples
+
+    n = 65540
+    pq.write_table(pa.table({"type": ["pretrain"] * n, "text": [f"t{i}" for i in range(n)]}), tmp_path / "g.parquet",
+                   row_group_size=1)
+    samples = open_samples(str(tmp_path / "g.parquet"))
+    assert len(samples) == n and samples[n - 1]["text"] == f"t{n - 1}"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--seed=[1", ["command line: --seed: cannot read '[1' as a YAML value"]),
+    ("--max_steps=!!python/object/apply:os.system [echo]", ["command line: --max_steps:", "cannot read"]),
+    ("--seed=1180591620717411303424", ["seed: must be in [0, 2**32)"]),
+    ("--optimizer.no_wd_kws=['[']", ["optimizer.no_wd_kws[0]: '[' is not a valid regex"]),
+])
+def test_odd_overrides_are_one_line(override, words, tmp_path, capsys, monkeypatch):
+    cfg = train_config(tmp_path / "no-model", tmp_path / "run")
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train_ds.main(["--config", str(path), override]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_binary_config_file_and_the_memory_planner(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "c.yml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert train_ds.main(["--config", str(path)]) == 2
+    assert "not a text file (byte" in one_error_line(capsys.readouterr().err)
+    cfg = tmp_path / "ok.yml"
+    cfg.write_text(yaml.safe_dump(train_config(tmp_path / "no-model", tmp_path / "run")))
+    res = run_cli("-m", "utils.memory", "--config", str(cfg), "--seed=[1")
+    assert res.returncode == 2 and "cannot read '[1' as a YAML value" in one_error_line(res.stderr)

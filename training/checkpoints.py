@@ -67,7 +67,25 @@ def load_checkpoint(cfg: TrainConfig, trainer, tag: str | None, rank: int) -> in
 
 def save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch: int, final: bool = False) -> None:
     """DeepSpeed's files, then (once every rank wrote its part) the model files and the trainer's extras (the
-    ZeRO trainer's HF export in the final one), MANIFEST.json hashed by all ranks, COMPLETE, pruning."""
+    ZeRO trainer's HF export in the final one), MANIFEST.json hashed by all ranks, COMPLETE, pruning. A write that
+    fails (a full disk) is one CheckpointError line naming the checkpoint and the newest complete one, which is
+    untouched (this one never gets its COMPLETE marker)."""
+    from utils import checkpoint as ckpt
+
+    try:
+        _save_checkpoint(cfg, trainer, plan, tag, step, epoch, final)
+    except (OSError, RuntimeError) as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, RuntimeError) and not any(w in text.lower() for w in ("write", "space", "quota")):
+            raise  # not a failed write: a bug, with its traceback
+        newest = ckpt.newest_complete(cfg["save_path"])
+        keep = (f"the newest complete checkpoint {os.path.join(cfg['save_path'], newest)} is intact"
+                if newest else "no complete checkpoint exists yet")
+        raise ckpt.CheckpointError(f"saving checkpoint {os.path.join(cfg['save_path'], tag)} failed at step {step}: "
+                                   f"{text}; {keep}: free space and resume with resume: true") from None
+
+
+def _save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch: int, final: bool) -> None:
     import torch.distributed as dist
 
     from utils import checkpoint as ckpt

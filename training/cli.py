@@ -8,6 +8,7 @@ the launcher's exit (utils.preempt), after writing a checkpoint.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -58,9 +59,19 @@ def run_cli(trainer, description: str, argv=None) -> int:
     except BadStepsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = e.filename or cfg["save_path"]
+        print(f"error: {where}: {e.strerror} while training; the newest complete checkpoint in {cfg['save_path']} "
+              f"is intact: free space and resume with resume: true", file=sys.stderr)
+        return 2
     finally:
         save_path.release()
         restore_signals()
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota, a read-only remount
 
 
 def _after_init() -> bool:
