@@ -76,13 +76,30 @@ def save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch:
         _save_checkpoint(cfg, trainer, plan, tag, step, epoch, final)
     except (OSError, RuntimeError) as e:
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, RuntimeError) and not any(w in text.lower() for w in ("write", "space", "quota")):
-            raise  # not a failed write: a bug, with its traceback
+        if isinstance(e, RuntimeError):  # torch's writer says "unexpected pos 2176 vs 2064" for a full disk
+            full = disk_problem(cfg["save_path"])
+            if full is None:
+                raise  # not a failed write: a bug, with its traceback
+            text = full
         newest = ckpt.newest_complete(cfg["save_path"])
         keep = (f"the newest complete checkpoint {os.path.join(cfg['save_path'], newest)} is intact"
                 if newest else "no complete checkpoint exists yet")
         raise ckpt.CheckpointError(f"saving checkpoint {os.path.join(cfg['save_path'], tag)} failed at step {step}: "
                                    f"{text}; {keep}: free space and resume with resume: true") from None
+
+
+def disk_problem(save_path: str) -> str | None:
+    """strerror of writing 4 MiB into `save_path` (a full disk or a quota), None when that works."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=save_path, prefix=".space-probe-") as f:
+            f.write(b"\0" * (4 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch: int, final: bool) -> None:
