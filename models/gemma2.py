@@ -70,5 +70,4 @@ def debug_config(**overrides) -> dict:
         "final_logit_softcapping": 1.0, "pad_token_id": 0, **overrides})
 
 
-FAMILY = dense_family("gemma2", read_config, debug_config, {
-    "gemma-2-9b": "gemma-2-9b.json", "gemma-2-2b": "gemma-2-2b.json", "gemma-2-27b": "gemma-2-27b.json"})
+FAMILY = dense_family("gemma2", read_config, debug_config, {"gemma-2-9b": "gemma-2-9b-it.json"})
