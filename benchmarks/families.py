@@ -298,6 +298,119 @@ def plan_runs(families: list[str], variants: list[str], order: str = "defaults-f
 
 
 # ----------------------------------------------------------------------------------------------
+# Plans: what one GPU session should measure, in order, resumable
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """Runs of one sequence length: `families` x `variants`, into the plan's --out (plus `out_suffix`)."""
+    what: str
+    families: tuple[str, ...]
+    variants: tuple[str, ...]
+    seq: int = 2048
+    out_suffix: str = ""
+
+
+PLANS = {
+    "new": (
+        PlanStep("dense families at their released width", ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"),
+                 ("default", "hf")),
+        PlanStep("a windowed, soft-capped family above its window", ("gemma2",), ("default", "hf"), 8192,
+                 "-seq8192"),
+    ),
+}
+CALL_SECONDS = 540  # what one 10-minute device call leaves for runs after the start and the matmul measurement
+GUESS_RUN_SECONDS = 90.0  # a run's wall time before any was measured (compile + 5 steps)
+
+
+def step_out(out: str, step: PlanStep) -> str:
+    return out.removesuffix(".json") + step.out_suffix + ".json"
+
+
+def plan_left(name: str, out: str, mbs: int = 2) -> list[tuple[PlanStep, list[RunSpec], float]]:
+    """Per step of plan `name`: the runs its --out file does not yet hold with status ok, and a guess of their
+    seconds (the median wall time of the runs measured so far, else `GUESS_RUN_SECONDS`)."""
+    left = []
+    for step in PLANS[name]:
+        families = [f for f in step.families if f in FAMILIES]
+        if not families:
+            continue
+        path = step_out(out, step)
+        runs = json.load(open(path)).get("runs", []) if os.path.isfile(path) else []
+        done = {run_key(r) for r in runs if r.get("status") == "ok" and r.get("seq") == step.seq
+                and r.get("mbs") == mbs}
+        times = sorted(r["elapsed_s"] for r in runs if r.get("status") == "ok" and r.get("elapsed_s"))
+        per_run = times[len(times) // 2] if times else GUESS_RUN_SECONDS
+        todo = [spec for spec in plan_runs(families, list(step.variants)) if spec.key not in done]
+        left.append((step, todo, per_run * len(todo)))
+    return left
+
+
+def print_plan_left(name: str, out: str) -> int:
+    """Prints what plan `name` still has to run and how many device calls that needs; returns the run count."""
+    left = plan_left(name, out)
+    total = sum(len(todo) for _, todo, _ in left)
+    seconds = sum(t for _, _, t in left)
+    for step, todo, t in left:
+        if todo:
+            print(f"[families] plan {name}: {step.what} (seq {step.seq}): {len(todo)} runs left, ~{t / 60:.0f} min: "
+                  + ", ".join(f"{p.family} {p.trainer} {p.variant}" for p in todo), flush=True)
+    calls = -(-seconds // CALL_SECONDS) if total else 0
+    print(f"[families] plan {name}: {total} runs left, ~{seconds / 60:.0f} min, about {calls:.0f} more 10-minute "
+          "calls" + (" (nothing left)" if not total else ""), flush=True)
+    return total
+
+
+def run_plan(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--plan NAME`: each step of the plan as its own benchmark call (`--skip-done`, the step's seq and --out),
+    within one --budget; ends by printing what is left and how many calls it needs."""
+    t0 = time.monotonic()
+    if not args.out:
+        raise SystemExit("--plan needs --out (the committed results JSON of this machine, e.g. "
+                         "benchmarks/results/families-1xH100-DATE.json): the plan skips what it already holds")
+    rest = strip_plan_args(argv)
+    rc = 0
+    for step, todo, _ in plan_left(args.plan, args.out):
+        if not todo:
+            continue
+        budget = args.budget - (time.monotonic() - t0) if args.budget else 0
+        if args.budget and budget < 60:
+            rc = 3
+            break
+        families = list(dict.fromkeys(spec.family for spec in todo))
+        print(f"[families] plan {args.plan}: {step.what} (seq {step.seq})", flush=True)
+        seq = max(64, step.seq // 32) if args.cpu_smoke else step.seq  # CPU smoke: tiny rows, same shape of plan
+        rc = main([*rest, "--families", *families, "--variants", *step.variants, "--seq", str(seq),
+                   "--skip-done", "--out", step_out(args.out, step), *(["--budget", str(budget)] if budget else [])])
+        if rc == 3:
+            break
+    left = print_plan_left(args.plan, args.out)
+    return 3 if left else (0 if rc in (0, 3) else rc)
+
+
+def strip_plan_args(argv: list[str]) -> list[str]:
+    """argv without --plan/--out/--budget/--families/--variants/--seq/--skip-done (the plan sets them per step)."""
+    valued = {"--plan", "--out", "--budget", "--seq"}
+    multi = {"--families", "--variants"}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in valued:
+            i += 1 if "=" in arg else 2
+        elif name in multi:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        elif arg == "--skip-done":
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Settings
 
 
@@ -358,6 +471,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "an existing file is merged into)")
     p.add_argument("--work-dir", default=None, help="configs, logs, run dirs (default benchmarks/work/families-<host>-<date>)")
     p.add_argument("--report-only", metavar="JSON", default=None, help="rewrite the .md and .png of this JSON; no runs")
+    p.add_argument("--plan", choices=sorted(PLANS), default=None,
+                   help="run the named plan's steps (new: the dense families added since 2026-12-02 at seq 2048, "
+                        "gemma2 at 8192), each with --skip-done into --out (per-step suffix), within --budget; "
+                        "prints what is left and how many 10-minute calls it needs")
+    p.add_argument("--plan-left", action="store_true", help="with --plan and --out: only print what is left")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the whole orchestration on CPU: tiny configs, fp32, 2 ranks (gloo), seq 64, 1 measured step")
     return p.parse_args(argv)
@@ -866,9 +984,16 @@ def report_only(path: str) -> int:
 
 def main(argv=None) -> int:
     t0 = time.monotonic()  # --budget counts from here: setup and the matmul measurement are part of the call
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.report_only:
         return report_only(args.report_only)
+    if args.plan and args.plan_left:
+        if not args.out:
+            raise SystemExit("--plan-left needs --out")
+        return 3 if print_plan_left(args.plan, args.out) else 0
+    if args.plan:
+        return run_plan(args, argv)
     s = settings_from_args(args)
     old = load_existing(s)
     os.makedirs(s.work_dir, exist_ok=True)

@@ -8,7 +8,7 @@ Reference: transformers' `Gemma2ForCausalLM`."""
 from __future__ import annotations
 
 from .common import ModelError, cfg_get, read_rope_config
-from .llama import (LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, read_layer_types,
+from .llama import (LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, read_layer_types,
                     read_windows, with_defaults)
 
 GELU_TANH = ("gelu_pytorch_tanh",)
@@ -64,7 +64,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 def debug_config(**overrides) -> dict:
     """Tiny gemma2, tied: windows of 8 on layers 0 and 2, soft-caps small enough to change the tiny model's scores
     (attention 2.0) and logits (1.0), query_pre_attn_scalar 24 != head_dim 16."""
-    return llama_debug_config("gemma2", "Gemma2ForCausalLM", **{
+    return dense_debug_config("gemma2", "Gemma2ForCausalLM", **{
         "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "query_pre_attn_scalar": 24, "sliding_window": 8, "attn_logit_softcapping": 2.0,
         "final_logit_softcapping": 1.0, "pad_token_id": 0, **overrides})

@@ -22,7 +22,7 @@ from dataclasses import replace
 from .common import ModelError, ModelOptions, RopeConfig, cfg_get, read_rope_config
 from .family import WeightRule
 from .gemma2 import gemma_fields, gemma_layer_types
-from .llama import (DENSE_WEIGHT_MAP, LlamaArgs, build_layers as llama_build_layers, debug_config as llama_debug_config,
+from .llama import (DENSE_WEIGHT_MAP, LlamaArgs, build_layers as llama_build_layers, dense_debug_config,
                     dense_family, read_windows, with_defaults)
 
 # transformers' Gemma3TextConfig defaults, for the keys a config.json omits (the multimodal checkpoints' text_config
@@ -89,7 +89,7 @@ def read_multimodal_config(cfg: dict) -> LlamaArgs:
 def debug_config(**overrides) -> dict:
     """Tiny gemma3_text: layers 0, 1, 3 slide over 8 keys (sliding_window_pattern 3), layer 2 is global with linear
     RoPE scaling (factor 8, base 1M) while the sliding layers use base 10k; query_pre_attn_scalar 24 != head_dim 16."""
-    return llama_debug_config("gemma3_text", "Gemma3ForCausalLM", **{
+    return dense_debug_config("gemma3_text", "Gemma3ForCausalLM", **{
         "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 3, "rope_theta": 1e6,
         "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "pad_token_id": 0,

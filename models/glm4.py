@@ -5,7 +5,7 @@ Reference: transformers' `Glm4ForCausalLM`."""
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, with_defaults
+from .llama import LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, with_defaults
 
 DEFAULTS = {"rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False, "attention_bias": True, "head_dim": 128,
             "partial_rotary_factor": 0.5}
@@ -20,7 +20,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 
 def debug_config(**overrides) -> dict:
-    return llama_debug_config("glm4", "Glm4ForCausalLM", **{"partial_rotary_factor": 0.5, "attention_bias": True,
+    return dense_debug_config("glm4", "Glm4ForCausalLM", **{"partial_rotary_factor": 0.5, "attention_bias": True,
                                                              "rms_norm_eps": 1e-5, **overrides})
 
 

@@ -179,7 +179,7 @@ def dense_family(model_type: str, read: Callable[[dict], LlamaArgs], debug: Call
                   debug_config=debug, released_configs=released, **kw)
 
 
-def debug_config(model_type: str, architecture: str, **overrides) -> dict:
+def dense_debug_config(model_type: str, architecture: str, **overrides) -> dict:
     """A tiny llama-shaped config.json (vocab 512, hidden 64, 4 layers, GQA 4/2, head_dim 16) of `model_type`, for
     the families' `debug_config`s to extend."""
     cfg = {"model_type": model_type, "architectures": [architecture], "vocab_size": 512, "hidden_size": 64,

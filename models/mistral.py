@@ -4,7 +4,7 @@ explicit `head_dim` (Nemo: 128 with hidden 5120). Reference: transformers' `Mist
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
+from .llama import LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
 
 DEFAULTS = {"rms_norm_eps": 1e-6, "sliding_window": 4096, "tie_word_embeddings": False}
 
@@ -20,7 +20,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 def debug_config(**overrides) -> dict:
     """Tiny mistral: a window of 8 on every layer, head_dim 32 != hidden/heads."""
-    return llama_debug_config("mistral", "MistralForCausalLM", **{"sliding_window": 8, "head_dim": 32, **overrides})
+    return dense_debug_config("mistral", "MistralForCausalLM", **{"sliding_window": 8, "head_dim": 32, **overrides})
 
 
 FAMILY = dense_family("mistral", read_config, debug_config, {"mistral-7b-v0.3": "mistral-7b-instruct-v0.3.json"})

@@ -4,7 +4,7 @@ fp32 before the cast. Reference: transformers' `Olmo2ForCausalLM`."""
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, with_defaults
+from .llama import LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, with_defaults
 
 DEFAULTS = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False}
 
@@ -18,7 +18,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 
 def debug_config(**overrides) -> dict:
-    cfg = llama_debug_config("olmo2", "Olmo2ForCausalLM", **{"rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    cfg = dense_debug_config("olmo2", "Olmo2ForCausalLM", **{"rms_norm_eps": 1e-5, "rope_theta": 500000.0,
                                                               **overrides})
     cfg.pop("head_dim", None)
     return cfg

@@ -7,7 +7,7 @@ Reference: transformers' `Phi3ForCausalLM`."""
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
+from .llama import LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
 
 DEFAULTS = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, "sliding_window": None,
             "original_max_position_embeddings": 4096}
@@ -24,7 +24,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 def debug_config(**overrides) -> dict:
     """Tiny phi3: fused projections, a window of 8 on every layer."""
-    cfg = llama_debug_config("phi3", "Phi3ForCausalLM", **{"sliding_window": 8, "rms_norm_eps": 1e-5,
+    cfg = dense_debug_config("phi3", "Phi3ForCausalLM", **{"sliding_window": 8, "rms_norm_eps": 1e-5,
                                                             "pad_token_id": 3, **overrides})
     cfg.pop("head_dim", None)  # Phi-3 configs have none: hidden / heads
     return cfg

@@ -4,7 +4,7 @@ Reference: transformers' `Qwen2ForCausalLM`."""
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import (LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, read_layer_types,
+from .llama import (LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, read_layer_types,
                     read_windows, with_defaults)
 
 DEFAULTS = {"rms_norm_eps": 1e-6, "sliding_window": 4096, "max_window_layers": 28, "use_sliding_window": False,
@@ -32,7 +32,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 def debug_config(**overrides) -> dict:
     """Tiny qwen2 with a window of 8 on the last 2 of 4 layers (shorter than the tests' rows)."""
-    return llama_debug_config("qwen2", "Qwen2ForCausalLM", **{
+    return dense_debug_config("qwen2", "Qwen2ForCausalLM", **{
         "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2, "rope_theta": 1e6, **overrides})
 
 

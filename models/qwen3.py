@@ -3,7 +3,7 @@ explicit `head_dim` (128, not hidden/heads); windows as Qwen2. Reference: transf
 from __future__ import annotations
 
 from .common import cfg_get, read_rope_config
-from .llama import LlamaArgs, debug_config as llama_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
+from .llama import LlamaArgs, dense_debug_config, dense_family, read_decoder_fields, read_windows, with_defaults
 from .qwen2 import DEFAULTS as QWEN2_DEFAULTS, sliding_layer_types
 
 DEFAULTS = {**QWEN2_DEFAULTS, "head_dim": 128, "attention_bias": False}
@@ -19,7 +19,7 @@ def read_config(cfg: dict) -> LlamaArgs:
 
 def debug_config(**overrides) -> dict:
     """Tiny qwen3: head_dim 24 != hidden/heads, a window of 8 on the last layer."""
-    return llama_debug_config("qwen3", "Qwen3ForCausalLM", **{
+    return dense_debug_config("qwen3", "Qwen3ForCausalLM", **{
         "head_dim": 24, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3, "rope_theta": 1e6,
         **overrides})
 

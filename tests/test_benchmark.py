@@ -346,9 +346,9 @@ def test_families_config_writers_at_released_widths():
 
 
 def test_families_plan_order_and_variant_names():
-    plan = families.plan_runs(list(families.FAMILIES), list(families.VARIANTS))
+    plan = families.plan_runs(list(families.SEED_FAMILIES), list(families.VARIANTS))
     assert len(plan) == 6 + 5 + 6 + 6 + 1
-    assert [(p.family, p.trainer) for p in plan[:6]] == [(f, "pipeline") for f in families.FAMILIES]
+    assert [(p.family, p.trainer) for p in plan[:6]] == [(f, "pipeline") for f in families.SEED_FAMILIES]
     assert all(p.variant == "default" for p in plan[:6]) and {p.trainer for p in plan[6:11]} == {"hf"}
     assert "baichuan" not in {p.family for p in plan if p.trainer == "hf"}
     assert [p.family for p in plan if p.variant == "moe_grouped_gemm=false"] == ["mixtral"]
@@ -462,3 +462,37 @@ def test_lora_runs_merge_by_gpus_and_blocks_with_oom_and_plans(tmp_path, monkeyp
     for bad in (["--variants", "lora"], ["--variants", "lora-r0"]):
         with pytest.raises(SystemExit):
             lora.main([*base, *bad])
+
+
+def test_families_plan_new_runs_what_is_left_and_counts_the_calls(tmp_path, monkeypatch, capsys):
+    """--plan new with fake runs: every step's runs, each step into its own --out (seq 8192 suffixed), --skip-done
+    across calls, and the count of runs and 10-minute calls left."""
+    calls, failing = [], {("phi3", "hf", "default")}
+
+    def fake_execute(s, spec, inputs, timeout_s):
+        calls.append((*spec.key, s.seq))
+        rec = _fake_record(spec, 1000.0, "error" if spec.key in failing else "ok", elapsed=120.0)
+        rec["seq"] = s.seq
+        return rec
+
+    monkeypatch.setattr(families, "execute", fake_execute)
+    out, work = tmp_path / "fam.json", tmp_path / "work"
+    base = ["--plan", "new", "--gpus", "1", "--matmul-tflops", "800", "--out", str(out), "--work-dir", str(work)]
+    new = [f for f in families.PLANS["new"][0].families if f in families.FAMILIES]
+    assert {"qwen2", "qwen3", "mistral", "phi3"} <= set(new)
+    assert families.main(base) == 3  # one run failed: still left
+    assert [c for c in calls if c[3] == 2048] == [(f, "pipeline", "default", 2048) for f in new] + [
+        (f, "hf", "default", 2048) for f in new]
+    windowed = [c for c in calls if c[3] == 8192]
+    assert windowed == ([("gemma2", "pipeline", "default", 8192), ("gemma2", "hf", "default", 8192)]
+                        if "gemma2" in families.FAMILIES else [])
+    assert (tmp_path / "fam-seq8192.json").is_file() == bool(windowed)
+    printed = capsys.readouterr().out
+    assert "plan new: 1 runs left, ~2 min, about 1 more 10-minute calls" in printed
+
+    calls.clear()
+    failing.clear()
+    assert families.main(base) == 0
+    assert calls == [("phi3", "hf", "default", 2048)]  # only what was not ok
+    assert "plan new: 0 runs left" in capsys.readouterr().out
+    assert families.main([*base, "--plan-left"]) == 0
