@@ -135,11 +135,12 @@ def build_multimodal_layers(args: LlamaArgs, opts: ModelOptions) -> list:
     return llama_build_layers(args, opts)
 
 
-FAMILY = dense_family("gemma3_text", read_config, debug_config, {"gemma-3-1b": "gemma-3-1b-it.json"})
+# No published Gemma-3 config.json could be fetched here yet (gated on the hub; models/released/SOURCES.md): the
+# released_configs stay empty until one is committed.
+FAMILY = dense_family("gemma3_text", read_config, debug_config, {})
 
 MULTIMODAL_FAMILY = replace(
-    dense_family("gemma3", read_multimodal_config, multimodal_debug_config, {
-        "gemma-3-12b": "gemma-3-12b-it.json", "gemma-3-4b": "gemma-3-4b-it.json", "gemma-3-27b": "gemma-3-27b-it.json"},
+    dense_family("gemma3", read_multimodal_config, multimodal_debug_config, {},
         canonical_hf_name=canonical_hf_name,
         carried_hf_prefixes=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                              "model.multi_modal_projector.")),

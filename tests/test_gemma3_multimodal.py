@@ -215,6 +215,8 @@ def test_gemma2_reads_hidden_activation_not_hidden_act():
 def test_released_multimodal_configs_resolve(model_type):
     """The loop of tests/test_dense_families.py skips the multimodal family (its reference has a vision tower)."""
     family = models.get_family(model_type)
+    if not family.released_configs:
+        pytest.skip(f"{model_type}: no published config.json could be fetched yet (models/released/SOURCES.md)")
     for name, file_name in family.released_configs.items():
         assert (RELEASED_DIR / file_name).is_file(), f"{name}: models/released/{file_name} missing"
         model = models.resolve(released_config(file_name))
