@@ -255,7 +255,7 @@ def test_peft_adapter_on_the_base_matches_our_lora_model(case, tmp_path):
     argv = ["pp_to_hg", "--input-path", str(case.run), "--save-path", str(tmp_path / "adapter"), "--adapter-only"]
     assert convert_model.main(argv + (["--format", case.spec.hf_format] if case.spec.hf_format else [])) == 0
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir() if not p.name.startswith("tokenizer")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_base.json", "adapter_config.json", "adapter_model.safetensors"]  # + the base's fingerprint (demo.py)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == case.spec.lora.r
     assert config["lora_alpha"] == case.spec.lora.alpha
