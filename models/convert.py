@@ -572,6 +572,9 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
                 (tmp / "config.json").write_text(json.dumps(target_cfg, indent=2) + "\n")
         copy_aux_files(cfg_dirs, tmp)
     merged = f" (the LoRA adapters merged into the base {base_dir})" if base_dir is not None else ""
+    if base_dir is not None and lora.config.quantize == "nf4":
+        merged = (f" (the QLoRA adapters merged into the NF4-dequantized base {base_dir}: the 4-bit weights they "
+                  f"were trained against, not the original full-precision ones)")
     log(f"wrote {num_shards} safetensors shard(s){merged} to {save_path}; peak RSS {peak_rss_mib():.0f} MiB")
     return Path(save_path)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import ModelError
+from .nf4 import Nf4Linear
 
 LORA_PARAM_NAMES = ("lora_A", "lora_B")
 NEVER_TARGETS = ("lm_head", "embed_tokens", "word_embeddings", "output_layer")  # full-train these via modules_to_save
@@ -30,7 +31,8 @@ NEVER_TARGETS = ("lm_head", "embed_tokens", "word_embeddings", "output_layer")  
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """The config's `lora:` section. `quantize` ('nf4') is reserved for 4-bit base weights (QLoRA)."""
+    """The config's `lora:` section. `quantize: 'nf4'` holds the frozen base linears in 4-bit NF4 (QLoRA,
+    models/nf4.py); the adapters are the same."""
     r: int
     alpha: float
     dropout: float = 0.0
@@ -73,14 +75,17 @@ class LoraLinear(nn.Module):
     `lora_A` [r, in_features], `lora_B` [out_features, r], both in the base weight's dtype.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        self.weight = base.weight  # a Parameter; an NF4Tensor plain attribute for an Nf4Linear base (models/nf4.py)
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        # The frozen base's forward when it is not plain F.linear (an Nf4Linear, or FP8's Float8Linear sharing these
+        # parameters): held outside the module tree, so parameters and state_dict keys stay the wrapped linear's.
+        self.__dict__["base_linear"] = None if type(base) is nn.Linear else base
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=w.dtype, device=w.device))
@@ -89,11 +94,20 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_linear is None else self.base_linear(x)
         return out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def set_base_linear(self, base: nn.Module | None) -> None:
+        """Run the frozen base through `base` (same weight and bias; not registered as a submodule)."""
+        self.__dict__["base_linear"] = base
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling}"
+
+
+def _is_nf4_linear(module: nn.Module) -> bool:
+    """A 4-bit frozen base linear (models/nf4.py, QLoRA), wrapped like an nn.Linear."""
+    return isinstance(module, Nf4Linear)
 
 
 def is_lora_name(name: str) -> bool:
@@ -113,7 +127,7 @@ def valid_targets(module: nn.Module) -> list[str]:
     names = set()
     for qualified, sub in module.named_modules():
         own = _own_name(qualified)
-        if isinstance(sub, (nn.Linear, LoraLinear)) and own not in NEVER_TARGETS:
+        if (isinstance(sub, (nn.Linear, LoraLinear)) or _is_nf4_linear(sub)) and own not in NEVER_TARGETS:
             names.add(own)
         if hasattr(sub, "lora_targets"):
             names.update(sub.lora_targets())
@@ -164,7 +178,7 @@ def apply_lora(module: nn.Module, cfg: LoraConfig) -> list[str]:
     for qualified, parent in list(module.named_modules()):
         for own, child in list(parent.named_children()):
             name = f"{qualified}.{own}" if qualified else own
-            if own in targets and type(child) is nn.Linear:
+            if own in targets and (type(child) is nn.Linear or _is_nf4_linear(child)):
                 setattr(parent, own, LoraLinear(child, cfg.r, cfg.alpha, cfg.dropout))
                 wrapped.append(name)
             elif hasattr(child, "add_lora") and targets & set(child.lora_targets()):

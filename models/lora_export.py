@@ -8,7 +8,9 @@ files (buffers DeepSpeed keeps, frozen weights) are ignored: the base's values a
 
 Merged: every layer is built on the meta device, `apply_lora`'d, loaded with the base layer file plus the trained
 tensors and `merge_lora`'d (W + scaling·B·A in fp32, PEFT's math), so the result has the base's names, shapes and
-dtypes and goes through the same weight map (and `--format`) as any pipeline model.
+dtypes and goes through the same weight map (and `--format`) as any pipeline model. A QLoRA checkpoint (`quantize:
+nf4`) merges into the NF4-dequantized base, the weights its adapters were trained against: every linear the trainer
+held in NF4 is exported as dequant(NF4(W)) (+ scaling·B·A where it has an adapter).
 
 Adapter: PEFT's LoRA format, loadable with `peft.PeftModel.from_pretrained(AutoModelForCausalLM..., DIR)`:
 `adapter_config.json` and `adapter_model.safetensors` with keys `base_model.model.{HF module}.lora_A.weight` /
@@ -117,6 +119,15 @@ class LoraLayers:
         apply_lora(module, self.config)
         return module
 
+    def nf4_names(self, idx: int) -> list[str]:
+        """QLoRA (`quantize: nf4`): the linears of layer `idx` the trainer held in NF4 (models/nf4.py), else []."""
+        if self.config.quantize != "nf4":
+            return []
+        from .nf4 import nf4_linear_names
+
+        with torch.device("meta"):
+            return nf4_linear_names(self.specs[idx].build(), self.config)
+
     def trained_shapes(self, idx: int) -> dict[str, torch.Size]:
         """What the checkpoint's file of layer `idx` must hold: adapters and `modules_to_save` tensors."""
         module = self.module(idx)
@@ -156,6 +167,11 @@ class LoraLayers:
         trained = self.trained(layer_dir, idx)
         module = self.module(idx)
         module.load_state_dict({**base, **trained}, strict=True, assign=True)
+        for name in self.nf4_names(idx):  # QLoRA trained against dequant(NF4(W)): merge into that base
+            from .nf4 import nf4_roundtrip
+
+            sub = module.get_submodule(name)
+            sub.weight = nn.Parameter(nf4_roundtrip(sub.weight).to(sub.weight.dtype), requires_grad=False)
         merge_lora(module)
         merged = module.state_dict()
         if set(merged) != set(base):

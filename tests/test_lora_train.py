@@ -300,7 +300,7 @@ def run_main(main, cfg: dict, tmp_path: Path, capsys) -> tuple[int, str]:
     ({"dropout": 1.0}, ["lora.dropout", "[0, 1)"]),
     ({"target_modules": []}, ["lora.target_modules", "non-empty list"]),
     ({"target_modules": "q_proj"}, ["lora.target_modules", "expected list"]),
-    ({"quantize": "nf4"}, ["lora.quantize", "nf4", "not supported in this build"]),
+    ({"quantize": "int4"}, ["lora.quantize", "expected nf4", "'int4'"]),
     ({"r": None}, ["missing required key 'lora.r'"]),
     ({"rank": 8}, ["unknown key 'lora.rank'", "did you mean 'lora.r'"]),
     ({"modules_to_save": ["self_attn"]}, ["lora.modules_to_save", "self_attn", "q_proj"]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from training.lora import lora_config, write_meta
+from training.transforms import Transforms
 from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
 
@@ -25,8 +25,7 @@ def check_resume_files(save_path: str) -> str | None:
 
 def choose_resume_tag(cfg: TrainConfig, trainer, world: int) -> str | None:
     """The tag `resume: true` loads (check_resume_files), written by the same trainer with the same dims and, for
-    a LoRA checkpoint, the same lora section and base weights (training.lora.check_resume; else a ConfigError)."""
-    from training.lora import check_resume
+    a LoRA checkpoint, the same lora section and base weights (each transform's check_resume; else a ConfigError)."""
     from utils import checkpoint as ckpt
 
     if not cfg["resume"]:
@@ -39,7 +38,7 @@ def choose_resume_tag(cfg: TrainConfig, trainer, world: int) -> str | None:
             raise ConfigError(f"resume: checkpoint {tag} was written by trainer {info.get('trainer', 'pipeline')!r} "
                               f"with dims {info.get('dims')}; this {trainer.name} run has dims {dims}: resume with "
                               f"the same trainer and dims")
-        check_resume(cfg, os.path.join(cfg["save_path"], tag))
+        Transforms(cfg).check_resume(cfg, os.path.join(cfg["save_path"], tag))
     return tag
 
 
@@ -57,7 +56,7 @@ def load_checkpoint(cfg: TrainConfig, trainer, tag: str | None, rank: int) -> in
     else:
         # a LoRA checkpoint holds the trained tensors only: the base weights came from model_path
         safe_load.load_checkpoint(trainer.engine, cfg["save_path"], tag,
-                                  load_module_strict=lora_config(cfg) is None)
+                                  load_module_strict=not Transforms(cfg).trained_only)
         step = int(ckpt.read_info(cfg["save_path"], tag)["step"])
         log(f"resumed from {cfg['save_path']}/{tag} at step {step}", rank)
     if trainer.reporter:
@@ -112,15 +111,14 @@ def _save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch
     if rank == 0:
         ckpt.invalidate(cfg["save_path"], tag)  # a tag written again is incomplete until marked again
     dist.barrier()
-    lcfg = lora_config(cfg)  # LoRA: the trained tensors and their optimizer state only, plus LORA.json
-    trainer.engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False,
-                                   client_state={"step": step, "epoch": epoch}, exclude_frozen_parameters=bool(lcfg))
+    transforms = Transforms(cfg)  # LoRA: the trained tensors and their optimizer state only, plus LORA.json
+    trainer.engine.save_checkpoint(cfg["save_path"], tag=tag, save_latest=False, client_state={"step": step,
+                                   "epoch": epoch}, exclude_frozen_parameters=transforms.trained_only)
     dist.barrier()
     tag_dir = os.path.join(cfg["save_path"], tag)
     if rank == 0:
         ckpt.copy_model_files(cfg["model_path"], tag_dir)
-        if lcfg:
-            write_meta(cfg, lcfg, tag_dir)
+        transforms.write_meta(tag_dir)
     trainer.save_extras(cfg, plan, tag_dir, final)
     dist.barrier()
     ckpt.write_manifest_shared(tag_dir)

@@ -183,3 +183,92 @@ def merged_state_dict(module: torch.nn.Module, state: dict) -> dict:
             w, a, b = state[f"{name}.weight"], state[f"{name}.lora_A"], state[f"{name}.lora_B"]
             state[f"{name}.weight"] = merged_weight(w, a, b, sub.scaling)
     return {k: v for k, v in state.items() if not is_lora_name(k)}
+
+
+def nf4_summary(lcfg, resolved, opts) -> str:
+    """Before the process group: the model on the meta device checked for what NF4 cannot hold (ConfigError), and
+    the `; base in NF4: ...` tail of the summary line."""
+    from models import ModelError
+    from models.nf4 import check_nf4, nf4_bytes, nf4_linear_names
+    from models.sequential import SequentialModel
+
+    with torch.device("meta"):
+        model = SequentialModel(resolved.specs(opts), None)
+    try:
+        check_nf4(model, resolved.model_type)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+    names = nf4_linear_names(model, lcfg)
+    if not names:
+        raise ConfigError("lora.quantize: nf4 finds no frozen linear layer of a size NF4 can hold (a multiple of 64 "
+                          "values) in this model; remove lora.quantize")
+    numel = [model.get_submodule(n).weight.numel() for n in names]
+    return (f"; base in 4-bit NF4: {len(names)} linear layers, {sum(numel) * 2 / 2**30:.2f} GiB in bf16 -> "
+            f"{sum(map(nf4_bytes, numel)) / 2**30:.2f} GiB")
+
+
+# ----------------------------------------------------------------------------------------------
+# The transform (training/transforms.py): the functions above, called through the trainers' one interface
+
+
+from training.transforms import Transform  # noqa: E402
+
+
+class LoraTransform(Transform):
+    """The `lora:` section: adapters on frozen base weights; checkpoints hold the trained tensors plus LORA.json.
+    With `lora.quantize: nf4` the frozen base linears of every block are held as 4-bit NF4 (models/nf4.py),
+    quantized as each pipeline layer is built and loaded, before the next one is built."""
+    section = "lora"
+    trained_only = True
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.lcfg = lora_config(cfg)
+
+    @property
+    def enabled(self) -> bool:
+        return self.lcfg is not None
+
+    @property
+    def nf4(self) -> bool:
+        return self.lcfg is not None and self.lcfg.quantize == "nf4"
+
+    def check_pipeline(self, resolved, opts, parts: list[int]) -> str:
+        line = check_pipeline(self.lcfg, resolved, opts, parts)
+        return line + (nf4_summary(self.lcfg, resolved, opts) if self.nf4 else "")
+
+    def check_hf(self, cfg: TrainConfig, hf_cfg: dict) -> str:
+        if self.nf4:
+            raise ConfigError("lora.quantize: nf4 runs in train_ds.py (pipeline stages quantize each layer as it "
+                              "loads); train_ds_zero.py builds transformers' model under ZeRO, which partitions the "
+                              "weights NF4 would replace: use train_ds.py, or remove lora.quantize")
+        return check_hf(self.lcfg, cfg, hf_cfg)
+
+    def build_layer(self, idx: int, module: torch.nn.Module, load) -> bool:
+        """NF4: the layer's base weights loaded now and its frozen linears quantized, so a stage never holds all
+        its full-precision weights at once."""
+        if not self.nf4:
+            return False
+        from models.nf4 import quantize_frozen_linears
+
+        load(idx, module)
+        quantize_frozen_linears(module, self.lcfg)
+        return True
+
+    def convert_layers(self, layers, seed: int) -> None:
+        apply_to_layers(layers, self.lcfg, seed)
+
+    def convert_model(self, model: torch.nn.Module, seed: int) -> None:
+        apply_to_model(model, self.lcfg, seed)
+
+    def finish_pipeline(self, pipe_module) -> None:
+        skip_frozen_tied_grads(pipe_module)
+
+    def write_meta(self, tag_dir: str) -> None:
+        write_meta(self.cfg, self.lcfg, tag_dir)
+
+    def check_resume(self, cfg: TrainConfig, tag_dir: str) -> None:
+        check_resume(cfg, tag_dir)
+
+    def export_state(self, module: torch.nn.Module, state: dict) -> dict:
+        return merged_state_dict(module, state)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from training.lora import apply_to_layers, check_pipeline, lora_config, skip_frozen_tied_grads
+from training.transforms import Transforms
 from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
 
@@ -21,7 +21,7 @@ class PipelineModel:
     opts: Any
     costs: list
     parts: list
-    lora_line: str | None = None  # training.lora.summary of the whole model, None without LoRA
+    transform_lines: tuple = ()  # one summary line per enabled transform (training/transforms.py)
 
     @property
     def vocab_size(self) -> int:
@@ -77,16 +77,42 @@ def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
                     torch.nn.init.normal_(prm, 0.0, std)
 
 
-def load_layer_weights(pipe_module, model_path: str) -> None:
-    """Load this stage's `layer_XX-model_states.pt` files (weights only, never pickled objects)."""
+def load_layer_weights(pipe_module, model_path: str, skip: set | None = None) -> None:
+    """Load this stage's `layer_XX-model_states.pt` files (weights only, never pickled objects); layers whose
+    index is in `skip` were loaded as they were built (hook_layer_builds)."""
+    for idx, layer in local_layers(pipe_module):
+        if idx not in (skip or ()):
+            load_layer_file_into(model_path, idx, layer)
+
+
+def load_layer_file_into(model_path: str, idx: int, layer: torch.nn.Module) -> None:
     from models.layout import load_layer_file
 
-    for idx, layer in local_layers(pipe_module):
-        path, state = load_layer_file(model_path, idx)
-        try:
-            layer.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(f"model_path: {path} does not match config.json: {str(e).splitlines()[0]}") from None
+    path, state = load_layer_file(model_path, idx)
+    try:
+        layer.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"model_path: {path} does not match config.json: {str(e).splitlines()[0]}") from None
+
+
+def hook_layer_builds(specs: list, transforms, model_path: str, loaded: set) -> None:
+    """Make each layer spec's `build()` hand the new module to `transforms.build_layer` (which may load its weights
+    and convert it at once), recording in `loaded` the indices whose weights it loaded. A tied module is indexed
+    by the first spec that uses it, where its weights are stored (as local_layers does)."""
+    first = {}
+    for i, spec in enumerate(specs):
+        if not hasattr(spec, "build"):
+            continue
+        key = getattr(spec, "key", None)
+        idx = first.setdefault(key, i) if key is not None else i
+
+        def build(original=spec.build, idx=idx):
+            module = original()
+            if transforms.build_layer(idx, module, lambda j, mod: load_layer_file_into(model_path, j, mod)):
+                loaded.add(idx)
+            return module
+
+        spec.build = build
 
 
 def cpu_lion(ds: dict, groups: list[dict], device: torch.device):
@@ -158,8 +184,7 @@ class PipelineTrainer:
             raise ConfigError(str(e)) from None
         costs = resolved.layer_flops(cfg["max_seq_len"])
         parts = resolve_parts(cfg["model_topo.parts"], costs, cfg.dims[0])
-        lcfg = lora_config(cfg)
-        lora_line = check_pipeline(lcfg, resolved, opts, parts) if lcfg else None
+        lines = tuple(Transforms(cfg).check_pipeline(resolved, opts, parts))
         if not cfg["from_scratch"]:
             try:
                 for i in range(len(costs)):
@@ -167,7 +192,7 @@ class PipelineTrainer:
             except models.ModelError as e:
                 raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
                                   f"or set from_scratch: true") from None
-        return PipelineModel(resolved, opts, costs, parts, lora_line)
+        return PipelineModel(resolved, opts, costs, parts, lines)
 
     # -- the engine
     def build(self, cfg: TrainConfig, plan, device: torch.device, rank: int) -> None:
@@ -184,8 +209,13 @@ class PipelineTrainer:
         self.resolved = m.resolved
         num_stages, dp = cfg.dims
         self.loss_fn = m.resolved.loss_fn(m.opts)
+        transforms = Transforms(cfg)
+        load_base = not cfg["from_scratch"] and (plan.resume_tag is None or transforms.trained_only)
+        specs, built_loaded = m.resolved.specs(m.opts), set()
+        if load_base:  # a transform may load and convert each layer as it is built (NF4: before the next is built)
+            hook_layer_builds(specs, transforms, cfg["model_path"], built_loaded)
         with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
-            module = PartitionedPipelineModule(m.resolved.specs(m.opts), m.resolved.stage_bounds(m.parts),
+            module = PartitionedPipelineModule(specs, m.resolved.stage_bounds(m.parts),
                                                topology=PipeDataParallelTopology(num_pp=num_stages, num_dp=dp),
                                                loss_fn=self.loss_fn, seed_layers=True, base_seed=cfg["seed"],
                                                dynamic_shape=varying_shapes(cfg))
@@ -194,16 +224,16 @@ class PipelineTrainer:
                 f"{describe_parts(m.parts, m.costs)}", rank)
             log(f"compile_blocks: {'on (torch.compile; the first step compiles)' if m.opts.compile_blocks else 'off'}"
                 f", fused_head_loss: {'on' if m.opts.fused_head_loss else 'off'}", rank)
-        lcfg = lora_config(cfg)
         if cfg["from_scratch"]:
             init_from_scratch(module, m.resolved.hf_config, cfg["seed"])
-        elif plan.resume_tag is None or lcfg:  # a LoRA checkpoint holds the adapters only
-            load_layer_weights(module, cfg["model_path"])
-        if lcfg:
-            apply_to_layers(local_layers(module), lcfg, cfg["seed"])
-            skip_frozen_tied_grads(module)
+        elif load_base:  # a checkpoint of a transform that trains a subset (LoRA) holds that subset only
+            load_layer_weights(module, cfg["model_path"], skip=built_loaded)
+        if transforms:
+            transforms.convert_layers(list(local_layers(module)), cfg["seed"])
+            transforms.finish_pipeline(module)
             if rank == 0:
-                log(m.lora_line, rank)
+                for line in m.transform_lines:
+                    log(line, rank)
         module.to(device)
 
         # A stage's parameters are this stage's alone: marking them model-parallel makes DeepSpeed's

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.lora import apply_to_model, check_hf, lora_config, merged_state_dict
+from training.transforms import Transforms
 from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
 
@@ -33,7 +33,7 @@ class ZeroModel:
     stage: int
     attn: str = "sdpa"
     attn_note: str | None = None
-    lora_line: str | None = None  # training.lora.summary, None without LoRA
+    transform_lines: tuple = ()  # one summary line per enabled transform (training/transforms.py)
 
     @property
     def vocab_size(self) -> int:
@@ -66,8 +66,7 @@ class ZeroTrainer:
     def prepare_model(self, cfg: TrainConfig, resuming: bool) -> ZeroModel:
         hf_cfg = read_model_config(cfg, resuming)
         attn, attn_note = choose_attention(cfg, causal_lm_class(cfg, hf_cfg))
-        lcfg = lora_config(cfg)
-        return ZeroModel(hf_cfg, zero_stage(cfg.ds), attn, attn_note, check_hf(lcfg, cfg, hf_cfg) if lcfg else None)
+        return ZeroModel(hf_cfg, zero_stage(cfg.ds), attn, attn_note, tuple(Transforms(cfg).check_hf(cfg, hf_cfg)))
 
     # -- the engine
     def build(self, cfg: TrainConfig, plan, device: torch.device, rank: int) -> None:
@@ -83,13 +82,15 @@ class ZeroTrainer:
         note_ignored_topology(cfg, plan.world, rank)
         if rank == 0 and m.attn_note:
             log(m.attn_note, rank)
-        lcfg = lora_config(cfg)  # a LoRA checkpoint holds the adapters only: the base comes from model_path
-        model = build_model(cfg, ds, from_weights=not cfg["from_scratch"] and (plan.resume_tag is None or lcfg),
+        self.transforms = transforms = Transforms(cfg)  # LoRA's checkpoints hold the adapters only: base from model_path
+        model = build_model(cfg, ds, from_weights=not cfg["from_scratch"] and (plan.resume_tag is None
+                                                                               or transforms.trained_only),
                             attn=m.attn)
-        if lcfg:
-            apply_to_model(model, lcfg, cfg["seed"])
+        if transforms:
+            transforms.convert_model(model, cfg["seed"])
             if rank == 0:
-                log(m.lora_line, rank)
+                for line in m.transform_lines:
+                    log(line, rank)
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=ds,
                                                     model_parameters=param_groups(model, cfg["optimizer.no_wd_kws"]))
         safe_load.install(self.engine)  # checkpoint files are read with torch.load(weights_only=True)
@@ -161,7 +162,7 @@ class ZeroTrainer:
     # -- checkpoints
     def save_extras(self, cfg: TrainConfig, plan, tag_dir: str, final: bool) -> None:
         if final:
-            export_hf(self.engine.module, plan.tokenizer, tag_dir, merge_lora=lora_config(cfg) is not None)
+            export_hf(self.engine.module, plan.tokenizer, tag_dir, edit_state=self.transforms.export_state)
 
     def checkpoint_info(self) -> dict:
         return {"zero_stage": self.zero_stage}
@@ -436,15 +437,15 @@ def gather_state_dict(module: torch.nn.Module) -> dict | None:
     return state
 
 
-def export_hf(module, tokenizer, out_dir: str, merge_lora: bool = False) -> None:
+def export_hf(module, tokenizer, out_dir: str, edit_state=None) -> None:
     """All ranks: gather; rank 0: `save_pretrained` (safetensors shards) + tokenizer (if any) into `out_dir`;
-    with `merge_lora` the adapters merged into their base weights (training.lora.merged_state_dict)."""
+    `edit_state(module, state) -> state` first (the transforms': LoRA merges its adapters into the base weights)."""
     import torch.distributed as dist
 
     state = gather_state_dict(module)
     if dist.get_rank() == 0:
-        if merge_lora:
-            state = merged_state_dict(module, state)
+        if edit_state is not None:
+            state = edit_state(module, state)
         module.save_pretrained(out_dir, state_dict=state, max_shard_size="5GB")
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

@@ -75,7 +75,9 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "lora.dropout": (_NUM, 0.0, "dropout on the adapters' input, in [0, 1)"),
     "lora.target_modules": ((list,), None, "names of the linear layers that get adapters, as in the family's HF model (e.g. q_proj, v_proj)"),
     "lora.modules_to_save": ((list,), [], "names of modules trained in full next to the adapters (e.g. embed_tokens, lm_head)"),
-    "lora.quantize": ((str,), None, "reserved: nf4 (4-bit base weights); not supported in this build"),
+    "lora.quantize": ((str,), None, "nf4: hold the frozen base linears of the blocks in 4-bit NF4 (QLoRA, torchao's NF4Tensor; train_ds.py); absent: the training dtype"),
+    "fp8.recipe": ((str,), None, "FP8 training of the blocks' linear layers with torchao's Float8: tensorwise, rowwise or rowwise_with_gw_hp (absent: off); needs compute capability >= 8.9 unless fp8.emulate"),
+    "fp8.emulate": ((bool,), False, "run torchao's FP8 emulation (FP8 casts, high-precision matmuls) instead of FP8 kernels: any device, for tests"),
 }
 
 # DeepSpeed's top-level keys, passed to DeepSpeed as given (numeric strings of optimizer/scheduler params
@@ -216,7 +218,7 @@ def validate(raw: dict, path: str = "<config>") -> TrainConfig:
     if isinstance(optimizer, dict) and "no_wd_kws" in optimizer:
         ours["optimizer.no_wd_kws"] = optimizer["no_wd_kws"]
         ds["optimizer"] = {k: copy.deepcopy(v) for k, v in optimizer.items() if k != "no_wd_kws"}
-    given = set(ours) | ({"lora"} if isinstance(raw.get("lora"), dict) else set())  # keys the user wrote
+    given = set(ours) | {s for s in _OUR_SECTIONS if isinstance(raw.get(s), dict)}  # keys and sections written
     for key, (types, default, _help) in OUR_KEYS.items():
         if key not in ours:
             if default is REQUIRED:
@@ -263,6 +265,7 @@ def _check_values(ours: dict, ds: dict, path: str, given: set | None = None) -> 
          f"data_path: expected a file path or a list of file paths, got {ours['data_path']!r}")
     _check_eval(ours, need)
     _check_lora(ours, need, given)
+    _check_fp8(ours, need, given)
     for i, kw in enumerate(ours["optimizer.no_wd_kws"]):
         need(isinstance(kw, str), f"optimizer.no_wd_kws: expected a list of regex strings, got {kw!r}")
         try:
@@ -289,9 +292,8 @@ def _check_lora(ours: dict, need, written: set | None = None) -> None:
         return
     given = given or ["lora: {}"]
     quantize = ours["lora.quantize"]
-    need(quantize in (None, "nf4"), f"lora.quantize: expected nf4 (reserved), got {quantize!r}")
-    need(quantize is None, "lora.quantize: nf4 (4-bit base weights, QLoRA) is not supported in this build; "
-                           "remove the key to train adapters on the base weights in the training dtype")
+    need(quantize in (None, "nf4"), f"lora.quantize: expected nf4 (4-bit base weights, QLoRA) or no key, got "
+                                    f"{quantize!r}")
     need(ours["lora.r"] is not None, f"lora: missing required key 'lora.r' (the adapter rank, e.g. 16); "
                                      f"set with {', '.join(given)}")
     need(ours["lora.r"] >= 1, f"lora.r: must be an integer >= 1, got {ours['lora.r']!r}")
@@ -309,6 +311,19 @@ def _check_lora(ours: dict, need, written: set | None = None) -> None:
                    f"adapters (target_modules) or is trained in full (modules_to_save), not both")
     need(not ours["from_scratch"], "lora: needs pretrained base weights (they stay frozen); from_scratch: true "
                                    "would train adapters on a random model: remove one of them")
+
+
+def _check_fp8(ours: dict, need, written: set) -> None:
+    """The `fp8:` section: written (even `fp8: {}`) means on, and then `recipe` is required; the recipe is one of
+    torchao's three."""
+    recipes = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+    written_keys = [k for k in ("fp8.recipe", "fp8.emulate") if k in written]
+    if not written_keys and "fp8" not in written:
+        return
+    recipe = ours["fp8.recipe"]
+    need(recipe is not None, f"fp8: missing required key 'fp8.recipe' ({', '.join(recipes)}); set with "
+                             f"{', '.join(written_keys) or 'fp8: {}'} (remove the fp8 section to train without FP8)")
+    need(recipe in recipes, f"fp8.recipe: expected one of {', '.join(recipes)}, got {recipe!r}")
 
 
 def _check_eval(ours: dict, need) -> None:

@@ -55,7 +55,9 @@ base parameter costs its weight bytes only (lp: no `.grad`, no accumulation buff
 nothing at the step, nothing on the host); trained parameters (adapters, `modules_to_save`) cost the full
 per-parameter bytes above. Activations are measured with the adapters in place (their [tokens, r]
 intermediates are saved too, and a frozen weight no longer makes autograd keep what only its own gradient
-needs). `lora.quantize` (4-bit base weights) is not modelled: frozen weights are counted in lp.
+needs). `lora.quantize: nf4` (QLoRA): the linears the trainer holds in NF4 (`models.nf4.nf4_linear_names`, found on
+the meta-device layers before the adapters go on) cost `models.nf4.nf4_bytes` each (~0.52 B per weight: 4 bits, an
+int8 absmax per 64, an fp32 factor per 256 absmaxes) instead of lp.
 
 Activations, saved for backward per token, per logical layer kind (Enter, one block, Exit): measured, not
 guessed. `measure_bytes_per_token` builds the model's Enter, one block and Exit (+ tied head) from its
@@ -302,6 +304,34 @@ def _spec_params(cfg_json: str, lora_json: str = "") -> tuple[tuple[int, ...], t
         if key is not None:
             seen.add(key)
     return tuple(own), tuple(tied), blocks, tuple(own_trained), tuple(tied_trained)
+
+
+@functools.lru_cache(maxsize=None)
+def _spec_nf4(cfg_json: str, lora_json: str) -> tuple[tuple[int, float], ...]:
+    """(weights held in NF4, their bytes) per spec under a `quantize: nf4` lora section (zeros otherwise)."""
+    import models
+    from models.nf4 import nf4_bytes, nf4_linear_names
+
+    lora = _lora_cfg(lora_json)
+    out = []
+    with torch.device("meta"):
+        for spec in models.resolve(json.loads(cfg_json)).specs():
+            module = spec.build()
+            if lora is None or lora.quantize != "nf4" or getattr(spec, "key", None) is not None:
+                out.append((0, 0.0))
+                continue
+            numel = [module.get_submodule(n).weight.numel() for n in nf4_linear_names(module, lora)]
+            out.append((sum(numel), float(sum(map(nf4_bytes, numel)))))
+    return tuple(out)
+
+
+def stage_nf4(hf_cfg: dict, parts: list[int], lora: dict | None) -> list[tuple[int, float]]:
+    """(weights held in NF4, their bytes) per stage (QLoRA); zeros without `lora.quantize: nf4`."""
+    if not lora or lora.get("quantize") != "nf4":
+        return [(0, 0.0)] * len(parts)
+    per_spec = _spec_nf4(_cfg_key(hf_cfg), json.dumps(lora, sort_keys=True))
+    return [(sum(per_spec[i][0] for i in idx), sum(per_spec[i][1] for i in idx))
+            for idx in stage_specs(parts, len(per_spec))]
 
 
 def layer_params(hf_cfg: dict, lora: dict | None = None, trained: bool = False) -> list[int]:
@@ -567,8 +597,9 @@ def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
     num_blocks = model.num_blocks
     plan = Plan(setup, per_param.wrapper, gpu_gib, model.model_type, parts, per_token)
     start = 0
-    stages = zip(resident_params(hf_cfg, parts, setup.lora), resident_params(hf_cfg, parts, setup.lora, True), parts)
-    for s, ((own, resident), (_, trained), count) in enumerate(stages):
+    stages = zip(resident_params(hf_cfg, parts, setup.lora), resident_params(hf_cfg, parts, setup.lora, True), parts,
+                 stage_nf4(hf_cfg, parts, setup.lora))
+    for s, ((own, resident), (_, trained), count, (nf4_numel, nf4_weight_bytes)) in enumerate(stages):
         logical = range(start, start + count)
         blocks = sum(1 for i in logical if 1 <= i <= num_blocks)
         n, act = stage_activations(s, blocks, 0 in logical, num_blocks + 1 in logical, setup, per_token,
@@ -576,7 +607,7 @@ def plan_memory(hf_cfg: dict, setup: Setup, gpu_gib: float = 80.0) -> Plan:
         # Every resident parameter holds its weights; only trained ones (all, without LoRA) have gradients,
         # master copies, optimizer state and step temporaries (the trainer gives DeepSpeed no frozen one).
         st = StagePlan(s, (start, start + count - 1), blocks, own, resident, n,
-                       weights=resident * per_param.weights,
+                       weights=(resident - nf4_numel) * per_param.weights + nf4_weight_bytes,
                        grads=trained * per_param.grads + zero_bucket_bytes(setup),
                        optim=trained * per_param.optim, activations=act, step=trained * per_param.step,
                        host=trained * per_param.host, trained_params=trained)
@@ -647,7 +678,8 @@ def format_plan(plan: Plan) -> str:
         resident = sum(st.resident_params for st in plan.stages)
         lines.append(f"LoRA r={s.lora['r']} alpha={s.lora['alpha']:g} on {', '.join(s.lora['target_modules'])}"
                      + (f" (+ full {', '.join(s.lora['modules_to_save'])})" if s.lora["modules_to_save"] else "")
-                     + f": {trained:,} trained of {resident:,} resident parameters; frozen ones cost weights only")
+                     + f": {trained:,} trained of {resident:,} resident parameters; frozen ones cost weights only"
+                     + ("; base linears in 4-bit NF4 (~0.52 B/weight)" if s.lora.get("quantize") == "nf4" else ""))
     lines.append(f"assumptions: {plan.model_type}, {s.precision}, {s.optimizer} ({s.state_bytes} B/param of "
                  f"state), ZeRO {s.zero_stage}{' + CPU offload' if s.offload else ''} -> {plan.wrapper}; "
                  f"micro-batch {s.micro_batch} x seq {s.seq}, {s.micro_batches} micro-batches/step (1F1B), "
