@@ -558,7 +558,10 @@ def pp_to_hg(input_path: str | Path, save_path: str | Path, overwrite: bool = Fa
             else:
                 path, state = load_layer_file(layer_dir, idx)
                 check_layer_tensors(state, {k: v.shape for k, v in expected.items()}, path.name)
-            for name, tensor in layer_to_hf(info, mapper, idx, state).items():
+            hf = layer_to_hf(info, mapper, idx, state)
+            if export is not None and export.layer is not None:
+                hf = export.layer(info.args, hf)
+            for name, tensor in hf.items():
                 for out_name, out in (export.tensors(info.args, name, tensor) if export else {name: tensor}).items():
                     writer.add(hf_names.get(out_name, out_name), out)
             del state

@@ -44,9 +44,12 @@ class HfFormat:
         It must act on a weight's rows only (rename, split or reorder them): `pp_to_hg --adapter-only` passes a
         LoRA B [out, r] through it under its linear's weight name and gives every part the whole A
         (`models/lora_export.py`), which is exact for row operations.
+    layer(args, {hf_name: tensor}) -> {name: tensor}: optional, applied by `pp_to_hg` to one layer file's tensors
+        at once before `tensors` (MoE: stack a layer's per-expert weights into transformers 5's fused tensors).
     """
     config: Callable[[dict], dict]
     tensors: Callable[[Any, str, torch.Tensor], dict[str, torch.Tensor]]
+    layer: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------

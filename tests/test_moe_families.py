@@ -1,0 +1,417 @@
+"""The MoE families on `models/moe.py` (qwen3_moe, qwen2_moe, deepseek_v3) vs transformers' own models (CPU, fp32,
+eager attention), looped over the registry: every family with a `debug_config` built on `models.moe.MoeBlock`
+(mixtral has its own tests/test_mixtral.py).
+
+Each case saves a tiny random transformers model built from the family's `debug_config` (every parameter
+perturbed, routers sharpened so top-k is far from ties, DeepSeek's correction biases random) in both expert
+layouts (the hub's per-expert names; transformers 5's fused 3-D tensors), converts both with `hg_to_pp`, and
+checks logits, CE + aux loss (padding excluded) and every gradient within 1e-5 relative, the loss and gradients
+of the other execution paths (expert loop, fused head, activation checkpointing), a two-stage split exchanging
+tensors as DeepSpeed does, packed rows, `pp_to_hg` bit for bit in both layouts, LoRA on attention and experts,
+the released config.json files and one-line refusals; a real 2-stage DeepSpeed run's first loss equals one
+process's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models import ModelOptions, load_sequential
+from models.convert import WeightMapper, hg_to_pp, pp_to_hg
+from models.family import RELEASED_DIR, released_config
+from models.moe import Experts, MoeBlock, SparseMoe, load_balancing_loss, unstack_experts, valid_tokens
+from models.moe_layout import fused_experts_to_hub
+from tests.conftest import assert_same_tensors, read_hf_tensors
+
+QUIET = {"log": lambda msg: None}
+MOE = sorted(mt for mt, f in models.REGISTRY.items() if f.debug_config is not None and mt != "mixtral"
+             and any(isinstance(s.typename, type) and issubclass(s.typename, MoeBlock)
+                     for s in models.resolve(f.debug_config()).specs()))
+VARIANTS = {mt: {"base": {}} for mt in MOE}
+for _mt, _extra in {
+    "qwen3_moe": {"tied": {"tie_word_embeddings": True}, "not_renormalised": {"norm_topk_prob": False}},
+    "qwen2_moe": {"no_window": {"use_sliding_window": False}},
+    "deepseek_v3": {"q_proj": {"q_lora_rank": None}, "plain_rope": {"rope_interleave": False},
+                    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                              "mscale_all_dim": 0.707}}},
+}.items():
+    if _mt in VARIANTS:
+        VARIANTS[_mt].update(_extra)
+CASES = [(mt, v) for mt in MOE for v in VARIANTS[mt]]
+
+
+def family_config(model_type: str, variant: str = "base") -> dict:
+    return models.get_family(model_type).debug_config(**VARIANTS[model_type][variant])
+
+
+def make_reference(cfg: dict, seed: int = 0):
+    """A random transformers model of `cfg`: every parameter perturbed, routers sharpened (x20), DeepSeek's
+    `e_score_correction_bias` random (so it changes the choice)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(20.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.3)
+    return model
+
+
+def save_reference(cfg: dict, out: Path, fused: bool = False):
+    """`make_reference(cfg)` saved to `out` (hub layout, or transformers 5's fused one), reloaded in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_reference(cfg)
+    model.save_pretrained(out, save_original_format=not fused)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{mt}-{v}" for mt, v in CASES])
+def case(request, tmp_path_factory):
+    """(model_type, HF reference, root dir with hub/ v5/ pp_hub/ pp_v5/)."""
+    model_type, variant = request.param
+    root = tmp_path_factory.mktemp(f"{model_type}-{variant}")
+    cfg = family_config(model_type, variant)
+    reference = save_reference(cfg, root / "hub")
+    save_reference(cfg, root / "v5", fused=True)
+    for layout in ("hub", "v5"):
+        hg_to_pp(root / layout, root / f"pp_{layout}", **QUIET)
+    return model_type, reference, root
+
+
+def batch(vocab: int, seed: int = 0, padded: bool = True):
+    """input_ids [2, 24], position_ids (second row offset), labels with a masked prompt and right padding."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (2, 24), generator=g)
+    position_ids = torch.stack([torch.arange(24), torch.arange(24) + 7])
+    labels = input_ids.clone()
+    labels[0, :5] = -100
+    if padded:
+        labels[1, 18:] = -100
+    return input_ids, position_ids, labels
+
+
+def hf_grads_by_hub_name(model, args) -> dict[str, torch.Tensor]:
+    """The reference's gradients under the hub's per-expert names (its fused expert gradients split)."""
+    out = {}
+    for name, param in model.named_parameters():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        out.update(fused_experts_to_hub(args, name, grad))
+    return out
+
+
+def our_grads_by_hub_name(model, family, args) -> dict[str, torch.Tensor]:
+    """Our gradients under the HF names of the weight map (stacked expert gradients split per expert)."""
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            unstack_experts(grads, f"{name}.", module.num_experts, module.names)
+    mapper = WeightMapper(family.weight_map)
+    out = {}
+    for name, grad in grads.items():
+        _, idx, local = name.split(".", 2)
+        idx = int(idx)
+        kind, block = ("enter", None) if idx == 0 else ("exit", None) if idx == args.num_layers + 1 else ("block", idx - 1)
+        out[mapper.to_hf(kind, block, local)] = grad
+    return out
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", rtol: float = 1e-5) -> None:
+    """Within `rtol` of `expected`, elementwise with an absolute floor of rtol · max|expected|."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item(),
+                               msg=lambda m: f"{name}: {m}")
+
+
+def reference_loss(reference, input_ids, position_ids, labels, padded: bool):
+    """transformers' loss with the aux term (where the family has one), padding excluded via the attention mask
+    our `valid_tokens` derives from the labels."""
+    mask = valid_tokens(labels).long() if padded else None
+    kw = {"output_router_logits": True} if hasattr(reference.config, "router_aux_loss_coef") else {}
+    return reference(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, labels=labels, **kw)
+
+
+@pytest.mark.parametrize("layout", ["hub", "v5"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_logits_loss_and_grads_match_transformers(case, layout, padded):
+    model_type, reference, root = case
+    family = models.get_family(model_type)
+    ours = load_sequential(root / f"pp_{layout}")
+    args = models.resolve_dir(root / f"pp_{layout}").args
+    input_ids, position_ids, labels = batch(reference.config.vocab_size, seed=1, padded=padded)
+    with torch.no_grad():
+        expected_logits = reference.eval()(input_ids=input_ids, position_ids=position_ids).logits
+        logits, probs, routes, *_ = ours.eval().outputs(input_ids, position_ids)
+    assert_rel_close(logits, expected_logits, "logits")
+    assert routes.shape == (2, 24, sum(args.sparse), args.moe.top_k) and int(routes.max()) < args.moe.num_experts
+
+    reference.train().zero_grad()
+    ours.train()
+    out = reference_loss(reference, input_ids, position_ids, labels, padded)
+    out.loss.backward()
+    actual = ours.loss(input_ids, labels, position_ids)
+    actual.backward()
+    assert_rel_close(actual, out.loss, "loss")
+    if getattr(out, "aux_loss", None) is not None:
+        assert out.aux_loss > args.moe.top_k + 0.1  # far from balanced: the aux term matters to the comparison
+    expected = hf_grads_by_hub_name(reference, args)
+    grads = our_grads_by_hub_name(ours, family, args)
+    assert set(grads) == set(expected)
+    for name, grad in grads.items():
+        assert_rel_close(grad, expected[name], name)
+
+
+def test_aux_loss_alone_reaches_every_router(case):
+    """The load-balancing term on its own: its gradient reaches every sparse block's router as in transformers."""
+    model_type, reference, root = case
+    if not hasattr(reference.config, "router_aux_loss_coef"):
+        pytest.skip(f"{model_type}: transformers computes no aux loss")
+    ours = load_sequential(root / "pp_hub").train()
+    reference.train().zero_grad()
+    input_ids, position_ids, labels = batch(reference.config.vocab_size, seed=2)
+    mask = valid_tokens(labels)
+    out = reference(input_ids=input_ids, position_ids=position_ids, attention_mask=mask.long(),
+                    output_router_logits=True)
+    out.aux_loss.backward()
+    _, probs, routes, *_ = ours.outputs(input_ids, position_ids)
+    aux, _ = load_balancing_loss(probs, routes, mask)
+    aux.backward()
+    assert_rel_close(aux, out.aux_loss, "aux")
+    routers = 0
+    for i, layer in enumerate(reference.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None:
+            continue
+        routers += 1
+        assert gate.weight.grad.abs().max() > 0
+        assert_rel_close(ours.layers[str(i + 1)].mlp.gate.weight.grad, gate.weight.grad, f"router {i}")
+    assert routers == sum(models.resolve_dir(root / "pp_hub").args.sparse)
+
+
+def test_other_paths_give_the_same_loss_and_grads(case):
+    """The expert loop, the fused head + loss and activation checkpointing against the plain grouped path."""
+    _, reference, root = case
+    input_ids, position_ids, labels = batch(reference.config.vocab_size, seed=3)
+    results = []
+    for opts in (ModelOptions(), ModelOptions(moe_grouped_gemm=False),
+                 ModelOptions(fused_head_loss=True, use_grad_ckpt=True)):
+        model = load_sequential(root / "pp_hub", opts=opts).train()
+        loss = model.loss(input_ids, labels, position_ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), *others = results
+    for loss_b, grads_b in others:
+        assert_rel_close(loss_b, loss_a, "loss", rtol=1e-6)
+        for name in grads_a:
+            assert_rel_close(grads_b[name], grads_a[name], name)
+
+
+def run_split_like_deepspeed(model, split: int, input_ids, position_ids, labels) -> torch.Tensor:
+    """Forward/backward through two stages exactly as DeepSpeed's PipelineEngine exchanges tensors: the
+    receiver gets detached clones with `requires_grad = is_floating_point()`, every received float tensor
+    must end up with a grad, and the sender calls `backward(grad)` on each of its float outputs in turn."""
+    from functools import partial
+
+    steps = [partial(fn, model.layers[key]) if fn is not None else model.layers[key] for key, fn in model._steps]
+    sent = (input_ids, position_ids)
+    for step in steps[:split]:
+        sent = step(sent)
+    received = tuple(t.clone().detach().requires_grad_(t.is_floating_point()) for t in sent)
+    x = received
+    for step in steps[split:]:
+        x = step(x)
+    loss = model.loss_fn(x, labels)
+    loss.backward()
+    floats = [(out, recv) for out, recv in zip(sent, received) if recv.is_floating_point()]
+    for i, (out, recv) in enumerate(floats):
+        assert recv.grad is not None
+        out.backward(gradient=recv.grad, retain_graph=i < len(floats) - 1)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_two_stage_split_equals_one_process(case, split):
+    """Split after Enter, after a block, before Exit: same loss and grads (router statistics cross the boundary)."""
+    _, reference, root = case
+    input_ids, position_ids, labels = batch(reference.config.vocab_size, seed=6)
+    whole = load_sequential(root / "pp_hub").train()
+    expected = whole.loss(input_ids, labels, position_ids)
+    expected.backward()
+    parted = load_sequential(root / "pp_hub").train()
+    torch.testing.assert_close(run_split_like_deepspeed(parted, split, input_ids, position_ids, labels),
+                               expected.detach(), rtol=0, atol=0)
+    grads = dict(whole.named_parameters())
+    for name, param in parted.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_rows_equal_their_documents_alone(case):
+    _, reference, root = case
+    ours = load_sequential(root / "pp_hub", opts=ModelOptions(packed_sequences=True)).eval()
+    alone = load_sequential(root / "pp_hub").eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, reference.config.vocab_size, (1, 30), generator=g)
+    pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
+    with torch.no_grad():
+        packed = ours(ids, pos)
+        first = alone(ids[:, :13], torch.arange(13)[None])
+        second = alone(ids[:, 13:], torch.arange(17)[None])
+    torch.testing.assert_close(packed[:, :13], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 13:], second, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["hub", "v5"])
+def test_round_trips_are_bit_exact_in_both_layouts(case, source, tmp_path):
+    """Either source layout -> pipeline -> the hub layout (default) and transformers 5's fused one
+    (`--format fused`), each equal to the file of that layout bit for bit; the fused export loads in
+    transformers."""
+    _, reference, root = case
+    pp_to_hg(root / f"pp_{source}", tmp_path / "hub", max_shard_size="200KB", **QUIET)
+    assert_same_tensors(read_hf_tensors(tmp_path / "hub"), read_hf_tensors(root / "hub"))
+    pp_to_hg(root / f"pp_{source}", tmp_path / "v5", hf_format="fused", **QUIET)
+    fused = read_hf_tensors(tmp_path / "v5")
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in fused)
+    assert_same_tensors(fused, read_hf_tensors(root / "v5"))
+    assert models.convert.verify(tmp_path / "v5", root / f"pp_{source}") < 1e-5
+
+
+def test_v5_layout_wrong_expert_shape_is_a_clear_error(case, tmp_path):
+    from safetensors.torch import save_file
+
+    model_type, _, root = case
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = read_hf_tensors(root / "v5")
+    name = next(n for n in tensors if n.endswith("mlp.experts.down_proj"))
+    tensors[name] = tensors[name][:3]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text((root / "v5" / "config.json").read_text())
+    with pytest.raises(models.ModelError, match=rf"'{name}' has shape \(3, "):
+        hg_to_pp(src, tmp_path / "pp", **QUIET)
+
+
+def test_state_dict_is_the_hub_layout(case):
+    """A sparse block's state_dict holds the hub's names and values (experts per expert), and loads back."""
+    _, _, root = case
+    ours = load_sequential(root / "pp_hub")
+    hub = read_hf_tensors(root / "hub")
+    args = models.resolve_dir(root / "pp_hub").args
+    layer = args.sparse.index(True)
+    state = ours.layers[str(layer + 1)].state_dict()
+    prefix = f"model.layers.{layer}."
+    expected = {n.removeprefix(prefix): t for n, t in hub.items() if n.startswith(prefix)}
+    assert sorted(state) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_lora_on_attention_and_experts_merges_exactly(case):
+    """LoRA on q_proj and on the stacked experts: grouped == looped, and merging gives the same logits."""
+    from models.lora import LoraConfig, apply_lora, merge_lora
+
+    _, reference, root = case
+    cfg = LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    input_ids, position_ids, labels = batch(reference.config.vocab_size, seed=8)
+    outs = {}
+    for grouped in (True, False):
+        model = load_sequential(root / "pp_hub", opts=ModelOptions(moe_grouped_gemm=grouped)).train()
+        torch.manual_seed(0)
+        wrapped = apply_lora(model, cfg)
+        assert any(name.endswith(".experts") for name in wrapped)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.05)
+        loss = model.loss(input_ids, labels, position_ids)
+        loss.backward()
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all("lora_" in n for n in trained)
+        outs[grouped] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, model
+    (loss_g, grads_g, model), (loss_l, grads_l, _) = outs[True], outs[False]
+    assert_rel_close(loss_l, loss_g, "loss", rtol=1e-6)
+    for n in grads_g:
+        assert_rel_close(grads_l[n], grads_g[n], n)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids, position_ids)
+        merge_lora(model)
+        assert not any("lora_" in n for n, _ in model.named_parameters())
+        assert_rel_close(model(input_ids, position_ids), before, "merged logits")
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_released_configs_resolve(model_type):
+    family = models.get_family(model_type)
+    if not family.released_configs:
+        pytest.skip(f"{model_type}: no published config.json committed yet (models/released/SOURCES.md)")
+    for name, file_name in family.released_configs.items():
+        assert (RELEASED_DIR / file_name).is_file(), f"{name}: models/released/{file_name} missing"
+        model = models.resolve(released_config(file_name))
+        assert model.model_type == model_type and model.num_blocks > 0
+        assert 0 < model.flops_per_token(4096) < 6 * 1e12
+
+
+def test_qwen3_30b_a3b_is_read_as_released():
+    args = models.resolve(released_config("qwen3-30b-a3b.json")).args
+    moe = args.moe
+    assert (moe.num_experts, moe.top_k, moe.expert_size, moe.norm_topk_prob) == (128, 8, 768, True)
+    assert all(args.sparse) and len(args.sparse) == 48 and args.qk_norm == "head" and args.head_dim == 128
+    assert args.router_aux_loss_coef == 0.001 and not args.layer_windows
+
+
+@pytest.mark.parametrize("model_type, overrides, message", [
+    ("qwen3_moe", {"num_experts_per_tok": 9}, r"num_experts_per_tok \(9\) must be between 1 and num_experts \(8\)"),
+    ("qwen3_moe", {"mlp_only_layers": [0, 1, 2, 3]}, "no layer is sparse"),
+    ("qwen3_moe", {"mlp_only_layers": "1"}, "'mlp_only_layers' must be a list"),
+    ("qwen3_moe", {"attention_dropout": 0.1}, "attention_dropout 0.1 is not supported"),
+    ("qwen2_moe", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for qwen2_moe"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "'decoder_sparse_step' must be >= 1"),
+    ("deepseek_v3", {"n_group": 3}, r"n_group \(3\) must divide n_routed_experts"),
+    ("deepseek_v3", {"topk_group": 5}, r"topk_group \(5\) must be between 1 and n_group"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
+    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ("deepseek_v3", {"aux_loss_alpha": 0.01, "seq_aux": False}, "seq_aux false"),
+])
+def test_unsupported_variants_are_one_line_errors(model_type, overrides, message):
+    if model_type not in MOE:
+        pytest.skip(f"{model_type} not registered")
+    with pytest.raises(models.ModelError, match=message) as err:
+        models.resolve(models.get_family(model_type).debug_config(**overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_family_trains_in_two_stages_like_one_process(model_type, tmp_path):
+    """train_ds.py, 2 pipeline stages on 2 CPU ranks: the first step's loss equals one process's; expert load
+    per MoE block reaches metrics.jsonl; the routers of both stages were trained."""
+    from tests.conftest import run_cli, run_deepspeed, train_config
+    from tests.test_train_families import one_process_first_step_loss
+
+    hf, pp, out = tmp_path / "hf", tmp_path / "pp", tmp_path / "out"
+    make_reference(family_config(model_type)).save_pretrained(hf)
+    res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(hf), "--save-path", str(pp))
+    assert res.returncode == 0, res.stderr
+    cfg = train_config(pp, out, dims=(2, 1), synthetic_data=True, max_steps=3, max_seq_len=32, data_path=None,
+                       save_final=True, **{"optimizer.params.lr": 1e-2})
+    res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["grad_norm"] > 0 for r in rows)
+    one = one_process_first_step_loss(pp, cfg)
+    assert abs(rows[0]["loss"] - one) <= 1e-5 * abs(one), (rows[0]["loss"], one)
+    args = models.resolve_dir(pp).args
+    assert len(rows[0]["expert_load_min"]) == len(rows[0]["expert_load_max"]) == sum(args.sparse)
+    start, final = load_sequential(pp), load_sequential(out / "checkpoint_final")
+    sparse = [i + 1 for i, s in enumerate(args.sparse) if s]
+    for key in (str(sparse[0]), str(sparse[-1])):  # a router on each stage
+        assert not torch.equal(final.layers[key].mlp.gate.weight, start.layers[key].mlp.gate.weight)
