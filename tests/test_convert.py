@@ -221,9 +221,9 @@ def copy_hf(hf_dir: Path, dst: Path, edit_tensors=None, edit_config=None) -> Pat
     (lambda t: t.pop("lm_head.weight"), None, "missing tensor 'lm_head.weight'"),
     (None, lambda c: c.update(intermediate_size=96),
      "tensor 'model.layers.0.mlp.down_proj.weight' has shape (64, 128), config.json implies (64, 96)"),
-    (None, lambda c: c.update(model_type="bloomz"), "unsupported model_type 'bloomz' (supported: baichuan, bloom, chatglm, llama"),
+    (None, lambda c: c.update(model_type="bloomz"), "unsupported model_type 'bloomz' (supported: baichuan, bloom, chatglm, "),
     (None, lambda c: c.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-     "rope scaling type 'dynamic' is not supported (supported: default, llama3)"),
+     "rope scaling type 'dynamic' is not supported (supported: default, llama3, linear, longrope)"),
 ])
 def test_error_bad_hf_checkpoint(hf_dir, tmp_path, capsys, edit_tensors, edit_config, expected):
     src = copy_hf(hf_dir, tmp_path / "src", edit_tensors, edit_config)
