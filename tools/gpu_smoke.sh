@@ -16,7 +16,7 @@ PY
 for SEQ in ${SEQS:-1024}; do for MBS in ${MBSS:-1 2}; do
   echo "=== seq $SEQ mbs $MBS gpus $NG"
   timeout 240 deepspeed --num_gpus $NG train_ds.py --config configs/ds_config_pp.yml --model_path=/tmp/m7b --from_scratch=true \
-    --synthetic_data=true --max_steps=${STEPS:-5} --optimizer.params.torch_adam=true --max_seq_len=$SEQ --save_path=/tmp/out_${SEQ}_${MBS} --train_batch_size=64 \
+    --synthetic_data=true --max_steps=${STEPS:-5} --optimizer.params.torch_adam=true --max_seq_len=$SEQ --save_path=/tmp/out_${SEQ}_${MBS} --overwrite=true --train_batch_size=64 \
     --train_micro_batch_size_per_gpu=$MBS --model_topo.process_topology.dims="[$NG, 1]" --model_topo.parts=auto \
     --fp16.enabled=false --bf16.enabled=true --steps_per_print=100 --save_interval=0 --save_final=false > $OUT/log_${SEQ}_${MBS}.txt 2>&1
   echo "rc $?"; grep -E "error|Error|partition" $OUT/log_${SEQ}_${MBS}.txt | head -5

@@ -16,7 +16,7 @@ json.dump(cfg, open("/tmp/mixtral/model/config.json", "w"), indent=1)
 PY
 timeout ${MIXTRAL_TIMEOUT:-200} deepspeed --num_gpus $(nvidia-smi -L | wc -l) train_ds.py --config configs/ds_config_mixtral.yml \
   --model_path=/tmp/mixtral/model --from_scratch=true --synthetic_data=true --max_steps=3 --max_seq_len=2048 \
-  --save_path=/tmp/mixtral/run --save_final=false --train_batch_size=16 --train_micro_batch_size_per_gpu=1 \
+  --save_path=/tmp/mixtral/run --overwrite=true --save_final=false --train_batch_size=16 --train_micro_batch_size_per_gpu=1 \
   --model_topo.process_topology.dims="[$(nvidia-smi -L | wc -l), 1]" --model_topo.parts=auto > /tmp/mixtral/log.txt 2>&1
 echo "mixtral rc $?"
 grep -E "partition|error|Error" /tmp/mixtral/log.txt | head -5
