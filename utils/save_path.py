@@ -115,7 +115,7 @@ class RunLock:
             if info is None:
                 continue  # released meanwhile
             stale = (info.get("host") == _host() and isinstance(info.get("pid"), int)
-                     and not _alive(info["pid"], info.get("start_time")))
+                     and (info["pid"] == os.getpid() or not _alive(info["pid"], info.get("start_time"))))
             if not stale:
                 if not info:
                     raise SavePathError(f"save_path: {self.save_path} is locked by {self.path}, which is unreadable; "
