@@ -14,7 +14,7 @@ from .common import ModelError
 from .family import Family
 
 FAMILY_MODULES = ("llama", "bloom", "baichuan", "chatglm", "mixtral", "qwen2", "qwen3", "mistral", "phi3", "olmo2",
-                 "glm4", "gemma2", "gemma3", "qwen3_moe", "qwen2_moe")
+                 "glm4", "gemma2", "gemma3", "qwen3_moe", "qwen2_moe", "deepseek_v3")
 
 REGISTRY: dict[str, Family] = {}
 

@@ -379,7 +379,6 @@ def test_qwen3_30b_a3b_is_read_as_released():
     ("deepseek_v3", {"n_group": 3}, r"n_group \(3\) must divide n_routed_experts"),
     ("deepseek_v3", {"topk_group": 5}, r"topk_group \(5\) must be between 1 and n_group"),
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
-    ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
     ("deepseek_v3", {"aux_loss_alpha": 0.01, "seq_aux": False}, "seq_aux false"),
 ])
 def test_unsupported_variants_are_one_line_errors(model_type, overrides, message):
