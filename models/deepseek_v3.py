@@ -409,6 +409,7 @@ FAMILY = Family(
     default_parts=default_parts,
     loss_fn=moe_loss_fn,
     step_metrics=expert_load_metrics,
+    after_step=after_step,
     tied_hf_names=("lm_head.weight",),
     from_hf_tensor=from_checkpoint_tensor,
     hf_formats={"fused": FUSED_FORMAT},

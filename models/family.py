@@ -166,6 +166,9 @@ class Family:
     tied(args) -> whether the LM head shares the embedding matrix; `args.tie_word_embeddings` or False.
     step_metrics(loss_fn) -> dict: extra per-step metrics read (and reset) from the last stage's loss object
         after each optimizer step (mixtral: expert load); None: none.
+    after_step(module, rate, group): optional, called on every stage after each optimizer step with that stage's
+        layers, the training config's `moe_bias_update_rate` and the data-parallel group (deepseek_v3: the
+        auxiliary-loss-free update of the routers' correction biases, `models.moe.update_expert_bias`).
     width_keys: config.json keys of the widths that scale together (hidden, MLP, head); the memory planner
         measures activations at a fraction of them (`ResolvedModel.shrunk_config`).
     vocab_keys: config.json keys holding the vocabulary size.
@@ -204,6 +207,7 @@ class Family:
     num_layers: Callable[[Any], int] = num_layers_of
     tied: Callable[[Any], bool] = tied_of
     step_metrics: Callable[[Any], dict] | None = None
+    after_step: Callable[[nn.Module, float, Any], Any] | None = None
     width_keys: tuple[str, ...] = ("hidden_size", "intermediate_size", "head_dim")
     vocab_keys: tuple[str, ...] = ("vocab_size",)
     autotp_tested: bool = False

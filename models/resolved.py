@@ -111,6 +111,12 @@ class ResolvedModel:
             return {}
         return self.family.step_metrics(loss_fn)
 
+    def after_step(self, module: Any, rate: float, group: Any = None) -> None:
+        """The family's per-step update of state that is not trained by gradient (`Family.after_step`; deepseek_v3's
+        router biases), on every stage after each optimizer step; nothing for other families."""
+        if self.family.after_step is not None:
+            self.family.after_step(module, rate, group)
+
     # -- config.json at another width (memory planner) -----------------------------------------------
 
     @property

@@ -400,8 +400,9 @@ def test_family_trains_in_two_stages_like_one_process(model_type, tmp_path):
     make_reference(family_config(model_type)).save_pretrained(hf)
     res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(hf), "--save-path", str(pp))
     assert res.returncode == 0, res.stderr
+    rate = {"moe_bias_update_rate": 0.01} if model_type == "deepseek_v3" else {}
     cfg = train_config(pp, out, dims=(2, 1), synthetic_data=True, max_steps=3, max_seq_len=32, data_path=None,
-                       save_final=True, **{"optimizer.params.lr": 1e-2})
+                       save_final=True, **{"optimizer.params.lr": 1e-2, **rate})
     res = run_deepspeed("train_ds.py", cfg, tmp_path, 2)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -414,3 +415,113 @@ def test_family_trains_in_two_stages_like_one_process(model_type, tmp_path):
     sparse = [i + 1 for i, s in enumerate(args.sparse) if s]
     for key in (str(sparse[0]), str(sparse[-1])):  # a router on each stage
         assert not torch.equal(final.layers[key].mlp.gate.weight, start.layers[key].mlp.gate.weight)
+        if rate:  # 3 steps of ±0.01 (or 0) per expert: the biases moved on both stages, by whole steps
+            moved = (final.layers[key].mlp.gate.e_score_correction_bias
+                     - start.layers[key].mlp.gate.e_score_correction_bias) / 0.01
+            assert moved.abs().max() > 0.5 and torch.allclose(moved, moved.round(), atol=1e-3), moved
+            assert moved.abs().max() <= 3 + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3 balancing: the auxiliary-loss-free bias update and the sequence-wise aux loss
+
+
+def test_bias_update_rule_against_a_hand_computation():
+    """update_expert_bias: b_e += rate · sign(mean load - load_e) from the top-k assignments recorded in training
+    forwards (counts summed over forwards), then the counts are dropped; rate 0 leaves the bias as it was."""
+    from models.moe import update_expert_bias
+
+    if "deepseek_v3" not in MOE:
+        pytest.skip("deepseek_v3 not registered")
+    args = models.resolve(family_config("deepseek_v3")).args
+    moe = SparseMoe(args, torch.float32).train()
+    bias = moe.gate.e_score_correction_bias
+    bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.125, 1.0, -1.0, 0.75, 0.0]))
+    start = bias.clone()
+    moe.record_load(torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 5]]))  # loads 3 2 1 1 1 1 0 0, over 3 tokens
+    moe.record_load(torch.tensor([[0, 6, 7]]))  # + 1 0 0 0 0 0 1 1 -> 4 2 1 1 1 1 1 1, mean 1.5
+    # hand: mean 1.5 -> expert 0 (4) and 1 (2) overloaded: -rate; the six others (1) underloaded: +rate
+    assert update_expert_bias(moe, 0.01) == 1
+    want = start + torch.tensor([-0.01, -0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
+    torch.testing.assert_close(bias, want, rtol=0, atol=0)
+    assert bias.dtype == torch.float32 and moe.load is None
+    moe.record_load(torch.tensor([[0, 1, 2]]))
+    assert update_expert_bias(moe, 0.0) == 0 and torch.equal(bias, want) and moe.load is None
+    moe.record_load(torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0], [1, 2, 3]]))  # 2 2 2 2 1 1 1 1, mean 1.5
+    update_expert_bias(moe, 0.5)
+    torch.testing.assert_close(bias, want + torch.tensor([-0.5] * 4 + [0.5] * 4), rtol=0, atol=0)
+    moe.to(torch.bfloat16)  # the bias stays fp32 under a module cast (a bf16 one could not take 1e-3 steps)
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32 and moe.gate.weight.dtype == torch.bfloat16
+
+
+def test_bias_is_recorded_in_training_only_and_moves_the_choice():
+    """The load is counted in training forwards only (eval and no-grad forwards do not count), once per forward
+    even with activation checkpointing; a large bias on one expert makes every token choose it."""
+    if "deepseek_v3" not in MOE:
+        pytest.skip("deepseek_v3 not registered")
+    from models.sequential import build_sequential
+
+    torch.manual_seed(0)
+    model = build_sequential(family_config("deepseek_v3"), ModelOptions(use_grad_ckpt=True))
+    ids = torch.randint(0, 512, (2, 10))
+    moes = [m for m in model.modules() if isinstance(m, SparseMoe)]
+    with torch.no_grad():
+        model.eval()(ids)
+    assert all(m.load is None for m in moes)
+    model.train().loss(ids, ids).backward()
+    k = moes[0].top_k
+    assert all(m.load.sum().item() == 2 * 10 * k for m in moes)
+    moes[0].gate.e_score_correction_bias[5] = 100.0
+    with torch.no_grad():
+        _, _, routes, *_ = model.eval().outputs(ids)
+    assert (routes[:, :, 0] == 5).any(dim=-1).all()
+
+
+def test_sequence_wise_aux_loss_as_deepseek_computes_it(tmp_path):
+    """aux_loss_alpha > 0: loss = CE + alpha · Σ_layers mean_b Σ_e f_be·P_be, with DeepSeek's MoEGate formula
+    (f = counts / (S·k / E) per sequence, P = the sequence's mean normalised scores), its gradient reaching the
+    routers; it crosses a stage boundary as the float `seq_aux` [B] and a 2-stage split equals one process."""
+    import shutil
+
+    if "deepseek_v3" not in MOE:
+        pytest.skip("deepseek_v3 not registered")
+    hf, pp = tmp_path / "hf", tmp_path / "pp"
+    make_reference(family_config("deepseek_v3")).save_pretrained(hf)
+    hg_to_pp(hf, pp, **QUIET)
+    shutil.copytree(pp, tmp_path / "pp_aux")
+    cfg = json.loads((pp / "config.json").read_text())
+    (tmp_path / "pp_aux" / "config.json").write_text(json.dumps({**cfg, "aux_loss_alpha": 0.1, "seq_aux": True}))
+    plain, ours = load_sequential(pp).train(), load_sequential(tmp_path / "pp_aux").train()
+    input_ids, position_ids, labels = batch(512, seed=9)
+
+    captured = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: captured.append((out[1], out[2])))
+             for m in ours.modules() if isinstance(m, SparseMoe)]
+    outputs = ours.outputs(input_ids, position_ids)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 4 and outputs[3].shape == (2,)
+    b, s, e, k = 2, 24, 8, 3
+    expected = 0.0
+    for scores, ids in captured:  # DeepSeek-V2 MoEGate, seq_aux branch (per layer; summed over layers)
+        ce = torch.zeros(b, e).scatter_add_(1, ids.view(b, -1), torch.ones(b, s * k)).div_(s * k / e)
+        expected = expected + (ce * scores.view(b, s, e).mean(dim=1)).sum(dim=1).mean()
+    loss = ours.loss_fn(outputs, labels)
+    with torch.no_grad():
+        ce_only = plain.loss(input_ids, labels, position_ids)
+    assert_rel_close(loss.detach() - ce_only, 0.1 * expected.detach(), "alpha · seq aux")
+    loss.backward()
+    aux_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if n.endswith("mlp.gate.weight")}
+    plain.loss(input_ids, labels, position_ids).backward()
+    for n, g in aux_grads.items():
+        assert not torch.allclose(g, dict(plain.named_parameters())[n].grad), n  # the aux term trains the routers
+
+    whole = load_sequential(tmp_path / "pp_aux").train()
+    want = whole.loss(input_ids, labels, position_ids)
+    want.backward()
+    parted = load_sequential(tmp_path / "pp_aux").train()
+    torch.testing.assert_close(run_split_like_deepspeed(parted, 2, input_ids, position_ids, labels), want.detach(),
+                               rtol=0, atol=0)
+    grads = dict(whole.named_parameters())
+    for name, param in parted.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

@@ -182,6 +182,8 @@ class PipelineTrainer:
             models.common.check_attention_backend(opts)
         except models.ModelError as e:
             raise ConfigError(str(e)) from None
+        if cfg["moe_bias_update_rate"] < 0:
+            raise ConfigError(f"moe_bias_update_rate: must be >= 0, got {cfg['moe_bias_update_rate']}")
         costs = resolved.layer_flops(cfg["max_seq_len"])
         parts = resolve_parts(cfg["model_topo.parts"], costs, cfg.dims[0])
         lines = tuple(Transforms(cfg).check_pipeline(resolved, opts, parts))
@@ -256,6 +258,8 @@ class PipelineTrainer:
             self.guard = StepGuard(self.engine.optimizer, module.parameters(),
                                    self.engine.grid.get_pipe_parallel_group(), max_norm)
         self.stage, self.dp_rank = self.engine.stage_id, self.engine.grid.data_parallel_id
+        self.bias_rate = float(cfg["moe_bias_update_rate"])
+        self.dp_group = self.engine.grid.get_data_parallel_group() if dp > 1 else None
         self.reporter = self.engine.is_last_stage() and self.dp_rank == 0
 
     def make_feeder(self, cfg: TrainConfig, plan, device):
@@ -295,7 +299,9 @@ class PipelineTrainer:
 
     # -- per step
     def step(self, feeder) -> float:
-        return float(self.engine.train_batch(data_iter=feeder))
+        loss = float(self.engine.train_batch(data_iter=feeder))
+        self.resolved.after_step(self.engine.module, self.bias_rate, self.dp_group)  # deepseek_v3: router biases
+        return loss
 
     def eval_chunk(self, batches, k: int) -> float:
         """`k` eval micro-batches through `eval_batch` (forward only, no_grad), with the CE-only loss in place of
