@@ -411,6 +411,15 @@ def test_family_trains_in_two_stages_like_one_process(model_type, tmp_path):
     assert abs(rows[0]["loss"] - one) <= 1e-5 * abs(one), (rows[0]["loss"], one)
     args = models.resolve_dir(pp).args
     assert len(rows[0]["expert_load_min"]) == len(rows[0]["expert_load_max"]) == sum(args.sparse)
+    from utils.plot import expert_load_series, plot
+
+    series = expert_load_series(rows)  # the plot's expert-load panel: one max and one min line per MoE block
+    assert len(series["max"]) == sum(args.sparse) and [len(x) for x in series["min"]] == [3] * sum(args.sparse)
+    assert all(lo <= 1 / args.moe.num_experts <= hi for r in rows
+               for lo, hi in zip(r["expert_load_min"], r["expert_load_max"]))
+    plot(rows, str(tmp_path / "metrics.png"))
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert expert_load_series([{"step": 1, "loss": 1.0}]) == {}
     start, final = load_sequential(pp), load_sequential(out / "checkpoint_final")
     sparse = [i + 1 for i, s in enumerate(args.sparse) if s]
     for key in (str(sparse[0]), str(sparse[-1])):  # a router on each stage

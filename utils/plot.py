@@ -36,19 +36,41 @@ def read_rows(save_path: str, missing_ok: bool = False) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def expert_load_series(rows: list[dict]) -> dict[str, list[list[float | None]]]:
+    """Mixture-of-experts step rows -> {"max": per MoE block, its largest expert share at every step, "min": the
+    smallest}; {} when no row has `expert_load_max` (dense families)."""
+    rows = [r for r in rows if "loss" in r]
+    width = max((len(r.get("expert_load_max") or []) for r in rows), default=0)
+    if not width:
+        return {}
+    return {kind: [[(r.get(f"expert_load_{kind}") or [None] * width)[j] for r in rows] for j in range(width)]
+            for kind in ("max", "min")}
+
+
 def plot(rows: list[dict], out: str) -> None:
     """`rows` as in metrics.jsonl: step rows draw every panel; evaluation rows add `eval_loss` (markers) to the
-    loss panel."""
+    loss panel. Mixture-of-experts runs get one more panel: per MoE block, the largest (solid) and smallest
+    (dotted) share of that block's top-k assignments taken by one expert (balanced: both at 1/E)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 2.4 * len(PANELS)), sharex=True)
+    experts = expert_load_series(rows)
+    panels = PANELS + ((("expert_load", "expert load share\n(max, min per block)"),) if experts else ())
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True)
     evals = [r for r in rows if "eval_loss" in r and r["eval_loss"] is not None]
     rows = [r for r in rows if "loss" in r]
     steps = [r["step"] for r in rows]
-    for ax, (key, title) in zip(axes, PANELS):
+    for ax, (key, title) in zip(axes, panels):
+        if key == "expert_load":
+            colors = plt.cm.viridis([j / max(1, len(experts["max"]) - 1) for j in range(len(experts["max"]))])
+            for color, high, low in zip(colors, experts["max"], experts["min"]):
+                ax.plot(steps, high, lw=0.8, color=color)
+                ax.plot(steps, low, lw=0.8, ls=":", color=color)
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+            continue
         ax.plot(steps, [r.get(key) for r in rows], lw=1.2, label="train" if key == "loss" else None)
         if key == "loss" and evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=4, lw=1.0, label="eval")
