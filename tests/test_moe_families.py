@@ -534,3 +534,68 @@ def test_sequence_wise_aux_loss_as_deepseek_computes_it(tmp_path):
     grads = dict(whole.named_parameters())
     for name, param in parted.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA checkpoints: merged export, PEFT where PEFT has a form
+
+
+@pytest.fixture(scope="module", params=MOE)
+def lora_run(request, tmp_path_factory):
+    """A LoRA checkpoint as a LoRA run writes it (tests/test_lora_export.py), adapters on the attention and on the
+    stacked experts (`gate_proj`, `up_proj`, `down_proj`: also the dense layers' and shared experts' linears), the
+    final norm trained in full; and one with attention adapters only."""
+    from tests.test_lora_export import write_lora_checkpoint
+    from models.lora import LoraConfig
+
+    model_type = request.param
+    root = tmp_path_factory.mktemp(f"lora_{model_type}")
+    make_reference(family_config(model_type)).save_pretrained(root / "hf")
+    hg_to_pp(root / "hf", root / "pp", **QUIET)
+    attention = ("q_b_proj", "kv_b_proj", "o_proj") if model_type == "deepseek_v3" else ("q_proj", "v_proj", "o_proj")
+    experts = LoraConfig(r=4, alpha=8, target_modules=(*attention, "gate_proj", "up_proj", "down_proj"),
+                         modules_to_save=("norm",))
+    ours = write_lora_checkpoint(root / "pp", root / "run", experts)
+    ours_attn = write_lora_checkpoint(root / "pp", root / "run_attn", LoraConfig(r=4, alpha=8, target_modules=attention))
+    return model_type, root, ours, ours_attn
+
+
+def test_lora_merged_export_matches_in_both_layouts(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_type, root, ours, _ = lora_run
+    input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours(input_ids)
+        assert (load_sequential(root / "pp").eval()(input_ids) - expected).abs().max() > 1e-2
+    for fmt in (None, "fused"):
+        out = tmp_path / (fmt or "hub")
+        pp_to_hg(root / "run", out, hf_format=fmt, **QUIET)
+        assert any(n.endswith("experts.gate_up_proj" if fmt else "experts.3.up_proj.weight")
+                   for n in read_hf_tensors(out))
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_peft_export_attention_only_and_expert_refusal(lora_run, tmp_path, capsys):
+    """Attention adapters: a PEFT adapter that transformers + peft load onto the base with our logits. Adapters on
+    the stacked experts have no PEFT form on transformers 5's fused experts: one line, nothing written."""
+    import convert_model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_type, root, _, ours_attn = lora_run
+    pp_to_hg(root / "run_attn", tmp_path / "adapter", adapter_only=True, **QUIET)
+    base = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    input_ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, ours_attn(input_ids), rtol=1e-5, atol=1e-5)
+    argv = ["pp_to_hg", "--input-path", str(root / "run"), "--save-path", str(tmp_path / "a"), "--adapter-only"]
+    capsys.readouterr()  # transformers' progress bars so far
+    assert convert_model.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "mlp.experts.0." in err[0], err
+    assert "export the merged model instead (without --adapter-only)" in err[0]
+    assert not (tmp_path / "a").exists()
