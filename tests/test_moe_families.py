@@ -599,3 +599,26 @@ def test_lora_peft_export_attention_only_and_expert_refusal(lora_run, tmp_path, 
     assert len(err) == 1 and err[0].startswith("error: ") and "mlp.experts.0." in err[0], err
     assert "export the merged model instead (without --adapter-only)" in err[0]
     assert not (tmp_path / "a").exists()
+
+
+def test_benchmark_knows_the_moe_families():
+    """benchmarks/families.py: every MoE family at its benchmark width with few blocks (real config.json files
+    only: a width whose file is not committed yet is refused in GPU mode, naming the file) and in CPU smoke mode."""
+    from benchmarks import families
+
+    for model_type in MOE:
+        assert model_type in families.FAMILIES and families.BLOCKS[model_type] <= 4
+        assert families.HF_MODEL_TYPE[model_type] == model_type  # the hf run is transformers' own model
+        assert families.applies(model_type, "pipeline", ("moe_grouped_gemm=false",))
+        smoke = families.family_config(model_type, released=False)
+        assert models.resolve(smoke).num_blocks == families.SMOKE_BLOCKS
+        if not (RELEASED_DIR / families.REGISTRY_RELEASED[model_type]).is_file():
+            with pytest.raises(SystemExit, match=families.REGISTRY_RELEASED[model_type]):
+                families.family_config(model_type)
+            continue
+        cfg = families.family_config(model_type)
+        model = models.resolve(cfg)
+        assert model.num_blocks == families.BLOCKS[model_type]
+    cfg = families.family_config("qwen3_moe")  # Qwen3-30B-A3B's width, 4 blocks
+    args = models.resolve(cfg).args
+    assert (args.hidden_size, args.moe.num_experts, args.moe.top_k, args.num_layers) == (2048, 128, 8, 4)
