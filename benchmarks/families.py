@@ -14,7 +14,9 @@ config.json of their first `released_configs` entry, `models/released/`) with 8 
 AdamW, gradient clipping 1.0, `max_steps` = warm-up + measured steps. Runs, most important first:
 the pipeline with the shipped defaults (`train_ds.py`, dims [N, 1]), transformers' own model under ZeRO-1
 (`train_ds_zero.py`; families transformers has natively, chatglm as transformers' `glm`), then the A/B
-variants of the pipeline (`fused_head_loss=false`, `compile_blocks=false`, mixtral `moe_grouped_gemm=false`).
+variants of the pipeline (`fused_head_loss=false`, `compile_blocks=false`, mixtral `moe_grouped_gemm=false`, and
+FP8 per recipe `fp8.recipe=tensorwise|rowwise|rowwise_with_gw_hp`: torchao Float8, emulated in --cpu-smoke;
+`--plan fp8` runs them against the bf16 default for llama3, qwen3 and mistral at seq 2048 and 8192).
 Each run is one `deepspeed` command with its own time limit; tokens/s and TFLOP/s per GPU are what the
 trainer wrote to metrics.jsonl, over the steps after the warm-up. The JSON (+ .md table, + .png chart) is
 rewritten after every run and merged with an existing file of the same name, so a benchmark split over
@@ -55,6 +57,9 @@ MODULE = {"llama2": "llama", "llama3": "llama", "bloom": "bloom", "baichuan": "b
 HF_MODEL_TYPE = {"llama2": "llama", "llama3": "llama", "bloom": "bloom", "chatglm": "glm", "mixtral": "mixtral"}
 FAMILY_ONLY_KEYS = {"moe_grouped_gemm": ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3")}  # some families only
 VARIANTS = ("default", "hf", "fused_head_loss=false", "compile_blocks=false", "moe_grouped_gemm=false")
+# FP8 A/B (issue 27): torchao Float8 on the blocks' linears, one variant per recipe (`--variants` or `--plan fp8`; not
+# in the default list); CPU smoke adds fp8.emulate=true
+FP8_VARIANTS = ("fp8.recipe=tensorwise", "fp8.recipe=rowwise", "fp8.recipe=rowwise_with_gw_hp")
 TRAINER_SCRIPT = {"pipeline": "train_ds.py", "hf": "train_ds_zero.py"}
 HF_ZERO_STAGE = 1
 PER_GPU_BATCH = 16
@@ -334,6 +339,12 @@ PLANS = {
         PlanStep("a windowed, soft-capped family above its window", ("gemma2",), ("default", "hf"), 8192,
                  "-seq8192"),
     ),
+    # issue 27: FP8 against the bf16 default on three dense widths, at 2048 and 8192 tokens (one GPU call each)
+    "fp8": (
+        PlanStep("FP8 recipes against bf16, dense widths", ("llama3", "qwen3", "mistral"), ("default", *FP8_VARIANTS)),
+        PlanStep("FP8 recipes against bf16 at long context", ("llama3", "qwen3", "mistral"),
+                 ("default", *FP8_VARIANTS), 8192, "-seq8192"),
+    ),
 }
 CALL_SECONDS = 540  # what one 10-minute device call leaves for runs after the start and the matmul measurement
 GUESS_RUN_SECONDS = 90.0  # a run's wall time before any was measured (compile + 5 steps)
@@ -607,7 +618,13 @@ def build_command(s: Settings, spec: RunSpec, yml: str, save_path: str) -> list[
     return [launch.deepspeed_bin(), "--num_gpus", str(s.gpus), "--master_port", str(launch.free_port()),
             os.path.join(ROOT, TRAINER_SCRIPT[spec.trainer]), "--config", yml, f"--save_path={save_path}",
             f"--max_seq_len={s.seq}", f"--train_micro_batch_size_per_gpu={s.mbs}",
-            *(f"--{o}" for o in spec.overrides)]
+            *(f"--{o}" for o in spec.overrides), *smoke_overrides(s, spec)]
+
+
+def smoke_overrides(s: Settings, spec: RunSpec) -> list[str]:
+    """CPU smoke: FP8 variants run torchao's emulation (no FP8 kernels on a CPU); the variant name stays the same."""
+    fp8 = any(o.startswith("fp8.") for o in spec.overrides)
+    return ["--fp8.emulate=true"] if s.mode == "cpu-smoke" and fp8 and "fp8.emulate=true" not in spec.overrides else []
 
 
 def shown_command(s: Settings, cmd: list[str]) -> str:

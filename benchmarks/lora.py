@@ -4,6 +4,8 @@
     python benchmarks/lora.py --gpus 1 --blocks 16            # a depth at which full fine-tuning fits one GPU
     python benchmarks/lora.py --gpus 4                        # the pipeline, dims [4, 1]
     python benchmarks/lora.py --cpu-smoke                     # the whole orchestration on CPU (tiny llama, 2 ranks)
+    python benchmarks/lora.py --gpus 1 --width llama-3-8b --variants qlora-nf4-r16 lora-r16   # QLoRA vs bf16 LoRA
+    python benchmarks/lora.py --gpus 1 --width llama-3-70b --blocks 80 --grad-ckpt --variants qlora-nf4-r16  # 70B, 1 GPU
     python benchmarks/lora.py --report-only benchmarks/results/lora-HOST-DATE.json
 
 Workload (issue 18): llama-7b shape (hidden 4096, intermediate 11008, 32 heads, vocab 32000; 32 blocks, or
@@ -52,14 +54,31 @@ POOL_ELEMENTS = 1 << 24  # random values the weight files are tiled from
 OOM_RE = re.compile(r"CUDA out of memory\. Tried to allocate (?:.*?memory in use\.|[^\n]{0,40})")
 
 
+# Widths (`--width`): families.py's family and config overrides. llama-3-70b is llama-3-8b's family at 70B's width.
+WIDTHS = {
+    "llama-2-7b": ("llama2", {}),
+    "llama-3-8b": ("llama3", {}),
+    "llama-3-70b": ("llama3", dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                                   num_key_value_heads=8)),
+}
+DEFAULT_WIDTH = "llama-2-7b"
+
+
 def parse_variant(name: str) -> dict | None:
-    """'full' -> None (no lora section); 'lora-rN' -> the `lora:` section (alpha 2N, all linear layers)."""
+    """'full' -> None (no lora section); 'lora-rN' -> the `lora:` section (alpha 2N, all linear layers);
+    'qlora-nf4-rN' -> the same with `quantize: nf4` (QLoRA: base linears in 4-bit NF4)."""
     if name == "full":
         return None
-    if name.startswith("lora-r") and name[len("lora-r"):].isdigit() and int(name[len("lora-r"):]) > 0:
-        r = int(name[len("lora-r"):])
-        return {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": list(LINEAR_NAMES)}
-    raise SystemExit(f"--variants: expected full or lora-rN (e.g. lora-r16), got {name!r}")
+    for prefix, extra in (("lora-r", {}), ("qlora-nf4-r", {"quantize": "nf4"})):
+        if name.startswith(prefix) and name[len(prefix):].isdigit() and int(name[len(prefix):]) > 0:
+            r = int(name[len(prefix):])
+            return {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": list(LINEAR_NAMES), **extra}
+    raise SystemExit(f"--variants: expected full, lora-rN or qlora-nf4-rN (e.g. lora-r16), got {name!r}")
+
+
+def bf16_twin(variant: str) -> str | None:
+    """The bf16 LoRA variant a QLoRA variant is compared with ('qlora-nf4-r16' -> 'lora-r16')."""
+    return "lora-r" + variant[len("qlora-nf4-r"):] if variant.startswith("qlora-nf4-r") else None
 
 
 @dataclass
@@ -67,6 +86,8 @@ class Settings(families.Settings):
     depth: int = FULL_BLOCKS  # blocks of the model
     variants: list = field(default_factory=lambda: list(VARIANTS))
     from_scratch: bool = False  # random init instead of weight files (only if the trainer accepts it with lora)
+    width: str = DEFAULT_WIDTH  # WIDTHS key
+    grad_ckpt: bool = False  # use_grad_ckpt in every run (the 70B width fits one GPU only with it)
 
     def blocks(self, family: str = FAMILY) -> int:
         return self.depth
@@ -74,8 +95,13 @@ class Settings(families.Settings):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="full and/or lora-rN (default: "
-                                                                          f"{' '.join(VARIANTS)})")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help="full, lora-rN and/or qlora-nf4-rN "
+                                                                          f"(default: {' '.join(VARIANTS)})")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing in every run (llama-3-70b QLoRA on one GPU: 48 GiB planned with it, "
+                        "153 without)")
+    p.add_argument("--width", choices=sorted(WIDTHS), default=DEFAULT_WIDTH,
+                   help=f"model width (default {DEFAULT_WIDTH}); another width writes its own results JSON")
     p.add_argument("--gpus", type=int, default=None, help="GPUs = pipeline stages, dims [N, 1] (default: all visible)")
     p.add_argument("--blocks", type=int, default=None, help=f"transformer blocks (default {FULL_BLOCKS}; CPU smoke 2)")
     p.add_argument("--steps", type=int, default=3, help="measured optimizer steps (after the warm-up)")
@@ -126,7 +152,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seq, mbs, gb = args.seq or 2048, args.mbs or 2, args.global_batch or PER_GPU_BATCH * gpus
         mode, released, precision, depth = "gpu", True, "bf16", args.blocks or FULL_BLOCKS
         warmup, steps, timeout = args.warmup, args.steps, args.timeout
-        out = args.out or os.path.join(ROOT, "benchmarks", "results", f"lora-{host}-{date}.json")
+        tag = "" if args.width == DEFAULT_WIDTH else f"{args.width}-"
+        out = args.out or os.path.join(ROOT, "benchmarks", "results", f"lora-{tag}{host}-{date}.json")
         matmul = {"device": "cuda", "n": 8192, "dtype": "bf16"}
     if args.matmul_tflops:
         matmul["given_tflops"] = args.matmul_tflops
@@ -140,7 +167,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     global_batch=gb, warmup=warmup, steps=steps, precision=precision, released=released,
                     timeout_s=timeout, budget_s=args.budget, skip_done=False, out=os.path.abspath(out),
                     work_dir=os.path.abspath(work_dir), matmul=matmul, env=env, depth=depth,
-                    variants=list(dict.fromkeys(args.variants)), from_scratch=args.from_scratch)
+                    variants=list(dict.fromkeys(args.variants)), from_scratch=args.from_scratch, width=args.width,
+                    grad_ckpt=args.grad_ckpt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +186,7 @@ def write_weights(model_dir: str, cfg: dict, precision: str) -> dict:
     from models.sequential import SequentialModel
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    stamp = {"config": cfg, "dtype": str(dtype), "pool": POOL_ELEMENTS}
+    stamp = {"config": cfg, "dtype": str(dtype), "pool": POOL_ELEMENTS, "layout": "rows of one pool"}
     marker = os.path.join(model_dir, "weights.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -178,11 +206,17 @@ def write_weights(model_dir: str, cfg: dict, precision: str) -> dict:
             if meta.dim() == 1:
                 state[name] = torch.ones(meta.shape, dtype=meta.dtype)
                 continue
-            flat = torch.empty(n, dtype=meta.dtype)
-            for start in range(0, n, POOL_ELEMENTS):
-                stop = min(n, start + POOL_ELEMENTS)
-                flat[start:stop] = pool[:stop - start].to(meta.dtype)
-            state[name] = flat.view(meta.shape)
+            # Every row the same pool values: an expanded view of one row, which torch.save stores as that row
+            # alone (a 70B-width layer file is kilobytes, not 1.7 GB); the trainer copies it into its parameters.
+            row = meta.shape[-1]
+            if row <= POOL_ELEMENTS:
+                state[name] = pool[:row].to(meta.dtype).clone().expand(meta.shape)
+            else:
+                flat = torch.empty(n, dtype=meta.dtype)
+                for start in range(0, n, POOL_ELEMENTS):
+                    stop = min(n, start + POOL_ELEMENTS)
+                    flat[start:stop] = pool[:stop - start].to(meta.dtype)
+                state[name] = flat.view(meta.shape)
             total += n
         torch.save(state, os.path.join(model_dir, layer_file_name(int(key))))
     record = {"stamp": stamp, "elements": total, "seconds": round(time.monotonic() - t0, 1)}
@@ -194,8 +228,12 @@ def write_inputs(s: Settings) -> dict:
     """config.json (+ layer files) under work/model-<blocks>, one YAML per variant under work/configs/.
     Returns {"flops_per_token", "blocks", "model_dir", "weights", "variants": {name: entry}} where each entry
     has what families.execute reads (yaml_path, dims, model_type) plus the YAML and the lora section."""
-    cfg = families.family_config(FAMILY, released=s.released, blocks=s.depth, seq=s.seq)
-    model_dir = os.path.join(s.work_dir, f"model-{s.depth}")
+    family, width = WIDTHS[s.width]
+    cfg = families.family_config(family if s.released else FAMILY, released=s.released, blocks=s.depth, seq=s.seq)
+    if s.released:
+        cfg.update(width)
+    model_dir = os.path.join(s.work_dir, f"model-{s.depth}" if s.width == DEFAULT_WIDTH
+                             else f"model-{s.width}-{s.depth}")
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -210,10 +248,14 @@ def write_inputs(s: Settings) -> dict:
     for variant in s.variants:
         ycfg = workload.trainer_config("pipeline", work, model_dir, s.gpus, dims=dims)
         ycfg.update(max_seq_len=s.seq, train_micro_batch_size_per_gpu=s.mbs, from_scratch=s.from_scratch)
+        if s.grad_ckpt:
+            ycfg["use_grad_ckpt"] = True
         lora = parse_variant(variant)
         if lora is not None:
             ycfg["lora"] = lora
-        yml = os.path.join(s.work_dir, "configs", f"{variant}-{s.depth}b-{s.gpus}g.yml")
+        width = "" if s.width == DEFAULT_WIDTH else f"{s.width}-"
+        ckpt = "-ckpt" if s.grad_ckpt else ""
+        yml = os.path.join(s.work_dir, "configs", f"{width}{variant}-{s.depth}b-{s.gpus}g{ckpt}.yml")
         os.makedirs(os.path.dirname(yml), exist_ok=True)
         with open(yml, "w") as f:
             yaml.safe_dump(ycfg, f, sort_keys=False)
@@ -280,6 +322,13 @@ def derive(runs: list[dict], matmul_tflops: float | None) -> list[dict]:
         if r.get("tokens_per_s") and r.get("flops_per_token_done"):
             r["tflops_per_gpu_done"] = r["tokens_per_s"] * r["flops_per_token_done"] / r["gpus"] / 1e12
             r["mfu_done"] = r["tflops_per_gpu_done"] / matmul_tflops if matmul_tflops else None
+        for k in ("vs_bf16_lora_tokens", "vs_bf16_lora_peak"):
+            r.pop(k, None)
+        twin = ok.get((r["gpus"], r["blocks"], bf16_twin(r["variant"]) or ""))
+        if twin is not None and run_key(r) in ok:  # QLoRA against bf16 LoRA of the same rank (target: peak <= 0.6x)
+            r["vs_bf16_lora_tokens"] = r["tokens_per_s"] / twin["tokens_per_s"]
+            if r.get("peak_gib") and twin.get("peak_gib"):
+                r["vs_bf16_lora_peak"] = r["peak_gib"] / twin["peak_gib"]
         full = ok.get((r["gpus"], r["blocks"], "full"))
         if r["variant"] != "full" and run_key(r) in ok and full is not None:
             r["vs_full_tokens"] = r["tokens_per_s"] / full["tokens_per_s"]
@@ -347,6 +396,13 @@ def markdown(result: dict) -> str:
              "`torch.cuda.max_memory_allocated`; planned GiB: utils/memory.py's largest stage for the same YAML "
              "(CUDA context and allocator slack not included). A status (OOM, timeout, failed) stands where a run "
              "did not finish: full fine-tuning of 32 blocks does not fit one 141 GB GPU (planned ~163 GiB).", ""]
+    qlora = [r for r in result["runs"] if r.get("vs_bf16_lora_peak") is not None]
+    if qlora:
+        lines += ["QLoRA (`qlora-nf4-rN`: the same adapters on base linears held in 4-bit NF4) against bf16 LoRA of "
+                  "the same rank (target: peak <= 0.6x):", ""]
+        lines += [f"- {r['gpus']} GPUs, {r['blocks']} blocks, `{r['variant']}`: peak {_ratio(r['vs_bf16_lora_peak'])}"
+                  f", tokens/s {_ratio(r.get('vs_bf16_lora_tokens'))} of `{bf16_twin(r['variant'])}`" for r in qlora]
+        lines.append("")
     failed = [r for r in result["runs"] if r["status"] != "ok"]
     if failed:
         lines += ["Not finished (last error line; the full tail is in the JSON's `error_tail`):", ""]
@@ -375,12 +431,13 @@ def load_existing(s: Settings) -> dict | None:
 
 
 def workload_json(s: Settings) -> dict:
-    return {"name": ("llama-7b shape (hidden 4096, intermediate 11008, vocab 32000)" if s.released
-                     else "tiny llama (CPU smoke)"),
+    return {"name": (("llama-7b shape (hidden 4096, intermediate 11008, vocab 32000)" if s.width == DEFAULT_WIDTH
+                      else f"{s.width} width") if s.released else "tiny llama (CPU smoke)"),
             "seq": s.seq, "mbs": s.mbs, "global_batch_per_gpu": s.global_batch // s.gpus, "precision": s.precision,
             "warmup_steps": s.warmup, "measured_steps": s.steps, "max_steps": s.max_steps,
             "optimizer": "torch AdamW (torch_adam: true)", "gradient_clipping": 1.0,
-            "lora": {"alpha": "2r", "dropout": 0.0, "target_modules": list(LINEAR_NAMES)}}
+            "lora": {"alpha": "2r", "dropout": 0.0, "target_modules": list(LINEAR_NAMES)},
+            "width": s.width, "use_grad_ckpt": s.grad_ckpt}
 
 
 def assemble(s: Settings, device: dict, inputs: dict, old: dict | None) -> dict:
