@@ -214,7 +214,8 @@ class PipelineTrainer:
         transforms = Transforms(cfg)
         load_base = not cfg["from_scratch"] and (plan.resume_tag is None or transforms.trained_only)
         specs, built_loaded = m.resolved.specs(m.opts), set()
-        if load_base:  # a transform may load and convert each layer as it is built (NF4: before the next is built)
+        if load_base and transforms:  # a transform may load and convert each layer as it is built (NF4: before the
+            # next one is built)
             hook_layer_builds(specs, transforms, cfg["model_path"], built_loaded)
         with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
             module = PartitionedPipelineModule(specs, m.resolved.stage_bounds(m.parts),
