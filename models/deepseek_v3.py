@@ -23,7 +23,7 @@ balance loss (`seq_aux`, `models.moe.sequence_balance`, every position of a row 
 transformers computes no aux loss for this model, and none is added otherwise.
 
 Checkpoints: the hub's per-expert names and transformers 5's fused 3-D expert tensors are read, the hub layout is
-written (`--format fused` writes the other; `models.moe_layout`). Multi-token-prediction layers beyond
+written (`--format transformers5` writes the other; `models.moe_layout`). Multi-token-prediction layers beyond
 `num_hidden_layers` (`num_nextn_predict_layers`, `model.layers.61.*` in DeepSeek-V3) are not trained and are dropped
 on import, as transformers does. FP8 checkpoints (DeepSeek-V3's own files: `weight_scale_inv` tensors) are refused on
 import: dequantize to bf16 first.
@@ -412,7 +412,7 @@ FAMILY = Family(
     after_step=after_step,
     tied_hf_names=("lm_head.weight",),
     from_hf_tensor=from_checkpoint_tensor,
-    hf_formats={"fused": FUSED_FORMAT},
+    hf_formats={"transformers5": FUSED_FORMAT},
     width_keys=("hidden_size", "intermediate_size", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank",
                 "qk_nope_head_dim", "v_head_dim"),
     debug_config=debug_config,

@@ -9,7 +9,7 @@
   `mlp.experts.down_proj` [E, H, F].
 
 `hg_to_pp` reads either (`fused_experts_to_hub`, a per-tensor rewrite: one fused tensor at a time becomes its
-per-expert views, so a 30B-A3B checkpoint streams shard by shard as before); `pp_to_hg --format fused` writes the
+per-expert views, so a 30B-A3B checkpoint streams shard by shard as before); `pp_to_hg --format transformers5` writes the
 fused one (`FUSED_FORMAT`: one layer's experts are stacked when that layer is written, never more).
 """
 from __future__ import annotations

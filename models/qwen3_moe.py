@@ -10,7 +10,7 @@ trained whatever `output_router_logits` says, as for mixtral. Reference: transfo
 
 Checkpoints: the hub's per-expert names `mlp.experts.{e}.gate_proj.weight` (what `pp_to_hg` writes) and
 transformers 5's fused `mlp.experts.gate_up_proj` [E, 2F, H] (gate rows first) / `mlp.experts.down_proj` [E, H, F]
-are both read; `pp_to_hg --format fused` writes the fused one (`models.moe_layout`).
+are both read; `pp_to_hg --format transformers5` writes the fused one (`models.moe_layout`).
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def qwen_moe_family(model_type: str, read, debug, released: dict[str, str]) -> F
     return Family(model_type=model_type, read_config=read, build_layers=build_layers,
                   weight_map=QWEN_MOE_WEIGHT_MAP, layer_flops=layer_flops, default_parts=default_parts,
                   loss_fn=moe_loss_fn, step_metrics=expert_load_metrics, tied_hf_names=("lm_head.weight",),
-                  from_hf_tensor=fused_experts_to_hub, hf_formats={"fused": FUSED_FORMAT},
+                  from_hf_tensor=fused_experts_to_hub, hf_formats={"transformers5": FUSED_FORMAT},
                   width_keys=("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim",
                               "shared_expert_intermediate_size"),
                   debug_config=debug, released_configs=released)

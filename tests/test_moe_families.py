@@ -273,12 +273,12 @@ def test_packed_rows_equal_their_documents_alone(case):
 @pytest.mark.parametrize("source", ["hub", "v5"])
 def test_round_trips_are_bit_exact_in_both_layouts(case, source, tmp_path):
     """Either source layout -> pipeline -> the hub layout (default) and transformers 5's fused one
-    (`--format fused`), each equal to the file of that layout bit for bit; the fused export loads in
+    (`--format transformers5`), each equal to the file of that layout bit for bit; the fused export loads in
     transformers."""
     _, reference, root = case
     pp_to_hg(root / f"pp_{source}", tmp_path / "hub", max_shard_size="200KB", **QUIET)
     assert_same_tensors(read_hf_tensors(tmp_path / "hub"), read_hf_tensors(root / "hub"))
-    pp_to_hg(root / f"pp_{source}", tmp_path / "v5", hf_format="fused", **QUIET)
+    pp_to_hg(root / f"pp_{source}", tmp_path / "v5", hf_format="transformers5", **QUIET)
     fused = read_hf_tensors(tmp_path / "v5")
     assert any(n.endswith("mlp.experts.gate_up_proj") for n in fused)
     assert_same_tensors(fused, read_hf_tensors(root / "v5"))
@@ -568,7 +568,7 @@ def test_lora_merged_export_matches_in_both_layouts(lora_run, tmp_path):
     with torch.no_grad():
         expected = ours(input_ids)
         assert (load_sequential(root / "pp").eval()(input_ids) - expected).abs().max() > 1e-2
-    for fmt in (None, "fused"):
+    for fmt in (None, "transformers5"):
         out = tmp_path / (fmt or "hub")
         pp_to_hg(root / "run", out, hf_format=fmt, **QUIET)
         assert any(n.endswith("experts.gate_up_proj" if fmt else "experts.3.up_proj.weight")

@@ -301,7 +301,7 @@ class PipelineTrainer:
     # -- per step
     def step(self, feeder) -> float:
         loss = float(self.engine.train_batch(data_iter=feeder))
-        self.resolved.after_step(self.engine.module, self.bias_rate, self.dp_group)  # deepseek_v3: router biases
+        self.resolved.after_step(self.engine.module, self.bias_rate, self.dp_group)  # e.g. MoE router biases
         return loss
 
     def eval_chunk(self, batches, k: int) -> float:

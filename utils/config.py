@@ -52,7 +52,7 @@ OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "fused_head_loss": ((bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole"),
     "compile_blocks": ((bool, str), "auto", "pipeline: torch.compile each block (fuses norms, RoPE, activations; ALiBi through FlexAttention); the first step compiles; auto = on when training on CUDA GPUs"),
     "moe_grouped_gemm": ((bool,), True, "mixture-of-experts families: all experts of a block as one grouped GEMM (no host sync) instead of a loop over experts"),
-    "moe_bias_update_rate": (_NUM, 0.0, "deepseek_v3: auxiliary-loss-free balancing, e_score_correction_bias += rate * sign(mean load - expert load) after each step (0 = the biases stay frozen; DeepSeek-V3 pretrained with 0.001)"),
+    "moe_bias_update_rate": (_NUM, 0.0, "sigmoid-routed MoE (DeepSeek-V3 architecture): auxiliary-loss-free balancing, e_score_correction_bias += rate * sign(mean load - expert load) after each step (0 = the biases stay frozen; DeepSeek-V3 pretrained with 0.001)"),
     "profile_step": ((int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)"),
     "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, synthetic_max_len] (0 = all full length)"),
     "synthetic_max_len": ((int,), 0, "synthetic_data with synthetic_min_len: longest sample (0 = max_seq_len)"),
