@@ -622,3 +622,24 @@ def test_benchmark_knows_the_moe_families():
     cfg = families.family_config("qwen3_moe")  # Qwen3-30B-A3B's width, 4 blocks
     args = models.resolve(cfg).args
     assert (args.hidden_size, args.moe.num_experts, args.moe.top_k, args.num_layers) == (2048, 128, 8, 4)
+
+
+def test_bias_update_rate_is_checked_and_noted_where_ignored(tmp_path, capsys):
+    """A negative moe_bias_update_rate is a one-line config error of the pipeline trainer; the ZeRO trainer (which
+    trains transformers' own model) says it ignores the key."""
+    from training import zero as train_ds_zero
+    from training.pipeline import PipelineTrainer
+    from training.setup import ConfigError
+    from utils.config import validate
+    from tests.conftest import train_config
+
+    hf, pp = tmp_path / "hf", tmp_path / "pp"
+    make_reference(family_config(MOE[0])).save_pretrained(hf)
+    hg_to_pp(hf, pp, **QUIET)
+    raw = train_config(pp, tmp_path / "out", dims=(1, 1), synthetic_data=True, data_path=None,
+                       moe_bias_update_rate=-0.1)
+    with pytest.raises(ConfigError, match=r"^moe_bias_update_rate: must be >= 0, got -0.1$"):
+        PipelineTrainer().prepare_model(validate(raw), False)
+    del raw["model_topo"]
+    train_ds_zero.note_ignored_topology(validate({**raw, "moe_bias_update_rate": 0.01}), 1, 0)
+    assert "moe_bias_update_rate: apply to train_ds.py's pipeline layers only" in capsys.readouterr().err

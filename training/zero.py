@@ -196,7 +196,8 @@ def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
     if dims is not None and list(dims) != [1, world]:
         log(f"model_topo.process_topology.dims {list(dims)} ignored: ZeRO runs all {world} ranks as "
             f"data-parallel replicas (dims [1, {world}])", rank)
-    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k] is True]
+    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k] is True] + (
+        ["moe_bias_update_rate"] if cfg["moe_bias_update_rate"] else [])  # transformers' model keeps its router biases
     if ignored:
         log(f"{', '.join(ignored)}: apply to train_ds.py's pipeline layers only; ignored for the HF model here",
             rank)
