@@ -6,6 +6,7 @@ one line in `models/registry.py`.
 """
 from __future__ import annotations
 
+from . import torchao_import  # noqa: F401  (first: filters torchao's import-time log noise)
 from .common import ModelError, ModelOptions
 from .family import Family, HfFormat, WeightRule, parts_to_boundaries
 from .hf_files import read_hf_config

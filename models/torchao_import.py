@@ -14,6 +14,31 @@ import logging
 from .common import ModelError
 
 _QUIET = ("torchao", "torch.utils._pytree")
+# What torchao logs at import that says nothing to our users (transformers imports torchao too, when it is installed,
+# e.g. in save_pretrained): logger name -> message prefixes dropped by `_Drop`, installed when this module is imported.
+_NOISE = {"torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+          "torchao.kernel.intmm": ("Warning: Detected no triton",),
+          "torch.utils._pytree": ("<enum ",)}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes) and not record.getMessage().startswith(self.prefixes)
+
+
+def install_filters() -> None:
+    """Drop the import-time noise above wherever torchao gets imported from (idempotent)."""
+    for name, prefixes in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(prefixes))
+
+
+install_filters()
 
 
 def torchao(submodule: str = ""):

@@ -241,3 +241,29 @@ def test_memory_planner_counts_4_bit_weights():
     assert 0.25 * bf16 < q < 0.45 * bf16, (q / 2**30, bf16 / 2**30)  # embedding and head stay bf16
     assert "4-bit NF4" in memory.format_plan(memory.plan_memory(hf_cfg, memory._replace(
         setup, lora={**lora, "quantize": "nf4"})))
+
+
+def test_refusals_are_one_line(tiny_llama_pp, tmp_path, capsys):
+    """The ZeRO trainer and stacked MoE experts are refused with one line (no process group); the meta-model check
+    names the experts."""
+    import torch.distributed as dist
+
+    import models
+    import train_ds_zero
+    from models.nf4 import check_nf4
+    from models.sequential import SequentialModel
+
+    hf, _ = tiny_llama_pp
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(qlora_run(hf, tmp_path / "run", dims=(1, 1))))
+    assert train_ds_zero.main(["--config", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lora.quantize: nf4 runs in train_ds.py" in errors[0], errors
+    assert not dist.is_initialized()
+    from models.mixtral import debug_config
+
+    resolved = models.resolve(debug_config())
+    with torch.device("meta"):
+        moe = SequentialModel(resolved.specs(), None)
+    with pytest.raises(models.ModelError, match="stacked experts"):
+        check_nf4(moe, "mixtral")
