@@ -643,3 +643,29 @@ def test_bias_update_rate_is_checked_and_noted_where_ignored(tmp_path, capsys):
     del raw["model_topo"]
     train_ds_zero.note_ignored_topology(validate({**raw, "moe_bias_update_rate": 0.01}), 1, 0)
     assert "moe_bias_update_rate: apply to train_ds.py's pipeline layers only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("model_type", MOE)
+def test_compiled_blocks_equal_eager_blocks(model_type, ckpt):
+    """compile_blocks (what GPU runs default to): the attention half and the router compiled, experts eager ==
+    eager, in loss and every gradient (fp32), with and without activation checkpointing; the MoE blocks share one
+    graph per attention kind (windowed or not)."""
+    from tests.test_fast_paths import assert_close, loss_and_grads, twin_models
+
+    plain, compiled = twin_models(family_config(model_type), compile_blocks=True, use_grad_ckpt=ckpt)
+    plain.train(), compiled.train()
+    ids = torch.randint(4, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    ref_loss, ref_grads = loss_and_grads(plain, ids, labels)
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    loss, grads = loss_and_grads(compiled, ids, labels)
+    assert_close(loss, ref_loss)
+    assert sorted(grads) == sorted(ref_grads)
+    for n in ref_grads:
+        assert_close(grads[n], ref_grads[n])
+    specs = {m.self_attn.spec for m in compiled.modules() if isinstance(m, MoeBlock) and m.moe_index is not None}
+    assert counters["stats"]["unique_graphs"] == len(specs), dict(counters["stats"])  # one per attention kind
