@@ -118,12 +118,6 @@ RELEASED = {
 
 
 
-def registry_families() -> dict[str, str]:
-    """Families the registry describes itself (its `debug_config` and real `released_configs`): benchmark name
-    (the model_type) -> the released config.json file of the benchmark width (the first of `released_configs`;
-    `MOE_WIDTH` for the MoE families, listed whether or not that file is committed yet)."""
-    import models
-    from models.family import RELEASED_DIR
 # MoE families of the registry: their blocks at the benchmark width (few: a block holds every expert), and the
 # config.json of that width where it is not the family's first released one. A family whose width file is not
 # committed yet still runs in --cpu-smoke (its debug config); the GPU run asks for the file (`family_config`).
@@ -132,6 +126,12 @@ MOE_WIDTH = {"qwen3_moe": "qwen3-30b-a3b.json", "qwen2_moe": "qwen1.5-moe-a2.7b.
              "deepseek_v3": "moonlight-16b-a3b.json"}
 
 
+def registry_families() -> dict[str, str]:
+    """Families the registry describes itself (its `debug_config` and real `released_configs`): benchmark name
+    (the model_type) -> the released config.json file of the benchmark width (the first of `released_configs`;
+    `MOE_WIDTH` for the MoE families, listed whether or not that file is committed yet)."""
+    import models
+    from models.family import RELEASED_DIR
 
     seed_types = {MODULE[f] for f in SEED_FAMILIES}
     found = {mt: next(iter(f.released_configs.values())) for mt, f in models.REGISTRY.items()
@@ -196,15 +196,15 @@ def family_config(family: str, released: bool = True, blocks: int | None = None,
     if released and family in REGISTRY_RELEASED:  # the real config.json, as released
         from models.family import RELEASED_DIR, released_config
 
+        if not (RELEASED_DIR / REGISTRY_RELEASED[family]).is_file():
+            raise SystemExit(f"{family}: its benchmark width needs models/released/{REGISTRY_RELEASED[family]} (the "
+                             "real config.json of that checkpoint, with its source in SOURCES.md); --cpu-smoke runs "
+                             "without it")
         cfg = released_config(REGISTRY_RELEASED[family])
     else:
         cfg = base_config(family, **RELEASED[family]) if released else base_config(family)
     set_blocks(cfg, blocks if blocks is not None else (BLOCKS[family] if released else SMOKE_BLOCKS))
     return fit_positions(cfg, seq)
-        if not (RELEASED_DIR / REGISTRY_RELEASED[family]).is_file():
-            raise SystemExit(f"{family}: its benchmark width needs models/released/{REGISTRY_RELEASED[family]} (the "
-                             "real config.json of that checkpoint, with its source in SOURCES.md); --cpu-smoke runs "
-                             "without it")
 
 
 def hf_config(family: str, cfg: dict) -> dict | None:
