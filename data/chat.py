@@ -275,8 +275,8 @@ def chat_messages(record: dict) -> tuple[list[dict], list | None]:
 # Without markers each turn is located in the render of the whole conversation ("final render"), which is
 # what the model sees in a conversation at inference: it starts where the render of the conversation before
 # it plus the generation prompt stops matching (`messages[:i]` with `add_generation_prompt`), and ends at
-# the template's first end-of-turn token. Reasoning templates that rewrite history (Qwen3, DeepSeek-R1 and
-# its distills, QwQ, GLM-4.5) render earlier turns without their reasoning, so earlier turns train without
+# the template's first end-of-turn token. Reasoning templates that rewrite history (those that drop
+# earlier turns' thinking blocks) render earlier turns without their reasoning, so earlier turns train without
 # it, as the model sees them; a reasoning text the render drops is counted in a warning (`lost_content`).
 
 SENTINEL = "\u2063"  # invisible separator: not whitespace (survives trim/strip), in no template's syntax
@@ -405,7 +405,7 @@ def _special_at(text: str, position: int, specials: list[str]) -> str | None:
 @dataclass(frozen=True)
 class TurnEnds:
     """How a template ends an assistant turn: the end-of-turn token texts and ids (`<|im_end|>`,
-    `<|eot_id|>`, `</s>`; GLM's `<|user|>` / `<|observation|>`, the next turn's start), and whether the last
+    `<|eot_id|>`, `</s>`; with none, the next turn's start such as `<|user|>` / `<|observation|>`), and whether the last
     turn of a conversation ends with nothing (then training appends eos and `demo.py` stops on it)."""
 
     texts: tuple[str, ...]
@@ -502,7 +502,7 @@ class _Turns:
     def start(self, i: int) -> int:
         """Where assistant turn i starts: the end of `messages[:i]` rendered with the generation prompt, as
         far as the full render shows it (DeepSeek-R1's prompt ends in `<think>\\n`, which its full render
-        drops); a template that renders earlier turns differently (Mistral's system text, which moves to the
+        drops); a template that renders earlier turns differently (a system text that moves to the
         last user message) is matched from the end of the previous message's content."""
         before = self.render(self.messages[:i], generation=True)
         if self.full.startswith(before):
@@ -663,7 +663,7 @@ def _by_turns(messages, tools, tokenizer) -> ChatRender:
                         f"tokenizer (offsets); {_name(tokenizer)!r} is not one") from None
     ids = [int(i) for i in encoded["input_ids"]]
     trained = [any(s <= begin < e for s, e in spans) for begin, _ in encoded["offset_mapping"]]
-    if append_eos:  # the last turn ends with nothing (GLM): the model learns to stop on eos
+    if append_eos:  # the last turn ends with nothing (no end-of-turn token): the model learns to stop on eos
         ids.append(int(tokenizer.eos_token_id))
         trained.append(True)
     return ChatRender(ids, trained, lost_parts(messages, turns.full, by_message))
@@ -676,7 +676,7 @@ def uses_generation_mask(tokenizer) -> bool:
 def _none_safe(messages: list[dict], tools, tokenizer) -> list[dict]:
     """An assistant `content: null` (with tool calls) goes in as None, OpenAI's shape as transformers passes
     it (DeepSeek-R1 renders its tool calls only then); a template that cannot take None, or prints it as the
-    text "None" (GLM-4.5), gets "" instead."""
+    text "None" (some tool-call templates), gets "" instead."""
     if not any(m["role"] == "assistant" and m.get("content") is None for m in messages):
         return messages
     empty = [{**m, "content": ""} if m["role"] == "assistant" and m.get("content") is None else m for m in messages]

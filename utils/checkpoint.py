@@ -263,7 +263,7 @@ def prune(save_path: str, keep_last_n: int) -> list[str]:
 
 def copy_model_files(src_dir: str, dst_dir: str) -> None:
     """config.json, generation config, tokenizer files, remote-code `*.py` and the tensors hg_to_pp carried
-    outside the pipeline model (`extra_tensors.safetensors`, e.g. gemma3's vision tower), so pp_to_hg takes the dir."""
+    outside the pipeline model (`extra_tensors.safetensors`, e.g. a multimodal checkpoint's vision tower), so pp_to_hg takes the dir."""
     names = list(MODEL_FILES) + ["extra_tensors.safetensors"] + [
         os.path.basename(p) for p in glob.glob(os.path.join(src_dir, "*.py"))]
     for name in names:
