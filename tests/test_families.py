@@ -308,9 +308,12 @@ def test_bloom_tied_head_spans_first_and_last_stage(tmp_path, monkeypatch):
                        "MASTER_PORT": "29519"}.items():
         monkeypatch.setenv(key, value)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    module = PipelineModule(specs, num_stages=1, loss_fn=models.build_loss_fn(cfg), partition_method="uniform")
-    module.checkpoint_parallel_write_pipeline = False
-    module.save_state_dict(str(tmp_path), TorchCheckpointEngine())
+    try:
+        module = PipelineModule(specs, num_stages=1, loss_fn=models.build_loss_fn(cfg), partition_method="uniform")
+        module.checkpoint_parallel_write_pipeline = False
+        module.save_state_dict(str(tmp_path), TorchCheckpointEngine())
+    finally:  # later in-process trainer tests expect no process group
+        torch.distributed.destroy_process_group()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert sorted(p.name for p in tmp_path.glob("layer_*")) == [f"layer_{i:02d}-model_states.pt" for i in range(4)]
     ours = load_sequential(tmp_path).eval()

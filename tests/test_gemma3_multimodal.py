@@ -128,7 +128,8 @@ def test_module_name_layout_round_trip_keeps_its_names(multimodal, tmp_path, wit
     (src / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
     hg_to_pp(src, tmp_path / "pp", **QUIET)
     for path in sorted(pp_dir.glob("layer_*")):
-        assert_same_tensors(torch.load(tmp_path / "pp" / path.name), torch.load(path))
+        assert_same_tensors(torch.load(tmp_path / "pp" / path.name, weights_only=True),
+                            torch.load(path, weights_only=True))
     pp_to_hg(tmp_path / "pp", tmp_path / "out", **QUIET)
     tensors.pop("lm_head.weight", None)  # tied: dropped on import, as transformers does not save it
     assert_same_tensors(read_hf_tensors(tmp_path / "out"), tensors)
