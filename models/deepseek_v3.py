@@ -44,8 +44,8 @@ from .common import (ModelError, ModelOptions, RMSNorm, RopeConfig, Rotary, appl
                      rope_params)
 from .family import Family, WeightRule, even_parts
 from .llama import EMBED_RULES, HEAD_RULES, mean_keys, with_defaults
-from .moe import (MoeBlock, MoeConfig, SparseMoe, SwigluMlp, check_moe_config, expert_load_metrics, moe_loss_fn,
-                  update_expert_bias)
+from .moe import (MoeBlock, MoeConfig, SparseLayers, SparseMoe, SwigluMlp, check_moe_config, expert_load_metrics,
+                  moe_loss_fn, update_expert_bias)
 from .moe_layout import FUSED_FORMAT, fused_experts_to_hub
 from .qwen3_moe import ffn_params, moe_specs
 
@@ -60,7 +60,7 @@ DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 1843
 
 
 @dataclass(frozen=True)
-class DeepseekArgs:
+class DeepseekArgs(SparseLayers):
     """The subset of a deepseek_v3 config.json that determines the weights and the math (see the module doc)."""
     vocab_size: int
     hidden_size: int
@@ -90,20 +90,6 @@ class DeepseekArgs:
         """The q/k head size (nope + rope dims)."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    def moe_index(self, layer: int) -> int | None:
-        return sum(self.sparse[:layer]) if self.sparse[layer] else None
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.sparse)
-
-    @property
-    def num_experts(self) -> int:
-        return self.moe.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.moe.top_k
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,6 +149,29 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == w.dtype == torch.bfloat16 and rows_aligned
 
 
+class SparseLayers:
+    """What the args of an MoE family with dense and sparse layers share: `sparse` (per layer: whether its MLP is
+    the MoE) and `moe` (its `MoeConfig`)."""
+    sparse: tuple[bool, ...]
+    moe: "MoeConfig"
+
+    def moe_index(self, layer: int) -> int | None:
+        """The layer's slot among the sparse layers (its column of `routes`), None for a dense layer."""
+        return sum(self.sparse[:layer]) if self.sparse[layer] else None
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.sparse)
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.moe.top_k
+
+
 @dataclass(frozen=True)
 class ExpertAdapters:
     """The LoRA adapters of an `Experts` module, as its forward hands them to the SwiGLU functions:

@@ -23,8 +23,8 @@ from .family import Family, WeightRule, even_parts, pipeline_specs
 from .llama import (ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaArgs, LlamaAttention, mean_keys,
                     dense_debug_config, read_decoder_fields, read_layer_types, read_windows,
                     with_defaults)
-from .moe import (MoeBlock, MoeConfig, MoeEnter, MoeExit, SparseMoe, SwigluMlp, check_moe_config, expert_load_metrics,
-                  moe_loss_fn, tied_moe_head_weight, tied_moe_lm_head)
+from .moe import (MoeBlock, MoeConfig, MoeEnter, MoeExit, SparseLayers, SparseMoe, SwigluMlp, check_moe_config,
+                  expert_load_metrics, moe_loss_fn, tied_moe_head_weight, tied_moe_lm_head)
 from .moe_layout import FUSED_FORMAT, fused_experts_to_hub
 
 QWEN3_30B_LAYERS = 48
@@ -35,28 +35,13 @@ DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "intermediate_si
 
 
 @dataclass(frozen=True)
-class QwenMoeArgs(LlamaArgs):
+class QwenMoeArgs(LlamaArgs, SparseLayers):
     """`LlamaArgs` (the attention's flags) plus the MoE: `moe` (`models.moe.MoeConfig`), `sparse` (per layer,
     whether its MLP is the sparse one), `router_aux_loss_coef`."""
     moe: MoeConfig | None = None
     sparse: tuple[bool, ...] = ()
     router_aux_loss_coef: float = 0.001
 
-    def moe_index(self, layer: int) -> int | None:
-        """The layer's slot among the sparse layers (its column of `routes`), None for a dense layer."""
-        return sum(self.sparse[:layer]) if self.sparse[layer] else None
-
-    @property
-    def num_moe_layers(self) -> int:
-        return sum(self.sparse)
-
-    @property
-    def num_experts(self) -> int:
-        return self.moe.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.moe.top_k
 
 
 def sparse_layers(cfg: dict, num_layers: int, experts: int) -> tuple[bool, ...]:
