@@ -19,7 +19,7 @@ from models import ModelOptions, load_sequential
 from models import llama
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg
 from models.family import RELEASED_DIR, released_config
-from tests.conftest import assert_same_tensors, hf_name, read_hf_tensors, token_batch
+from tests.conftest import assert_same_tensors, hf_name, perturb, read_hf_tensors, token_batch
 
 QUIET = {"log": lambda msg: None}
 DENSE = sorted(mt for mt, f in models.REGISTRY.items() if f.debug_config is not None
@@ -38,14 +38,6 @@ for _mt, _extra in {
     if _mt in VARIANTS:
         VARIANTS[_mt].update(_extra)
 CASES = [(mt, v) for mt in DENSE for v in VARIANTS[mt]]
-
-
-def perturb(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random norm weights and biases too, so every parameter matters to the comparison."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
 
 
 def family_config(model_type: str, variant: str) -> dict:

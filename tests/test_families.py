@@ -22,19 +22,11 @@ import models
 from models import ModelError, ModelOptions, get_family, load_sequential
 from models.common import CausalLMLoss, alibi_slopes
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg, verify
-from tests.conftest import assert_same_tensors, hf_name, read_hf_tensors, token_batch
+from tests.conftest import assert_same_tensors, hf_name, perturb, read_hf_tensors, token_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"log": lambda msg: None}
 VOCAB = 256
-
-
-def perturb(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random norm weights and biases too, so every parameter matters to the comparison."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
 
 
 def write_checkpoint(out: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -26,7 +26,7 @@ from models.gemma3 import multimodal_debug_config
 from models.llama import LlamaBlock
 from tests.conftest import assert_same_tensors, hf_name, read_hf_tensors, token_batch
 from tests.test_bloom_fast import GraphRecorder, assert_same_block_math, packed_positions
-from tests.test_dense_families import perturb
+from tests.conftest import perturb
 
 QUIET = {"log": lambda msg: None}
 TEXT_VOCAB = 508  # below the image tokens (boi 508, eoi 509, image 510): text-only input

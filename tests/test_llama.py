@@ -15,7 +15,7 @@ import models
 from models import ModelError, ModelOptions, get_family, load_sequential, parts_to_boundaries
 from models.common import CausalLMLoss, read_rope_config, rope_inv_freq
 from models.convert import WeightMapper, hg_to_pp
-from tests.conftest import hf_name
+from tests.conftest import hf_name, perturb
 from tests.conftest import token_batch as batch
 from models.tiny import make_tiny_llama, tiny_llama_config
 
@@ -31,14 +31,6 @@ CASES = {
     "llama3_hub_layout": ({"num_key_value_heads": 1},
                           {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING}),
 }
-
-
-def perturb(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random norm weights and biases too, so every parameter matters to the comparison."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
 
 
 def to_hub_layout(model_dir: Path, rope_keys: dict) -> None:
