@@ -363,7 +363,10 @@ def plan_left(name: str, out: str, mbs: int = 2) -> list[tuple[PlanStep, list[Ru
         if not families:
             continue
         path = step_out(out, step)
-        runs = json.load(open(path)).get("runs", []) if os.path.isfile(path) else []
+        runs = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                runs = json.load(f).get("runs", [])
         done = {run_key(r) for r in runs if r.get("status") == "ok" and r.get("seq") == step.seq
                 and r.get("mbs") == mbs}
         times = sorted(r["elapsed_s"] for r in runs if r.get("status") == "ok" and r.get("elapsed_s"))

@@ -6,8 +6,9 @@ scale, `query_pre_attn_scalar`, tied head) plus a per-head (1 + w) RMSNorm on q 
 (released configs: null; transformers' Gemma3 never applies `attn_logit_softcapping`, nor its multimodal model
 `final_logit_softcapping`, so a config setting a cap transformers ignores is refused; gemma3_text's final cap is
 applied), 5 sliding layers to 1 global (`sliding_window_pattern`, 6), and two RoPEs: sliding layers use
-`rope_local_base_freq` (10k) unscaled, global ones `rope_theta` (1M) with `rope_scaling` (linear, factor 8 on 4B+). transformers >= 5 saves both as `rope_parameters: {full_attention: {...},
-sliding_attention: {...}}`; either layout is read.
+`rope_local_base_freq` (10k) unscaled, global ones `rope_theta` (1M) with `rope_scaling` (linear, factor 8 on 4B+).
+transformers >= 5 saves both as `rope_parameters: {full_attention: {...}, sliding_attention: {...}}`; either layout
+is read.
 
 The multimodal family trains the language model only. Its vision tower and projector are carried verbatim
 (`Family.carried_hf_prefixes`): `hg_to_pp` keeps them in `extra_tensors.safetensors`, `pp_to_hg` writes them back

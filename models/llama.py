@@ -163,11 +163,16 @@ def with_defaults(cfg: dict, defaults: dict) -> dict:
     some keys, e.g. `sliding_window`, null means off while a missing key means the default). Dropout keys must be
     0: training here runs without dropout, so a config asking for it is refused rather than silently ignored."""
     cfg = {**defaults, **cfg}
-    for key in DROPOUT_KEYS:
-        rate = cfg_get(cfg, key, (int, float), 0.0)
+    refuse_dropout(cfg)
+    return cfg
+
+
+def refuse_dropout(cfg: dict, keys: tuple[str, ...] = DROPOUT_KEYS) -> None:
+    """A non-zero dropout rate under any of `keys` is a ModelError naming the key (training runs without dropout)."""
+    for key in keys:
+        rate = float(cfg_get(cfg, key, (int, float), 0.0))
         if rate:
             raise ModelError(f"config.json: {key} {rate} is not supported (only 0.0)")
-    return cfg
 
 
 def dense_family(model_type: str, read: Callable[[dict], LlamaArgs], debug: Callable[..., dict],

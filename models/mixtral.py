@@ -17,7 +17,7 @@ from deepspeed.pipe import LayerSpec
 from .attention import AttentionSpec
 from .common import ModelError, ModelOptions, RopeConfig, Rotary, cfg_get, check_attention_backend, read_rope_config
 from .family import Family, WeightRule, even_parts, pipeline_specs
-from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, read_decoder_fields
+from .llama import ATTENTION_RULES, EMBED_RULES, HEAD_RULES, LlamaAttention, read_decoder_fields, refuse_dropout
 from .moe import (EXPERT_WEIGHTS, ExpertAdapters, Experts, MoeBlock, MoeCausalLMLoss, MoeConfig,  # noqa: F401
                   MoeEnter, MoeExit, SparseMoe, expert_load_metrics, grouped_linear, grouped_mm, grouped_mm_supported,
                   grouped_swiglu, load_balancing_loss, looped_swiglu, moe_loss_fn, routes_dtype, sort_by_expert,
@@ -75,9 +75,7 @@ class MixtralArgs:
 def read_config(cfg: dict) -> MixtralArgs:
     """config.json dict -> MixtralArgs; refuses settings this implementation does not compute."""
     fields = read_decoder_fields(cfg, "mixtral", 1e-5)
-    dropout = float(cfg_get(cfg, "attention_dropout", (int, float), 0.0))
-    if dropout:
-        raise ModelError(f"config.json: attention_dropout {dropout} is not supported (only 0.0)")
+    refuse_dropout(cfg, ("attention_dropout",))
     experts = cfg_get(cfg, "num_local_experts", int, 8)
     top_k = cfg_get(cfg, "num_experts_per_tok", int, 2)
     if not 1 <= top_k <= experts:
