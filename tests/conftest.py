@@ -217,3 +217,23 @@ def perturb(model, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+
+
+def assert_packed_rows_equal_documents_alone(pp_dir, vocab: int) -> None:
+    """Two documents (13 and 17 tokens, longer than the debug configs' windows) packed in one row: each one's logits
+    equal a run of it alone."""
+    import torch
+
+    from models import ModelOptions, load_sequential
+
+    ours = load_sequential(pp_dir, opts=ModelOptions(packed_sequences=True)).eval()
+    alone = load_sequential(pp_dir).eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (1, 30), generator=g)
+    pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
+    with torch.no_grad():
+        packed = ours(ids, pos)
+        first = alone(ids[:, :13], torch.arange(13)[None])
+        second = alone(ids[:, 13:], torch.arange(17)[None])
+    torch.testing.assert_close(packed[:, :13], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[:, 13:], second, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,8 @@ from models import ModelOptions, load_sequential
 from models import llama
 from models.convert import WeightMapper, hg_to_pp, pp_to_hg
 from models.family import RELEASED_DIR, released_config
-from tests.conftest import assert_same_tensors, hf_name, perturb, read_hf_tensors, token_batch
+from tests.conftest import (assert_packed_rows_equal_documents_alone, assert_same_tensors, hf_name, perturb,
+                            read_hf_tensors, token_batch)
 
 QUIET = {"log": lambda msg: None}
 DENSE = sorted(mt for mt, f in models.REGISTRY.items() if f.debug_config is not None
@@ -122,17 +123,7 @@ def test_packed_rows_equal_their_documents_alone(case):
     if models.resolve_dir(pp_dir).args.rope.kind == "longrope":
         pytest.skip("LongRoPE picks its factors from the longest row of the batch (as transformers does), so a "
                     "document packed beside a longer one is rotated differently from the document alone")
-    ours = load_sequential(pp_dir, opts=ModelOptions(packed_sequences=True)).eval()
-    alone = load_sequential(pp_dir).eval()
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, reference.config.vocab_size, (1, 30), generator=g)
-    pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
-    with torch.no_grad():
-        packed = ours(ids, pos)
-        first = alone(ids[:, :13], torch.arange(13)[None])
-        second = alone(ids[:, 13:], torch.arange(17)[None])
-    torch.testing.assert_close(packed[:, :13], first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed[:, 13:], second, rtol=1e-5, atol=1e-5)
+    assert_packed_rows_equal_documents_alone(pp_dir, reference.config.vocab_size)
 
 
 @pytest.mark.parametrize("model_type", DENSE)

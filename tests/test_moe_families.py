@@ -25,7 +25,7 @@ from models.convert import WeightMapper, hg_to_pp, pp_to_hg
 from models.family import RELEASED_DIR, released_config
 from models.moe import Experts, MoeBlock, SparseMoe, load_balancing_loss, unstack_experts, valid_tokens
 from models.moe_layout import fused_experts_to_hub
-from tests.conftest import assert_same_tensors, read_hf_tensors
+from tests.conftest import assert_packed_rows_equal_documents_alone, assert_same_tensors, read_hf_tensors
 
 QUIET = {"log": lambda msg: None}
 MOE = sorted(mt for mt, f in models.REGISTRY.items() if f.debug_config is not None and mt != "mixtral"
@@ -257,17 +257,7 @@ def test_two_stage_split_equals_one_process(case, split):
 
 def test_packed_rows_equal_their_documents_alone(case):
     _, reference, root = case
-    ours = load_sequential(root / "pp_hub", opts=ModelOptions(packed_sequences=True)).eval()
-    alone = load_sequential(root / "pp_hub").eval()
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, reference.config.vocab_size, (1, 30), generator=g)
-    pos = torch.cat([torch.arange(13), torch.arange(17)])[None]
-    with torch.no_grad():
-        packed = ours(ids, pos)
-        first = alone(ids[:, :13], torch.arange(13)[None])
-        second = alone(ids[:, 13:], torch.arange(17)[None])
-    torch.testing.assert_close(packed[:, :13], first, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed[:, 13:], second, rtol=1e-5, atol=1e-5)
+    assert_packed_rows_equal_documents_alone(root / "pp_hub", reference.config.vocab_size)
 
 
 @pytest.mark.parametrize("source", ["hub", "v5"])
