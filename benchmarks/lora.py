@@ -15,12 +15,12 @@ parameter trains) and `lora-rN` (r = N, alpha = 2N, dropout 0, adapters on all s
 o, gate, up, down). A LoRA run needs base weights on disk (the trainer refuses `from_scratch` with a `lora:`
 section), so random layer files of the model are written once into the work dir (~13.5 GB at 32 blocks,
 filled from a random pool: the speed of a GEMM does not depend on the values); both variants load them.
-Full fine-tuning of all 32 blocks needs ~163 GiB on one GPU (utils/memory.py), so on one H200 it is recorded
+Full fine-tuning of all 32 blocks needs ~163 GiB on one GPU (tools/memory.py), so on one H200 it is recorded
 as OOM: that is the result, and `--blocks 16` gives a like-for-like pair.
 
 Each run is one `deepspeed` command (benchmarks/families.py's `execute`): tokens/s and TFLOP/s per GPU are
 what the trainer wrote to metrics.jsonl after the warm-up steps, peak GiB the largest rank's
-`torch.cuda.max_memory_allocated`; next to it the planner's prediction (`utils.memory`). Runs are keyed by
+`torch.cuda.max_memory_allocated`; next to it the planner's prediction (`tools.memory`). Runs are keyed by
 (GPUs, blocks, variant): a later call replaces the runs it repeats and keeps the others, so one JSON (+ .md)
 collects one GPU and the pipeline, 32 and 16 blocks.
 """
@@ -280,15 +280,15 @@ def work_flops_per_token(cfg: dict, seq: int, adapter_params: int | None) -> flo
 
 
 def planned(yml: str, gpu_gib: float = 141.0) -> dict:
-    """utils.memory's plan for the run's YAML: the largest stage's total and its parts, trained parameters;
+    """tools.memory's plan for the run's YAML: the largest stage's total and its parts, trained parameters;
     an `error` entry instead of raising (the benchmark never fails on the planner)."""
     try:
         import models
-        from utils import memory
+        from tools import memory
 
         cfg = memory.load_config(yml)
         setup = memory.setup_from_config(cfg)
-        plan = memory.plan_memory(models.read_hf_config(cfg["model_path"]), setup, gpu_gib)
+        plan = memory.plan_memory(models.read_hf_config(cfg.model.path), setup, gpu_gib)
         worst = max(plan.stages, key=lambda st: st.total)
         return {"planned_gib": round(worst.total / memory.GIB, 4),
                 "planned_parts_gib": {k: round(getattr(worst, k) / memory.GIB, 4)
@@ -393,7 +393,7 @@ def markdown(result: dict) -> str:
              "(2·N of the 6·N), and the adapters add 6·T (T adapter parameters, r·(in+out) per linear), so the reported figure "
              "overstates its work; `done` counts 4·N + 6·T + 12·L·h·s for LoRA (6·N + 12·L·h·s for full). "
              "Tokens/s is the figure to compare. Peak GiB: the largest rank's "
-             "`torch.cuda.max_memory_allocated`; planned GiB: utils/memory.py's largest stage for the same YAML "
+             "`torch.cuda.max_memory_allocated`; planned GiB: tools/memory.py's largest stage for the same YAML "
              "(CUDA context and allocator slack not included). A status (OOM, timeout, failed) stands where a run "
              "did not finish: full fine-tuning of 32 blocks does not fit one 141 GB GPU (planned ~163 GiB).", ""]
     qlora = [r for r in result["runs"] if r.get("vs_bf16_lora_peak") is not None]

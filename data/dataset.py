@@ -1,4 +1,4 @@
-"""The torch side: a lazily tokenizing dataset and the collate function the pipeline engine consumes.
+"""The torch side: a lazily tokenizing dataset (its rows are batched by `data.batching`).
 
 Tokenizing a large set up front would cost minutes and one tokenized copy per rank; instead the
 dataset keeps validated raw samples (or byte offsets of a .jsonl) and renders in `__getitem__`,
@@ -144,28 +144,3 @@ class SFTDataset(torch.utils.data.Dataset):
         if self._num_truncated is None:
             self.count_truncated()
         return self._num_truncated
-
-
-def collate(batch: list[dict], pad_id: int, max_seq_len: int | None = None, pad_to_max: bool = False):
-    """Right-pad a list of items into `((input_ids, position_ids), labels)`, each int64 `[B, S]`, contiguous.
-
-    S is the longest item, or `max_seq_len` with `pad_to_max=True` (pipeline stages need one fixed shape).
-    Padding gets `pad_id` and label -100. Position ids are `0..S-1` in every row: real tokens count from 0
-    within their sample, and padding sits after them, where causal attention never lets real tokens look,
-    so no attention mask is needed.
-    """
-    if not batch:
-        raise ValueError("collate: empty batch")
-    lengths = [len(item["input_ids"]) for item in batch]
-    if pad_to_max and max_seq_len is None:
-        raise ValueError("collate: pad_to_max=True needs max_seq_len")
-    if max_seq_len is not None and max(lengths) > max_seq_len:
-        raise ValueError(f"collate: an item has {max(lengths)} tokens, more than max_seq_len={max_seq_len}")
-    width = max_seq_len if pad_to_max else max(lengths)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (item, length) in enumerate(zip(batch, lengths)):
-        input_ids[row, :length] = torch.as_tensor(item["input_ids"], dtype=torch.long)
-        labels[row, :length] = torch.as_tensor(item["labels"], dtype=torch.long)
-    position_ids = torch.arange(width, dtype=torch.long).expand(len(batch), width).contiguous()
-    return (input_ids, position_ids), labels

@@ -9,7 +9,7 @@ Each job of JOBS.json (a list, run in order) is a dict:
   copy       optional [src, dst]: copy the save dir src to dst first (names in `exclude` left out)
   plant      optional [file, marker]: replace `file` (its tensors kept) by a pickle that touches `marker`
              when unpickled with weights_only=False (its tag dir's MANIFEST.json is rewritten to match)
-  skip_scan  disable utils.safe_load.scan_checkpoint in the child, so a planted file reaches DeepSpeed's
+  skip_scan  disable training.ds.safe_load.scan_checkpoint in the child, so a planted file reaches DeepSpeed's
              own loads in `engine.load_checkpoint`
   hash_dir   optional dir whose file hashes are recorded before and after the run
 RESULTS.json gets one {"rc", "before", "after"} per job.
@@ -42,7 +42,7 @@ def plant(file, marker) -> None:
     """Rewrite a real checkpoint file so that it still holds its tensors plus one planted object."""
     import torch
 
-    from utils.safe_load import safe_load
+    from training.ds.safe_load import safe_load
 
     state = safe_load(file, map_location="cpu")  # our own file: tensors and DeepSpeed's allow-listed types
     torch.save({"planted": Planted(str(marker)), "state": state}, file)
@@ -78,7 +78,7 @@ def _child(job: dict, port: int) -> int:
 
         trainer = importlib.import_module(job["trainer"])
         if job.get("skip_scan"):
-            from utils import safe_load
+            from training.ds import safe_load
             safe_load.scan_checkpoint = lambda tag_dir: None
         code = trainer.main(["--config", job["config"]])
     except SystemExit as e:

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, launch_env, train_config
-from training.setup import speed_defaults
-from utils import bf16_grads
+from training.ds import bf16_grads
+from training.plan import speed_defaults
 
 
 def _fake_optimizer(hp: torch.Tensor) -> SimpleNamespace:

@@ -168,7 +168,7 @@ def test_allow_list_is_what_deepspeed_writes(runs):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from utils import safe_load
+    from training.ds import safe_load
 
     tmp, _ = runs
     needed = set()
@@ -192,7 +192,7 @@ def test_planted_file_would_run_without_weights_only(tmp_path):
     """The test's plant is a real attack on DeepSpeed's stock loader, and safe_load refuses it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from utils import safe_load
+    from training.ds import safe_load
     from utils.checkpoint import CheckpointError
 
     marker = tmp_path / "marker"
@@ -208,7 +208,7 @@ def test_planted_file_would_run_without_weights_only(tmp_path):
 def test_direct_torch_load_calls_are_weights_only_during_load_checkpoint(tmp_path):
     """DeepSpeed's universal-checkpoint loads call torch.load(weights_only=False) themselves: while
     load_checkpoint runs, that is weights_only too; afterwards torch.load is torch's again."""
-    from utils import safe_load
+    from training.ds import safe_load
     from utils.checkpoint import CheckpointError
 
     marker = tmp_path / "marker"
@@ -240,7 +240,7 @@ def test_install_keeps_a_configured_writer_engine():
     """`checkpoint.writer` engines keep their own save; only their load is replaced."""
     from deepspeed.runtime.checkpoint_engine.fast_checkpoint_engine import FastCheckpointEngine
 
-    from utils import safe_load
+    from training.ds import safe_load
 
     class Engine:
         checkpoint_engine = FastCheckpointEngine.__new__(FastCheckpointEngine)

@@ -5,8 +5,9 @@ import pytest
 import torch
 import yaml
 
+from models.family import parts_to_boundaries as spec_bounds
+from training.partition import balanced_parts, resolve_parts
 from utils.config import ConfigError, load_config, parse_overrides, resolve_batch, validate
-from utils.pipeline import balanced_parts, resolve_parts, spec_bounds
 
 BASE = {
     "model_path": "m", "save_path": "s", "data_path": "d.json", "max_seq_len": 128,

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import data
-from data import DataError, collate, load_samples, pad_id_of, render_sample
+from data import DataError, load_samples, pad_id_of, render_sample
+from data.batching import pad_collate
 from models.tiny import train_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,33 +303,6 @@ def test_exact_fit_is_not_truncated(tok):
 
 # ---------------------------------------------------------------------------------------------- batching
 
-def test_collate_right_pads_with_positions_from_zero(tok):
-    items = [{"input_ids": torch.tensor(r.input_ids), "labels": torch.tensor(r.labels)}
-             for r in (render_sample(PRETRAIN, tok), render_sample(INSTRUCT, tok))]
-    short, long = (len(item["input_ids"]) for item in items)
-    assert short < long
-    (input_ids, position_ids), labels = collate(items, pad_id=pad_id_of(tok))
-    for tensor in (input_ids, position_ids, labels):
-        assert tensor.shape == (2, long) and tensor.dtype == torch.int64 and tensor.is_contiguous()
-    assert input_ids[0, :short].tolist() == items[0]["input_ids"].tolist()
-    assert input_ids[0, short:].tolist() == [tok.pad_token_id] * (long - short)
-    assert labels[0, short:].tolist() == [-100] * (long - short)
-    assert labels[1].tolist() == items[1]["labels"].tolist()
-    assert position_ids[0].tolist() == list(range(long)) == position_ids[1].tolist()
-
-
-def test_collate_pad_to_max_gives_fixed_shape():
-    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
-    (input_ids, position_ids), labels = collate(batch, pad_id=3, max_seq_len=8, pad_to_max=True)
-    assert input_ids.tolist() == [[5, 6, 7, 3, 3, 3, 3, 3]]
-    assert labels.tolist() == [[-100, 6, 7, -100, -100, -100, -100, -100]]
-    assert position_ids.tolist() == [list(range(8))]
-    with pytest.raises(ValueError, match="max_seq_len"):
-        collate(batch, pad_id=3, pad_to_max=True)
-    with pytest.raises(ValueError, match="more than max_seq_len"):
-        collate(batch, pad_id=3, max_seq_len=2)
-
-
 def test_pad_id_falls_back_to_unk_then_eos(tok, tok_nopad):
     assert pad_id_of(tok) == tok.pad_token_id == 3
     assert tok_nopad.pad_token_id is None
@@ -365,7 +339,7 @@ def test_jsonl_dataset_keeps_offsets_and_survives_pickling(tok_dir, tmp_path):
     clone = pickle.loads(pickle.dumps(dataset))
     assert clone[3]["labels"].tolist() == dataset[3]["labels"].tolist()
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=functools.partial(
-        collate, pad_id=pad_id_of(dataset.tokenizer), max_seq_len=4096, pad_to_max=False))
+        pad_collate, pad_id=pad_id_of(dataset.tokenizer), seq_len=4096))
     batches = list(loader)
     assert len(batches) == 3
     (input_ids, _), labels = batches[0]

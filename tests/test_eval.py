@@ -149,7 +149,7 @@ def test_eval_ratio_split_is_seeded_disjoint_and_never_trained(tiny_llama_pp):
 
 @pytest.mark.parametrize("n, mbs, dp", [(6, 4, 1), (6, 2, 2), (7, 2, 3), (1, 4, 2)])
 def test_eval_plan_runs_every_sample_once_with_equal_micro_batches(n, mbs, dp):
-    from utils.train_data import EvalPlan
+    from data.batching import EvalPlan
 
     plans = [EvalPlan(n, mbs, r, dp, chunk=2) for r in range(dp)]
     batches = [p.batches() for p in plans]

@@ -19,7 +19,7 @@ import yaml
 
 import train_ds
 import train_ds_zero
-from utils.safe_load import safe_load
+from training.ds.safe_load import safe_load
 from tests.conftest import ROOT, launch_background, launch_env, run_deepspeed, sigkill_after_rows, train_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -197,7 +197,8 @@ def test_only_adapters_get_gradients_with_and_without_activation_checkpointing(t
     from models.common import ModelOptions
     from models.lora import is_lora_name
     from tests.conftest import token_batch
-    from training.lora import apply_to_layers, lora_config
+    from training.lora import apply_to_layers
+    from training.plan import lora_config
     from utils.config import validate
 
     _, pp = tiny_llama_pp
@@ -316,7 +317,7 @@ def test_bad_lora_values_are_one_line(lora, words, tiny_llama_pp, tmp_path, caps
 
 def test_lora_section_from_yaml_and_command_line():
     """`--lora.r=8` adds to the section, `--lora=null` switches LoRA off; alpha defaults to r."""
-    from training.lora import lora_config
+    from training.plan import lora_config
     from utils.config import load_config
 
     path = Path(ROOT / "configs" / "tiny_llama_cpu.yml")

@@ -1,4 +1,4 @@
-"""Memory planner (utils/memory.py): exact parameter counts, measured activations, DeepSpeed's optimizer
+"""Memory planner (tools/memory.py): exact parameter counts, measured activations, DeepSpeed's optimizer
 layouts, the CLI. CPU only, no DeepSpeed launch."""
 import json
 from dataclasses import replace
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from tests.conftest import run_cli
-from utils import memory as M
+from tools import memory as M
 from models.tiny import tiny_llama_config
 
 LLAMA_13B = {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
@@ -152,7 +152,7 @@ def plan_config(tmp_path):
 
 
 def test_cli_prints_the_table(plan_config):
-    res = run_cli("-m", "utils.memory", "--config", str(plan_config), "--max_seq_len=128",
+    res = run_cli("-m", "tools.memory", "--config", str(plan_config), "--max_seq_len=128",
                   "--train_micro_batch_size_per_gpu=2", "--gpu-gib", "24")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.train_data import (IGNORE, BatchPlan, PackedDataset, PipeFeeder, SyntheticDataset, pad_collate,
+from data.batching import (IGNORE, BatchPlan, PackedDataset, PipeFeeder, SyntheticDataset, pad_collate,
                               trained_tokens)
 
 

@@ -108,7 +108,7 @@ def test_first_loss_is_the_dequantized_base_and_the_loss_falls(two_stage, forked
 
 
 def test_checkpoint_holds_adapters_and_their_optimizer_state_only(two_stage):
-    from utils.safe_load import safe_load
+    from training.ds.safe_load import safe_load
 
     run, _ = two_stage
     tag = run / "checkpoint_final"
@@ -227,8 +227,8 @@ def test_only_adapters_get_gradients(tiny_llama_pp):
 
 
 def test_memory_planner_counts_4_bit_weights():
-    """utils.memory: a QLoRA stage's weights are ~0.52 B per NF4-held weight instead of 2 (bf16)."""
-    from utils import memory
+    """tools.memory: a QLoRA stage's weights are ~0.52 B per NF4-held weight instead of 2 (bf16)."""
+    from tools import memory
 
     hf_cfg = json.loads((ROOT / "models" / "released" / "qwen3-8b.json").read_text())
     lora = {"r": 16, "alpha": 16.0, "dropout": 0.0, "target_modules": TARGETS, "modules_to_save": [],

@@ -21,7 +21,8 @@ import yaml
 import train_ds
 from tests.conftest import ROOT, SAMPLE_DATA, deepspeed_bin, free_port, launch_env, run_deepspeed, train_config
 from utils import checkpoint as ckpt
-from utils import run_fingerprint, save_path
+from training import save_path
+from utils import run_fingerprint
 
 SCHED = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-3, "warmup_max_lr": 2e-3, "warmup_num_steps": 2,
                                         "warmup_type": "linear"}}
@@ -438,5 +439,5 @@ def test_binary_config_file_and_the_memory_planner(tmp_path, capsys):
     assert "not a text file (byte" in one_error_line(capsys.readouterr().err)
     cfg = tmp_path / "ok.yml"
     cfg.write_text(yaml.safe_dump(train_config(tmp_path / "no-model", tmp_path / "run")))
-    res = run_cli("-m", "utils.memory", "--config", str(cfg), "--seed=[1")
+    res = run_cli("-m", "tools.memory", "--config", str(cfg), "--seed=[1")
     assert res.returncode == 2 and "cannot read '[1' as a YAML value" in one_error_line(res.stderr)

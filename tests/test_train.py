@@ -181,7 +181,7 @@ def packed_first_step_loss(pp, data_path, seq, tbs, seed) -> float:
 
     from data import SFTDataset, load_tokenizer, pad_id_of
     from models import ModelOptions, load_sequential
-    from utils.train_data import BatchPlan, PackedDataset, PipeFeeder
+    from data.batching import BatchPlan, PackedDataset, PipeFeeder
 
     tok = load_tokenizer(pp)
     packed = PackedDataset(SFTDataset(data_path, tok, seq), seq, seed=seed)

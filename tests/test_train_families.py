@@ -26,7 +26,7 @@ def one_process_first_step_loss(pp, cfg) -> float:
     """What train_ds.py's first step computes, in one process: the mean over the step's micro-batches
     of `loss_fn(logits, (labels, scale))` (DeepSpeed averages the micro-batch losses)."""
     import models
-    from utils.train_data import BatchPlan, PipeFeeder, SyntheticDataset
+    from data.batching import BatchPlan, PipeFeeder, SyntheticDataset
 
     args = models.resolve(models.read_hf_config(pp)).args
     model = models.load_sequential(pp)

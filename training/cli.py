@@ -1,9 +1,10 @@
 """Arguments and config in, exit code out, for both trainers.
 
-Exit codes: 0 done; 2 a user error or a refused checkpoint file (one `error:` line, no traceback, printed by
-rank 0 when every rank finds it before the process group), or a data file changed during the run (after a
-checkpoint); 3 too many consecutive non-finite steps; 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM or
-the launcher's exit (utils.preempt), after writing a checkpoint.
+Exit codes: 0 done; 2 a user error (an installed DeepSpeed without the internals training/ds patches among them)
+or a refused checkpoint file (one `error:` line, no traceback, printed by rank 0 when every rank finds it before
+the process group), or a data file changed during the run (after a checkpoint); 3 too many consecutive
+non-finite steps; 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM or the launcher's exit (utils.preempt),
+after writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def run_cli(trainer, description: str, argv=None) -> int:
     """Load the config, run `training.loop.train(cfg, trainer)`, turn what it raises into an exit code."""
     try:
         args, overrides = parse_args(description, argv)
+        from training.ds import check_deepspeed
+
+        check_deepspeed()  # the DeepSpeed internals training/ds patches exist (else one line, exit 2)
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -36,9 +40,9 @@ def run_cli(trainer, description: str, argv=None) -> int:
     from training.loop import train
     from utils import preempt
     from utils.checkpoint import CheckpointError
-    from utils.guard import BadStepsError
+    from training.guard import BadStepsError
 
-    from utils import save_path
+    from training import save_path
 
     restore_signals = preempt.install()
     rank = int(os.environ.get("RANK", "0"))
@@ -62,8 +66,8 @@ def run_cli(trainer, description: str, argv=None) -> int:
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        where = e.filename or cfg["save_path"]
-        print(f"error: {where}: {e.strerror} while training; the newest complete checkpoint in {cfg['save_path']} "
+        where = e.filename or cfg.checkpoint.save_path
+        print(f"error: {where}: {e.strerror} while training; the newest complete checkpoint in {cfg.checkpoint.save_path} "
               f"is intact: free space and resume with resume: true", file=sys.stderr)
         return 2
     finally:

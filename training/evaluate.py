@@ -2,7 +2,7 @@
 the end, one metrics.jsonl row `{"step", "eval_loss", "eval_tokens"}` per evaluation on the reporting rank.
 
 The eval loss is the token-weighted mean cross entropy over the whole eval set: sum of per-token CE over
-every eval sample exactly once (split over the data-parallel replicas, utils.train_data.EvalPlan) divided by
+every eval sample exactly once (split over the data-parallel replicas, data.batching.EvalPlan) divided by
 the number of trained tokens. It is CE alone: the z-loss (`aux_max_z_loss.weight`) and a mixture-of-experts
 load-balancing term are training regularisers and are left out, so the figure compares with any other
 evaluation of the same model (e.g. `models.load_sequential` + cross entropy). The trainers' `eval_chunk`
@@ -33,14 +33,14 @@ def eval_loss_fn(loss_fn):
 
 def due(cfg: TrainConfig, step: int, total_steps: int) -> bool:
     """Evaluate after this step: every `eval_interval` steps (0: never in between) and after the last one."""
-    return step >= total_steps or bool(cfg["eval_interval"]) and step % cfg["eval_interval"] == 0
+    return step >= total_steps or bool(cfg.eval.interval) and step % cfg.eval.interval == 0
 
 
 class Evaluator:
     """Runs one evaluation on every rank; `run(step)` returns the metrics row (valid on the reporting rank)."""
 
     def __init__(self, cfg: TrainConfig, plan, trainer, device):
-        from utils.train_data import EvalPlan
+        from data.batching import EvalPlan
 
         self.trainer = trainer
         self.plan = EvalPlan(len(plan.eval_dataset), plan.mbs, trainer.dp_rank, plan.dp)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from training.transforms import Transform
+from training.transform import Transform
 from utils.config import ConfigError, TrainConfig
 
 
@@ -41,7 +41,7 @@ class Fp8Transform(Transform):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.recipe, self.emulate = cfg["fp8.recipe"], bool(cfg["fp8.emulate"])
+        self.recipe, self.emulate = cfg.fp8.recipe, bool(cfg.fp8.emulate)
         self.num_blocks = None
 
     @property
@@ -90,9 +90,9 @@ class Fp8Transform(Transform):
         from models.fp8 import eligible
 
         self._check()
-        config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg["trust_remote_code"])
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
         linears = [(q, m) for q, m in _decoder_layers(model) if isinstance(m, torch.nn.Linear)]
         return self._line([q for q, m in linears if eligible(q, m, self.recipe, self.emulate)], len(linears))
 
@@ -108,7 +108,7 @@ class Fp8Transform(Transform):
         if self.num_blocks is None:
             import models
 
-            self.num_blocks = models.resolve_dir(self.cfg["model_path"]).num_blocks
+            self.num_blocks = models.resolve_dir(self.cfg.model.path).num_blocks
         return self.num_blocks
 
     def convert_model(self, model: torch.nn.Module, seed: int) -> None:

@@ -17,21 +17,11 @@ import os
 
 import torch
 
+from training.plan import lora_config
+from training.transform import Transform
 from utils.config import ConfigError, TrainConfig
 
 _FINGERPRINTS: dict[str, str] = {}  # abs model_path -> fingerprint, hashed once per process
-
-
-def lora_config(cfg: TrainConfig):
-    """The run's `models.lora.LoraConfig`, or None for full fine-tuning (no `lora:` section)."""
-    if cfg["lora.r"] is None:
-        return None
-    from models.lora import LoraConfig
-
-    alpha = cfg["lora.alpha"] if cfg["lora.alpha"] is not None else cfg["lora.r"]
-    return LoraConfig.from_dict({"r": cfg["lora.r"], "alpha": alpha, "dropout": cfg["lora.dropout"],
-                                 "target_modules": cfg["lora.target_modules"],
-                                 "modules_to_save": cfg["lora.modules_to_save"], "quantize": cfg["lora.quantize"]})
 
 
 def _millions(n: int) -> str:
@@ -72,7 +62,7 @@ def check_pipeline(lcfg, resolved, opts, parts: list[int]) -> str:
     wrapped = _checked_apply(lcfg, model, resolved.model_type)
     bounds = resolved.stage_bounds(parts)
     for stage in range(len(parts)):
-        keys = {model._steps[i][0] for i in range(bounds[stage], bounds[stage + 1])}
+        keys = {model.module_key(i) for i in range(bounds[stage], bounds[stage + 1])}
         if not any(p.requires_grad for k in keys for p in model.layers[k].parameters()):
             first = sum(parts[:stage])
             raise ConfigError(f"lora: pipeline stage {stage} (layers {first}..{first + parts[stage] - 1} of "
@@ -86,9 +76,9 @@ def check_hf(lcfg, cfg: TrainConfig, hf_cfg: dict) -> str:
     it; returns the summary line."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg["trust_remote_code"])
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return summary(lcfg, model, _checked_apply(lcfg, model, str(hf_cfg.get("model_type"))))
 
 
@@ -115,10 +105,12 @@ def apply_to_model(model: torch.nn.Module, lcfg, seed: int) -> int:
 
 def skip_frozen_tied_grads(pipe_module) -> None:
     """DeepSpeed's pipeline all-reduces each tied weight's gradient between the stages that share it, reading
-    `weight._hp_grad` under its bf16 optimizer, which a frozen weight never gets: mark it None (no gradient)."""
+    the fp32 gradient under its bf16 optimizer, which a frozen weight never gets: mark it None (no gradient)."""
+    from training.ds.bf16_grads import drop_hp_grad
+
     for weight, _group in pipe_module.get_tied_weights_and_groups():
         if not weight.requires_grad:
-            weight._hp_grad = None
+            drop_hp_grad(weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +132,9 @@ def write_meta(cfg: TrainConfig, lcfg, tag_dir: str) -> None:
     """LORA.json into a checkpoint tag dir (rank 0)."""
     from utils.lora_ckpt import write_lora_meta
 
-    with open(os.path.join(cfg["model_path"], "config.json")) as f:
+    with open(os.path.join(cfg.model.path, "config.json")) as f:
         model_type = str(json.load(f).get("model_type"))
-    write_lora_meta(tag_dir, lcfg.to_dict(), cfg["model_path"], fingerprint(cfg["model_path"]), model_type)
+    write_lora_meta(tag_dir, lcfg.to_dict(), cfg.model.path, fingerprint(cfg.model.path), model_type)
 
 
 SAME_KEYS = ("r", "alpha", "target_modules", "modules_to_save", "quantize")  # dropout may change on resume
@@ -168,7 +160,7 @@ def check_resume(cfg: TrainConfig, tag_dir: str) -> None:
         raise ConfigError(f"resume: checkpoint {tag_dir} was trained with lora "
                           f"{ {k: meta['lora'].get(k) for k in changed} }, this run has "
                           f"{ {k: ours[k] for k in changed} }: resume with the same lora section")
-    reason = base_mismatch(meta, cfg["model_path"], fingerprint(cfg["model_path"]))
+    reason = base_mismatch(meta, cfg.model.path, fingerprint(cfg.model.path))
     if reason:
         raise ConfigError(f"resume: model_path {reason}")
 
@@ -209,9 +201,6 @@ def nf4_summary(lcfg, resolved, opts) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # The transform (training/transforms.py): the functions above, called through the trainers' one interface
-
-
-from training.transforms import Transform  # noqa: E402
 
 
 class LoraTransform(Transform):

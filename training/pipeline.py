@@ -41,22 +41,24 @@ def varying_shapes(cfg: TrainConfig) -> bool:
     tensor's shape before the tensor (small blocking p2p messages per micro-batch) and compiled blocks see
     several shapes; if not, shapes are sent once. Packed rows are nearly full: they are padded to
     max_seq_len, as are full-length synthetic samples."""
-    full_length_only = cfg["synthetic_data"] and not cfg["synthetic_min_len"]
-    return cfg["pad_to_multiple_of"] > 0 and not full_length_only and not cfg["packing"]
+    full_length_only = cfg.data.synthetic_data and not cfg.data.synthetic_min_len
+    return cfg.data.pad_to_multiple_of > 0 and not full_length_only and not cfg.data.packing
 
 
 def local_layers(pipe_module):
     """(global layer index, module) for every layer with weights on this stage, tied copies included
     (a tied module is indexed by the first spec that uses it, where its weights are stored)."""
+    from training.ds.pipeline_module import layer_specs, local_start
+
     seen = set()
-    start = pipe_module._local_start
+    start = local_start(pipe_module)
     for local_idx, layer in enumerate(pipe_module.forward_funcs):
         if isinstance(layer, torch.nn.Module):
             seen.add(id(layer))
             yield start + local_idx, layer
     for key, module in pipe_module.tied_modules.items():
         if id(module) not in seen:
-            yield next(i for i, s in enumerate(pipe_module._layer_specs) if getattr(s, "key", None) == key), module
+            yield next(i for i, s in enumerate(layer_specs(pipe_module)) if getattr(s, "key", None) == key), module
 
 
 def init_from_scratch(pipe_module, hf_cfg: dict, seed: int) -> None:
@@ -140,7 +142,7 @@ class PipelineTrainer:
     name = "pipeline"
 
     def __init__(self):
-        self.engine = self.loss_fn = self.eval_loss_fn = self.guard = None
+        self.engine = self.engine_view = self.loss_fn = self.eval_loss_fn = self.guard = None
         self.reporter, self.stage, self.dp_rank = False, 0, 0
 
     # -- before the process group
@@ -151,7 +153,7 @@ class PipelineTrainer:
                               f"but {world} were launched (set dims so that pipe x data = {world})")
         bf16 = cfg.ds.get("bf16") or {}
         zero = int((cfg.ds.get("zero_optimization") or {}).get("stage", 0))
-        if bf16.get("enabled") and bf16.get("immediate_grad_update") is False and cfg["fused_head_loss"] and not zero:
+        if bf16.get("enabled") and bf16.get("immediate_grad_update") is False and cfg.model.fused_head_loss and not zero:
             # DeepSpeed's BF16_Optimizer zeroes the bf16 gradients once backward has started, after the fused
             # head has already handed autograd its weight gradient: that gradient would be lost every step.
             raise ConfigError("bf16.immediate_grad_update: false drops the LM head's gradient with "
@@ -167,30 +169,30 @@ class PipelineTrainer:
     def prepare_model(self, cfg: TrainConfig, resuming: bool) -> PipelineModel:
         import models
         from models.layout import find_layer_file
-        from utils.pipeline import resolve_parts
+        from training.partition import resolve_parts
 
         try:
-            resolved = models.resolve_dir(cfg["model_path"])
+            resolved = models.resolve_dir(cfg.model.path)
         except (models.ModelError, FileNotFoundError) as e:
             raise ConfigError(f"model_path: {e}") from None
-        opts = models.ModelOptions(use_grad_ckpt=cfg["use_grad_ckpt"], use_flash_attn=cfg["use_flash_attn"],
-                                   aux_max_z_loss_weight=float(cfg["aux_max_z_loss.weight"]),
-                                   packed_sequences=cfg["packing"], fused_head_loss=cfg["fused_head_loss"],
-                                   compile_blocks=resolve_compile_blocks(cfg["compile_blocks"]),
-                                   moe_grouped_gemm=cfg["moe_grouped_gemm"])
+        opts = models.ModelOptions(use_grad_ckpt=cfg.model.use_grad_ckpt, use_flash_attn=cfg.model.use_flash_attn,
+                                   aux_max_z_loss_weight=float(cfg.model.z_loss_weight),
+                                   packed_sequences=cfg.data.packing, fused_head_loss=cfg.model.fused_head_loss,
+                                   compile_blocks=resolve_compile_blocks(cfg.model.compile_blocks),
+                                   moe_grouped_gemm=cfg.model.moe_grouped_gemm)
         try:
             models.common.check_attention_backend(opts)
         except models.ModelError as e:
             raise ConfigError(str(e)) from None
-        if cfg["moe_bias_update_rate"] < 0:
-            raise ConfigError(f"moe_bias_update_rate: must be >= 0, got {cfg['moe_bias_update_rate']}")
-        costs = resolved.layer_flops(cfg["max_seq_len"])
-        parts = resolve_parts(cfg["model_topo.parts"], costs, cfg.dims[0])
+        if cfg.model.moe_bias_update_rate < 0:
+            raise ConfigError(f"moe_bias_update_rate: must be >= 0, got {cfg.model.moe_bias_update_rate}")
+        costs = resolved.layer_flops(cfg.data.max_seq_len)
+        parts = resolve_parts(cfg.topology.parts, costs, cfg.dims[0])
         lines = tuple(Transforms(cfg).check_pipeline(resolved, opts, parts))
-        if not cfg["from_scratch"]:
+        if not cfg.model.from_scratch:
             try:
                 for i in range(len(costs)):
-                    find_layer_file(cfg["model_path"], i)
+                    find_layer_file(cfg.model.path, i)
             except models.ModelError as e:
                 raise ConfigError(f"model_path: {e}; convert the HF model first (convert_model.py hg_to_pp) "
                                   f"or set from_scratch: true") from None
@@ -202,37 +204,39 @@ class PipelineTrainer:
         import deepspeed
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
+        from training.ds import bf16_grads, safe_load
+        from training.ds.engine import EngineView
+        from training.ds.pipeline_module import PartitionedPipelineModule
+        from training.partition import describe_parts
         from training.setup import param_groups
-        from utils import bf16_grads, safe_load
-        from utils.guard import StepGuard
-        from utils.pipeline import PartitionedPipelineModule, describe_parts
+        from training.guard import StepGuard
 
         m = plan.model
         self.resolved = m.resolved
         num_stages, dp = cfg.dims
         self.loss_fn = m.resolved.loss_fn(m.opts)
         transforms = Transforms(cfg)
-        load_base = not cfg["from_scratch"] and (plan.resume_tag is None or transforms.trained_only)
+        load_base = not cfg.model.from_scratch and (plan.resume_tag is None or transforms.trained_only)
         specs, built_loaded = m.resolved.specs(m.opts), set()
         if load_base and transforms:  # a transform may load and convert each layer as it is built (NF4: before the
             # next one is built)
-            hook_layer_builds(specs, transforms, cfg["model_path"], built_loaded)
+            hook_layer_builds(specs, transforms, cfg.model.path, built_loaded)
         with torch.device(device):  # build (and init) this stage's layers directly on its accelerator
             module = PartitionedPipelineModule(specs, m.resolved.stage_bounds(m.parts),
                                                topology=PipeDataParallelTopology(num_pp=num_stages, num_dp=dp),
-                                               loss_fn=self.loss_fn, seed_layers=True, base_seed=cfg["seed"],
+                                               loss_fn=self.loss_fn, seed_layers=True, base_seed=cfg.schedule.seed,
                                                dynamic_shape=varying_shapes(cfg))
         if rank == 0:
             log(f"{m.resolved.model_type}: {m.resolved.num_blocks} blocks, partition {m.parts}: "
                 f"{describe_parts(m.parts, m.costs)}", rank)
             log(f"compile_blocks: {'on (torch.compile; the first step compiles)' if m.opts.compile_blocks else 'off'}"
                 f", fused_head_loss: {'on' if m.opts.fused_head_loss else 'off'}", rank)
-        if cfg["from_scratch"]:
-            init_from_scratch(module, m.resolved.hf_config, cfg["seed"])
+        if cfg.model.from_scratch:
+            init_from_scratch(module, m.resolved.hf_config, cfg.schedule.seed)
         elif load_base:  # a checkpoint of a transform that trains a subset (LoRA) holds that subset only
-            load_layer_weights(module, cfg["model_path"], skip=built_loaded)
+            load_layer_weights(module, cfg.model.path, skip=built_loaded)
         if transforms:
-            transforms.convert_layers(list(local_layers(module)), cfg["seed"])
+            transforms.convert_layers(list(local_layers(module)), cfg.schedule.seed)
             transforms.finish_pipeline(module)
             if rank == 0:
                 for line in m.transform_lines:
@@ -249,17 +253,18 @@ class PipelineTrainer:
         max_norm = float(ds.get("gradient_clipping", 1.0))  # DeepSpeed's default is 1.0
         if plain_fp32:
             ds["gradient_clipping"] = 0.0  # StepGuard measures the norm before clipping, then clips
-        groups = param_groups(module, cfg["optimizer.no_wd_kws"])
+        groups = param_groups(module, cfg.optimizer.no_wd_kws)
         optimizer = cpu_lion(ds, groups, device)
         bf16_grads.install()  # fp32 gradient accumulation without a temporary copy per micro-batch
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds, optimizer=optimizer,
                                                     model_parameters=None if optimizer else groups)
         safe_load.install(self.engine)  # checkpoint files are read with torch.load(weights_only=True)
+        self.engine_view = EngineView(self.engine)
         if plain_fp32:
             self.guard = StepGuard(self.engine.optimizer, module.parameters(),
                                    self.engine.grid.get_pipe_parallel_group(), max_norm)
         self.stage, self.dp_rank = self.engine.stage_id, self.engine.grid.data_parallel_id
-        self.bias_rate = float(cfg["moe_bias_update_rate"])
+        self.bias_rate = float(cfg.model.moe_bias_update_rate)
         self.dp_group = self.engine.grid.get_data_parallel_group() if dp > 1 else None
         self.reporter = self.engine.is_last_stage() and self.dp_rank == 0
 
@@ -267,36 +272,36 @@ class PipelineTrainer:
         """Micro-batches for the first stage (inputs) and the last (labels); middle stages take none."""
         from data import pad_id_of
         from training.distributed import summer
-        from utils.train_data import BatchPlan, PipeFeeder
+        from data.batching import BatchPlan, PipeFeeder
 
         engine = self.engine
         if not (engine.is_first_stage() or engine.is_last_stage()):
             return None
-        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.dp, cfg["seed"])
+        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.dp, cfg.schedule.seed)
         return PipeFeeder(plan.dataset, batches, pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0,
-                          cfg["max_seq_len"], cfg["num_workers"],
+                          cfg.data.max_seq_len, cfg.data.num_workers,
                           sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
                           if engine.is_last_stage() and plan.dp > 1 else None,
-                          pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
+                          pad_multiple=0 if not varying_shapes(cfg) else cfg.data.pad_to_multiple_of)
 
     def make_eval_feeder(self, cfg: TrainConfig, plan, eval_plan, device):
-        """Eval micro-batches for the first and last stage (utils.train_data.EvalFeeder); None elsewhere."""
+        """Eval micro-batches for the first and last stage (data.batching.EvalFeeder); None elsewhere."""
         from data import pad_id_of
         from training.distributed import summer
-        from utils.train_data import EvalFeeder
+        from data.batching import EvalFeeder
 
         engine = self.engine
         if not (engine.is_first_stage() or engine.is_last_stage()):
             return None
-        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg["max_seq_len"],
-                          cfg["num_workers"], sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
+        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg.data.max_seq_len,
+                          cfg.data.num_workers, sum_over_dp=summer(device, engine.grid.get_data_parallel_group())
                           if engine.is_last_stage() and plan.dp > 1 else None,
-                          pad_multiple=0 if not varying_shapes(cfg) else cfg["pad_to_multiple_of"])
+                          pad_multiple=0 if not varying_shapes(cfg) else cfg.data.pad_to_multiple_of)
 
     def flops_per_token(self, cfg: TrainConfig, plan) -> float:
         """Active parameters outside the input embedding (MoE: only the top-k experts), from the family's cost
         model at seq 1 where attention is negligible; attention is added causal-unaware as usual."""
-        return plan.model.resolved.flops_per_token(cfg["max_seq_len"])
+        return plan.model.resolved.flops_per_token(cfg.data.max_seq_len)
 
     # -- per step
     def step(self, feeder) -> float:

@@ -1,7 +1,6 @@
 """Everything a user can get wrong, checked before the first collective: `plan_run(cfg, trainer) -> Plan`."""
 from __future__ import annotations
 
-import copy
 import os
 import re
 import time
@@ -11,7 +10,8 @@ from typing import Any
 import torch
 
 from training.distributed import launched_world_size
-from utils.config import ConfigError, TrainConfig, preflight, resolve_batch
+from training.plan import RunPlan, plan
+from utils.config import ConfigError, TrainConfig, preflight
 from utils.metrics import log
 
 
@@ -35,35 +35,36 @@ class Plan:
     eval_dataset: Any = None  # eval_data_path's samples or eval_ratio's held-out share (never trained on)
     fingerprint: dict | None = None  # utils.run_fingerprint of this run (rank 0 only: it writes the markers)
     data_identity: dict | None = None  # (size, mtime_ns) of each data file before it was read (DataWatch)
+    run: RunPlan | None = None  # the pure plan (training.plan) these were derived from: precision, LoRA, FP8, ...
 
 
 def plan_run(cfg: TrainConfig, trainer) -> Plan:
     from data import DataError
     from models import ModelError
     from training.checkpoints import choose_resume_tag
-    from utils.train_data import BatchPlan
+    from data.batching import BatchPlan
 
-    from utils import run_fingerprint, save_path
+    from training import save_path
+    from utils import run_fingerprint
 
     world = launched_world_size()
     rank0 = int(os.environ.get("RANK", "0")) == 0
     trainer.check(cfg, world)
     preflight(cfg, trainer.name)  # optimizer present, ZeRO stage allowed, save_path writable
     if rank0:
-        save_path.acquire(cfg["save_path"])  # one live run per save_path (released by run_cli)
-    previous = [] if cfg["resume"] else save_path.check_fresh(cfg["save_path"], cfg["overwrite"])
-    dp = trainer.data_parallel(cfg, world)
-    ds = copy.deepcopy(dict(cfg.ds))
-    applied = speed_defaults(ds)
-    if applied and rank0:
-        log(f"speed defaults (unset in the config): {', '.join(applied)}")
-    tbs, mbs, gas = resolve_batch(ds, dp)
-    files = [] if cfg["synthetic_data"] else run_fingerprint.data_paths(cfg["data_path"])
-    files += run_fingerprint.data_paths(cfg["eval_data_path"])
-    for key in ("data_path", "eval_data_path"):
-        if key == "data_path" and cfg["synthetic_data"]:
-            continue
-        for path in run_fingerprint.data_paths(cfg[key]):
+        save_path.acquire(cfg.checkpoint.save_path)  # one live run per save_path (released by run_cli)
+    previous = [] if cfg.checkpoint.resume else save_path.check_fresh(cfg.checkpoint.save_path, cfg.checkpoint.overwrite)
+    run = plan(cfg, trainer.dims(cfg, world))
+    if run.speed_defaults and rank0:
+        log(f"speed defaults (unset in the config): {', '.join(run.speed_defaults)}")
+    ds, dp, tbs, mbs, gas = run.ds, run.dp, run.tbs, run.mbs, run.gas
+    files = [] if cfg.data.synthetic_data else run_fingerprint.data_paths(cfg.data.path)
+    files += run_fingerprint.data_paths(cfg.eval.data_path)
+    named = [("eval_data_path", cfg.eval.data_path)]
+    if not cfg.data.synthetic_data:
+        named.insert(0, ("data_path", cfg.data.path))
+    for key, value in named:
+        for path in run_fingerprint.data_paths(value):
             if not os.path.isfile(path):
                 raise ConfigError(f"{key}: file not found: {path}")
     identities = {path: run_fingerprint.identity(path) for path in files}
@@ -72,28 +73,28 @@ def plan_run(cfg: TrainConfig, trainer) -> Plan:
     if resume_tag is not None and fingerprint is not None:
         check_fingerprint(cfg, resume_tag, fingerprint)
     model = trainer.prepare_model(cfg, resuming=resume_tag is not None)
-    tokenizer = None if cfg["synthetic_data"] else load_tokenizer(cfg)  # synthetic ids need no tokenizer
+    tokenizer = None if cfg.data.synthetic_data else load_tokenizer(cfg)  # synthetic ids need no tokenizer
     try:
         dataset, eval_dataset = build_datasets(cfg, tokenizer, model.vocab_size, tbs)
     except DataError as e:
         raise ConfigError(str(e)) from None
     except ModelError as e:
         raise ConfigError(f"model_path: {e}") from None
-    steps_per_epoch = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg["seed"]).steps_per_epoch
+    steps_per_epoch = BatchPlan(len(dataset), tbs, mbs, gas, 0, dp, cfg.schedule.seed).steps_per_epoch
     if steps_per_epoch < 1:
         raise ConfigError(f"train_batch_size: {tbs} is larger than the {len(dataset)} samples in "
-                          f"{cfg['data_path']}; lower it or add data")
-    total_steps = steps_per_epoch * cfg["n_epoches"]
-    if cfg["max_steps"]:
-        total_steps = min(total_steps, cfg["max_steps"])
+                          f"{cfg.data.path}; lower it or add data")
+    total_steps = steps_per_epoch * cfg.schedule.n_epoches
+    if cfg.schedule.max_steps:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
     fill_scheduler_steps(ds, total_steps)
     if fingerprint is not None:
         fingerprint.update(samples=len(dataset), steps_per_epoch=steps_per_epoch)
     if previous and rank0:  # overwrite: true, every user error checked: the old run's files go aside, whole
-        moved = save_path.move_aside(cfg["save_path"])
+        moved = save_path.move_aside(cfg.checkpoint.save_path)
         log(f"overwrite: the previous run's files ({save_path.describe(previous)}) moved to {moved}")
     return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag,
-                eval_dataset, fingerprint, identities)
+                eval_dataset, fingerprint, identities, run)
 
 
 def check_fingerprint(cfg: TrainConfig, tag: str, fingerprint: dict) -> None:
@@ -102,36 +103,20 @@ def check_fingerprint(cfg: TrainConfig, tag: str, fingerprint: dict) -> None:
     from utils import checkpoint as ckpt
     from utils import run_fingerprint
 
-    info = ckpt.read_info(cfg["save_path"], tag)
+    info = ckpt.read_info(cfg.checkpoint.save_path, tag)
     old = info.get("fingerprint")
     if not isinstance(old, dict):
         return  # written before fingerprints existed
     diffs = run_fingerprint.changes(old, fingerprint)
     if not diffs:
         return
-    where = os.path.join(cfg["save_path"], tag)
-    if not cfg["resume_allow_changes"]:
+    where = os.path.join(cfg.checkpoint.save_path, tag)
+    if not cfg.checkpoint.resume_allow_changes:
         raise ConfigError(f"resume: since checkpoint {where} was saved: {'; '.join(diffs)}; its data position (step "
                           f"{info.get('step')}) would continue on other data: set resume_allow_changes: true to "
                           f"continue anyway, or start again (resume: false, overwrite: true or a new save_path)")
     log(f"warning: resume_allow_changes: since checkpoint {where} was saved: {'; '.join(diffs)}; "
         f"{run_fingerprint.position_note(old, int(info.get('step', 0)))}", 0)
-
-
-def speed_defaults(ds: dict) -> list[str]:
-    """DeepSpeed settings we change where the user left them unset; returns the `key: value` strings set.
-
-    `bf16.immediate_grad_update: true`: each bf16 gradient goes into its fp32 buffer as soon as backward makes
-    it, and is freed. DeepSpeed's default (false) zeroes the bf16 gradients at the start of every backward and
-    lets autograd add into them: slower (one H200, 8x7B MoE width: 7 % of the step), and it zeroes the
-    LM head's gradient after the fused head loss has written it (`PipelineTrainer.check` refuses that pair).
-    """
-    applied = []
-    bf16 = ds.get("bf16")
-    if isinstance(bf16, dict) and bf16.get("enabled") and "immediate_grad_update" not in bf16:
-        bf16["immediate_grad_update"] = True
-        applied.append("bf16.immediate_grad_update: true")
-    return applied
 
 
 def fill_scheduler_steps(ds: dict, total_steps: int) -> None:
@@ -147,9 +132,9 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+        return AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model_path: cannot load a tokenizer from {cfg['model_path']}: {e}") from None
+        raise ConfigError(f"model_path: cannot load a tokenizer from {cfg.model.path}: {e}") from None
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
@@ -157,24 +142,24 @@ def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_siz
     `data_path`'s held out (`hold_out`) before packing; it is never packed (one sample per row)."""
     dataset = _samples(cfg, tokenizer, vocab_size, train_batch_size)
     eval_dataset = None
-    if cfg["eval_ratio"]:
-        dataset, eval_dataset = hold_out(dataset, cfg["eval_ratio"], cfg["seed"])
-    elif cfg["eval_data_path"]:
+    if cfg.eval.ratio:
+        dataset, eval_dataset = hold_out(dataset, cfg.eval.ratio, cfg.schedule.seed)
+    elif cfg.eval.data_path:
         eval_dataset = sft_dataset(cfg, tokenizer, "eval_data_path")
     return pack(cfg, dataset), eval_dataset
 
 
 def pack(cfg: TrainConfig, dataset):
     """The samples, or with `packing` rows of several samples (batch sizes count rows)."""
-    from utils.train_data import PackedDataset
+    from data.batching import PackedDataset
 
-    if not cfg["packing"]:
+    if not cfg.data.packing:
         return dataset
     start = time.perf_counter()
     lengths = dataset.lengths() if hasattr(dataset, "lengths") else None  # synthetic: known without tokens
-    packed = PackedDataset(dataset, cfg["max_seq_len"], seed=cfg["seed"], lengths=lengths)
+    packed = PackedDataset(dataset, cfg.data.max_seq_len, seed=cfg.schedule.seed, lengths=lengths)
     if int(os.environ.get("RANK", "0")) == 0:
-        log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg['max_seq_len']} tokens "
+        log(f"packing: {packed.num_samples} samples -> {len(packed)} rows of {cfg.data.max_seq_len} tokens "
             f"({packed.fill_ratio:.1%} filled) in {time.perf_counter() - start:.1f} s")
     return packed
 
@@ -198,26 +183,27 @@ def sft_dataset(cfg: TrainConfig, tokenizer, key: str):
 
     from data import SFTDataset
 
-    paths = [cfg[key]] if isinstance(cfg[key], str) else list(cfg[key])
+    value = cfg.data.path if key == "data_path" else cfg.eval.data_path
+    paths = [value] if isinstance(value, str) else list(value)
     for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"{key}: file not found: {path}")
-    parts = [SFTDataset(path, tokenizer, cfg["max_seq_len"], template=cfg["template"]) for path in paths]
+    parts = [SFTDataset(path, tokenizer, cfg.data.max_seq_len, template=cfg.data.template) for path in paths]
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def _samples(cfg: TrainConfig, tokenizer, vocab_size: int, train_batch_size: int):
-    from utils.train_data import SyntheticDataset
+    from data.batching import SyntheticDataset
 
-    if cfg["synthetic_data"]:
-        steps, seq, low = cfg["max_steps"] or 10, cfg["max_seq_len"], cfg["synthetic_min_len"]
-        high = min(cfg["synthetic_max_len"] or seq, seq) if low else seq
+    if cfg.data.synthetic_data:
+        steps, seq, low = cfg.schedule.max_steps or 10, cfg.data.max_seq_len, cfg.data.synthetic_min_len
+        high = min(cfg.data.synthetic_max_len or seq, seq) if low else seq
         if low > high:
             raise ConfigError(f"synthetic_min_len: {low} is above the longest sample ({high})")
         count = steps * train_batch_size
-        if cfg["packing"]:  # enough samples for `steps` batches of rows, with a batch of rows to spare
+        if cfg.data.packing:  # enough samples for `steps` batches of rows, with a batch of rows to spare
             count = (count + train_batch_size) * max(1, (2 * seq) // (low + high))
-        return SyntheticDataset(count, high, vocab_size, cfg["seed"], min_len=low or None)
+        return SyntheticDataset(count, high, vocab_size, cfg.schedule.seed, min_len=low or None)
     return sft_dataset(cfg, tokenizer, "data_path")
 
 

@@ -23,60 +23,16 @@ Hooks run in `REGISTRY` order (LoRA, with its 4-bit base, before FP8, so FP8 see
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import torch
 
+from training.fp8 import Fp8Transform
+from training.lora import LoraTransform
+from training.transform import Transform
 from utils.config import TrainConfig
-
-
-class Transform:
-    """Base class: every hook a no-op. `section` is the config section the transform reads (for messages);
-    `enabled` says whether the config asks for it (a disabled transform still gets `check_resume`, so a
-    checkpoint written with it is not resumed without it)."""
-    section = ""
-    trained_only = False
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-
-    @property
-    def enabled(self) -> bool:
-        return False
-
-    def check_pipeline(self, resolved, opts, parts: list[int]) -> str | None:
-        return None
-
-    def check_hf(self, cfg: TrainConfig, hf_cfg: dict) -> str | None:
-        return None
-
-    def build_layer(self, idx: int, module: torch.nn.Module, load: Callable[[int, torch.nn.Module], None]) -> bool:
-        return False
-
-    def convert_layers(self, layers: Iterable[tuple[int, torch.nn.Module]], seed: int) -> None:
-        pass
-
-    def convert_model(self, model: torch.nn.Module, seed: int) -> None:
-        pass
-
-    def finish_pipeline(self, pipe_module) -> None:
-        pass
-
-    def write_meta(self, tag_dir: str) -> None:
-        pass
-
-    def check_resume(self, cfg: TrainConfig, tag_dir: str) -> None:
-        pass
-
-    def export_state(self, module: torch.nn.Module, state: dict) -> dict:
-        return state
 
 
 def registry() -> list[type[Transform]]:
     """The transform classes, in the order their hooks run."""
-    from training.fp8 import Fp8Transform
-    from training.lora import LoraTransform
-
     return [LoraTransform, Fp8Transform]
 
 

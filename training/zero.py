@@ -46,12 +46,12 @@ class ZeroTrainer:
     name = "zero"
 
     def __init__(self):
-        self.engine = self.loss_fn = None
+        self.engine = self.engine_view = self.loss_fn = None
         self.reporter, self.stage, self.dp_rank = False, 0, 0
 
     # -- before the process group
     def check(self, cfg: TrainConfig, world: int) -> None:
-        if cfg["packing"]:
+        if cfg.data.packing:
             raise ConfigError("packing: true is a train_ds.py (pipeline) feature: transformers' SDPA attention "
                               "ignores the document boundaries in position_ids, so packed samples would attend "
                               "to each other here")
@@ -73,8 +73,9 @@ class ZeroTrainer:
         import deepspeed
 
         from models.common import CausalLMLoss
+        from training.ds import safe_load
+        from training.ds.engine import EngineView
         from training.setup import param_groups
-        from utils import safe_load
 
         m, ds = plan.model, plan.ds
         ds.setdefault("zero_optimization", {})["stage"] = m.stage
@@ -83,18 +84,19 @@ class ZeroTrainer:
         if rank == 0 and m.attn_note:
             log(m.attn_note, rank)
         self.transforms = transforms = Transforms(cfg)  # LoRA's checkpoints hold the adapters only: base from model_path
-        model = build_model(cfg, ds, from_weights=not cfg["from_scratch"] and (plan.resume_tag is None
+        model = build_model(cfg, ds, from_weights=not cfg.model.from_scratch and (plan.resume_tag is None
                                                                                or transforms.trained_only),
                             attn=m.attn)
         if transforms:
-            transforms.convert_model(model, cfg["seed"])
+            transforms.convert_model(model, cfg.schedule.seed)
             if rank == 0:
                 for line in m.transform_lines:
                     log(line, rank)
         self.engine, _, _, _ = deepspeed.initialize(model=model, config=ds,
-                                                    model_parameters=param_groups(model, cfg["optimizer.no_wd_kws"]))
+                                                    model_parameters=param_groups(model, cfg.optimizer.no_wd_kws))
         safe_load.install(self.engine)  # checkpoint files are read with torch.load(weights_only=True)
-        self.loss_fn = CausalLMLoss(float(cfg["aux_max_z_loss.weight"]))
+        self.engine_view = EngineView(self.engine)
+        self.loss_fn = CausalLMLoss(float(cfg.model.z_loss_weight))
         self.device, self.gas, self.zero_stage = device, plan.gas, m.stage
         if rank == 0:
             attn = getattr(self.engine.module.config, "_attn_implementation", None) or m.attn
@@ -105,25 +107,25 @@ class ZeroTrainer:
     def make_feeder(self, cfg: TrainConfig, plan, device):
         from data import pad_id_of
         from training.distributed import summer
-        from utils.train_data import BatchPlan, PipeFeeder
+        from data.batching import BatchPlan, PipeFeeder
 
         pad_id = pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0
-        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.world, cfg["seed"])
-        return PipeFeeder(plan.dataset, batches, pad_id, cfg["max_seq_len"], cfg["num_workers"],
+        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.world, cfg.schedule.seed)
+        return PipeFeeder(plan.dataset, batches, pad_id, cfg.data.max_seq_len, cfg.data.num_workers,
                           sum_over_dp=summer(device) if plan.world > 1 else None,
-                          pad_multiple=cfg["pad_to_multiple_of"])
+                          pad_multiple=cfg.data.pad_to_multiple_of)
 
     def make_eval_feeder(self, cfg: TrainConfig, plan, eval_plan, device):
         from data import pad_id_of
         from training.distributed import summer
-        from utils.train_data import EvalFeeder
+        from data.batching import EvalFeeder
 
-        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg["max_seq_len"],
-                          cfg["num_workers"], sum_over_dp=summer(device) if plan.world > 1 else None,
-                          pad_multiple=cfg["pad_to_multiple_of"])
+        return EvalFeeder(plan.eval_dataset, eval_plan, pad_id_of(plan.tokenizer), cfg.data.max_seq_len,
+                          cfg.data.num_workers, sum_over_dp=summer(device) if plan.world > 1 else None,
+                          pad_multiple=cfg.data.pad_to_multiple_of)
 
     def flops_per_token(self, cfg: TrainConfig, plan) -> float:
-        return model_flops_per_token(self.engine.module, plan.model.hf_cfg, cfg["max_seq_len"])
+        return model_flops_per_token(self.engine.module, plan.model.hf_cfg, cfg.data.max_seq_len)
 
     # -- per step
     def step(self, feeder) -> float:
@@ -186,18 +188,15 @@ def zero_stage(ds) -> int:
 
 # Switches of our pipeline layers, noted when set explicitly to true (compile_blocks' default "auto" is silent).
 # Pipeline switches that default on (fused_head_loss, moe_grouped_gemm) are ignored here without a note.
-PIPELINE_ONLY_KEYS = ("compile_blocks",)
-
-
 def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
     if rank != 0:
         return
-    dims = cfg["model_topo.process_topology.dims"]  # optional here
+    dims = cfg.topology.dims  # optional here
     if dims is not None and list(dims) != [1, world]:
         log(f"model_topo.process_topology.dims {list(dims)} ignored: ZeRO runs all {world} ranks as "
             f"data-parallel replicas (dims [1, {world}])", rank)
-    ignored = [k for k in PIPELINE_ONLY_KEYS if cfg[k] is True] + (
-        ["moe_bias_update_rate"] if cfg["moe_bias_update_rate"] else [])  # transformers' model keeps its router biases
+    ignored = (["compile_blocks"] if cfg.model.compile_blocks is True else []) + (
+        ["moe_bias_update_rate"] if cfg.model.moe_bias_update_rate else [])  # transformers' model keeps its router biases
     if ignored:
         log(f"{', '.join(ignored)}: apply to train_ds.py's pipeline layers only; ignored for the HF model here",
             rank)
@@ -209,15 +208,15 @@ def has_hf_weights(model_dir: str) -> bool:
 
 def read_model_config(cfg: TrainConfig, resuming: bool) -> dict:
     """config.json of `model_path` as a dict; refuses a pipeline dir without HF weights."""
-    path = os.path.join(cfg["model_path"], "config.json")
+    path = os.path.join(cfg.model.path, "config.json")
     if not os.path.isfile(path):
-        raise ConfigError(f"model_path: no config.json in {cfg['model_path']}")
+        raise ConfigError(f"model_path: no config.json in {cfg.model.path}")
     with open(path) as f:
         hf_cfg = json.load(f)
-    if not (cfg["from_scratch"] or resuming or has_hf_weights(cfg["model_path"])):
+    if not (cfg.model.from_scratch or resuming or has_hf_weights(cfg.model.path)):
         hint = (" (it looks like a pipeline dir: convert it with convert_model.py pp_to_hg)"
-                if glob.glob(os.path.join(cfg["model_path"], "layer_*-model_states.pt")) else "")
-        raise ConfigError(f"model_path: {cfg['model_path']} holds no HF weights (model.safetensors or "
+                if glob.glob(os.path.join(cfg.model.path, "layer_*-model_states.pt")) else "")
+        raise ConfigError(f"model_path: {cfg.model.path} holds no HF weights (model.safetensors or "
                           f"pytorch_model.bin){hint}; or set from_scratch: true")
     return hf_cfg
 
@@ -233,7 +232,7 @@ def causal_lm_class(cfg: TrainConfig, hf_cfg: dict):
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if cfg["trust_remote_code"] and "AutoModelForCausalLM" in (hf_cfg.get("auto_map") or {}):
+    if cfg.model.trust_remote_code and "AutoModelForCausalLM" in (hf_cfg.get("auto_map") or {}):
         return None
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_cfg.get("model_type"))
     return getattr(transformers, name, None) if name else None
@@ -251,7 +250,7 @@ def choose_attention(cfg: TrainConfig, model_cls=None) -> tuple[str, str | None]
     else SDPA, or eager with a note when `model_cls` (see causal_lm_class) has no SDPA path."""
     import transformers
 
-    if cfg["use_flash_attn"]:
+    if cfg.model.use_flash_attn:
         if model_cls is not None and not (getattr(model_cls, "_supports_flash_attn", False)
                                           or getattr(model_cls, "_supports_flash_attn_2", False)):
             raise ConfigError(f"use_flash_attn: {model_cls.__name__} has no flash-attention support in "
@@ -320,11 +319,11 @@ def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdp
 
     def build(attn_impl: str):
         kwargs = dict(attn_implementation=attn_impl, dtype=model_dtype(ds),
-                      trust_remote_code=cfg["trust_remote_code"])
-        torch.manual_seed(cfg["seed"])
+                      trust_remote_code=cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.schedule.seed)
         if from_weights:
-            return AutoModelForCausalLM.from_pretrained(cfg["model_path"], **kwargs)
-        hf_config = AutoConfig.from_pretrained(cfg["model_path"], trust_remote_code=cfg["trust_remote_code"])
+            return AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+        hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         with init_device(ds):
             return AutoModelForCausalLM.from_config(hf_config, **kwargs)
 
@@ -341,9 +340,9 @@ def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdp
             model = build("eager")
     except (OSError, ValueError) as e:
         key = "use_flash_attn" if attn.startswith("flash") and "Flash Attention" in str(e) else "model_path"
-        raise ConfigError(f"{key}: cannot build a causal LM from {cfg['model_path']}: {e}") from None
+        raise ConfigError(f"{key}: cannot build a causal LM from {cfg.model.path}: {e}") from None
     del keep_alive
-    if cfg["use_grad_ckpt"]:
+    if cfg.model.use_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

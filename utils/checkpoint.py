@@ -10,7 +10,7 @@ hashes its share of the files: `write_manifest_shared`).
 `resume: true` verifies the newest complete checkpoint against it (`resume_tag`) and falls back to the
 newest intact one with a warning naming the bad file (a disk that truncated or flipped a file after the
 save). Checkpoints without a manifest (written before it existed) are accepted unverified. The manifest
-finds damage, not tampering: whoever can rewrite a file can rewrite the manifest (utils/safe_load.py).
+finds damage, not tampering: whoever can rewrite a file can rewrite the manifest (training/ds/safe_load.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 
 
 class CheckpointError(Exception):
-    """A checkpoint file that cannot be loaded safely (utils.safe_load); the message names the file.
+    """A checkpoint file that cannot be loaded safely (training.ds.safe_load); the message names the file.
     `every_rank`: every rank found the same (a scan of all files), so rank 0 alone needs to say it."""
 
     def __init__(self, message: str, every_rank: bool = False):

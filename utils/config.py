@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, Mapping, Union, get_args, get_origin
@@ -29,57 +29,142 @@ class ConfigError(ValueError):
     """A mistake in the user's YAML or command-line overrides."""
 
 
-# Our keys: dotted name -> (accepted types, default, help). `REQUIRED` marks keys without default.
+# Our keys, grouped into typed, frozen sections (`TrainConfig.model`, `.data`, ...). Each field names its dotted
+# YAML key, the types accepted, its default (`REQUIRED`: none) and its help; `OUR_KEYS` (dotted key -> (types,
+# default, help)) is derived from them and drives `validate`.
 REQUIRED = object()
 _NUM = (int, float)
+
+
+def _key(dotted: str, types: tuple[type, ...], default: Any, help: str):
+    """A section field: read from YAML key `dotted`, of one of `types`, `default` when absent; `help` is its doc."""
+    return field(metadata={"key": dotted, "types": types, "default": default, "help": help})
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The model: where it is read from and how its layers run."""
+    path: str = _key("model_path", (str,), REQUIRED, "train_ds.py: a converted pipeline model dir (hg_to_pp); train_ds_zero.py: an HF model dir; with from_scratch either: any dir with config.json + tokenizer")
+    from_scratch: bool = _key("from_scratch", (bool,), False, "random init from model_path/config.json instead of loading weights")
+    trust_remote_code: bool = _key("trust_remote_code", (bool,), False, "allow the tokenizer's remote code")
+    use_grad_ckpt: bool = _key("use_grad_ckpt", (bool,), False, "activation checkpointing in every block")
+    use_flash_attn: bool = _key("use_flash_attn", (bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA")
+    fused_head_loss: bool = _key("fused_head_loss", (bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole")
+    compile_blocks: bool | str = _key("compile_blocks", (bool, str), "auto", "pipeline: torch.compile each block (fuses norms, RoPE, activations; ALiBi through FlexAttention); the first step compiles; auto = on when training on CUDA GPUs")
+    moe_grouped_gemm: bool = _key("moe_grouped_gemm", (bool,), True, "mixture-of-experts families: all experts of a block as one grouped GEMM (no host sync) instead of a loop over experts")
+    moe_bias_update_rate: float = _key("moe_bias_update_rate", _NUM, 0.0, "sigmoid-routed MoE (DeepSeek-V3 architecture): auxiliary-loss-free balancing, e_score_correction_bias += rate * sign(mean load - expert load) after each step (0 = the biases stay frozen; DeepSeek-V3 pretrained with 0.001)")
+    z_loss_weight: float = _key("aux_max_z_loss.weight", _NUM, 0.0, "weight of mean(max_logit^2) added to the loss")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Where checkpoints go, how often, and how a run continues or replaces an earlier one."""
+    save_path: str = _key("save_path", (str,), REQUIRED, "output directory for checkpoints and metrics.jsonl")
+    save_interval: int = _key("save_interval", (int,), 0, "checkpoint every N steps (0 = only the final one)")
+    save_final: bool = _key("save_final", (bool,), True, "write checkpoint_final at the end (benchmarks turn it off)")
+    keep_last_n: int = _key("keep_last_n", (int,), 2, "periodic checkpoints kept (the newest complete one is never pruned)")
+    resume: bool = _key("resume", (bool,), False, "continue from the newest complete checkpoint in save_path")
+    overwrite: bool = _key("overwrite", (bool,), False, "resume: false into a save_path that holds another run's checkpoints or metrics: move them into save_path/replaced-<time>/ and start again (without it such a run is refused)")
+    resume_allow_changes: bool = _key("resume_allow_changes", (bool,), False, "resume: true although the data files, tokenizer, seed or batch geometry differ from the checkpoint's run fingerprint (one warning naming the change; without it the resume is refused)")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The training samples and how they become rows."""
+    path: str | list[str] | None = _key("data_path", (str, list), None, "training file (.json, .jsonl or .parquet) or a list of them (concatenated in order); required unless synthetic_data is set")
+    synthetic_data: bool = _key("synthetic_data", (bool,), False, "random full-length samples (benchmarks); ignores data_path")
+    synthetic_min_len: int = _key("synthetic_min_len", (int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, synthetic_max_len] (0 = all full length)")
+    synthetic_max_len: int = _key("synthetic_max_len", (int,), 0, "synthetic_data with synthetic_min_len: longest sample (0 = max_seq_len)")
+    max_seq_len: int = _key("max_seq_len", (int,), REQUIRED, "samples are truncated to / padded to this many tokens")
+    template: str = _key("template", (str,), "builtin", "builtin: the seed's prompt templates; chat: the tokenizer's own chat_template (loss on assistant turns)")
+    pad_to_multiple_of: int = _key("pad_to_multiple_of", (int,), 64, "pad each micro-batch to its longest sample rounded up to this (0: always max_seq_len)")
+    packing: bool = _key("packing", (bool,), False, "pack several samples into each max_seq_len row (positions restart per sample, attention stays inside it); batch sizes then count rows")
+    num_workers: int = _key("num_workers", (int,), 1, "DataLoader workers that tokenize")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """The held-out set and when its loss is computed."""
+    data_path: str | list[str] | None = _key("eval_data_path", (str, list), None, "held-out file(s), same formats as data_path: eval loss every eval_interval steps and at the end")
+    ratio: float = _key("eval_ratio", _NUM, 0.0, "share of data_path's samples held out for the eval loss (chosen with seed, never trained on); in [0, 1), 0 = none")
+    interval: int = _key("eval_interval", (int,), 0, "evaluate every N steps (0 = only at the end); needs eval_data_path or eval_ratio")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.data_path or self.ratio)
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    """How long the run lasts, its seed, and what stops or profiles it."""
+    n_epoches: int = _key("n_epoches", (int,), 1, "passes over the data")
+    max_steps: int = _key("max_steps", (int,), 0, "stop after this many optimizer steps (0 = no limit)")
+    seed: int = _key("seed", (int,), 42, "seed for init, shuffling and dropout")
+    max_bad_steps: int = _key("max_bad_steps", (int,), 5, "consecutive NaN/Inf steps tolerated before stopping (bf16/fp32)")
+    profile_step: int = _key("profile_step", (int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)")
+
+
+@dataclass(frozen=True)
+class TopologySection:
+    """The pipeline's process grid and its partition of the layers."""
+    axes: list[str] = _key("model_topo.process_topology.axes", (list,), ["pipe", "data"], "must be [pipe, data]")
+    dims: list[int] | None = _key("model_topo.process_topology.dims", (list,), None, "[pipeline stages, data-parallel replicas]; product = world size; required by train_ds.py, ignored by train_ds_zero.py")
+    parts: list[int] | str = _key("model_topo.parts", (list, str), "auto", "layers per stage summing to L+2, or 'auto'")
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """Ours beside DeepSpeed's `optimizer:` keys (which stay in `TrainConfig.ds`)."""
+    no_wd_kws: list[str] = _key("optimizer.no_wd_kws", (list,), ["bias", "norm", "layernorm"], "regexes: parameter names matching one get no weight decay")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """Low-rank adapters on frozen base weights (the `lora:` section; absent: full fine-tuning)."""
+    r: int | None = _key("lora.r", (int,), None, "LoRA rank; setting any lora key trains low-rank adapters on frozen base weights (absent: full fine-tuning)")
+    alpha: float | None = _key("lora.alpha", _NUM, None, "LoRA scaling numerator: updates are scaled by alpha / r (default: r)")
+    dropout: float = _key("lora.dropout", _NUM, 0.0, "dropout on the adapters' input, in [0, 1)")
+    target_modules: list[str] | None = _key("lora.target_modules", (list,), None, "names of the linear layers that get adapters, as in the family's HF model (e.g. q_proj, v_proj)")
+    modules_to_save: list[str] = _key("lora.modules_to_save", (list,), [], "names of modules trained in full next to the adapters (e.g. embed_tokens, lm_head)")
+    quantize: str | None = _key("lora.quantize", (str,), None, "nf4: hold the frozen base linears of the blocks in 4-bit NF4 (QLoRA, torchao's NF4Tensor; train_ds.py); absent: the training dtype")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.r)
+
+
+@dataclass(frozen=True)
+class Fp8Section:
+    """FP8 training of the blocks' linears (the `fp8:` section; absent: off)."""
+    recipe: str | None = _key("fp8.recipe", (str,), None, "FP8 training of the blocks' linear layers with torchao's Float8: tensorwise, rowwise or rowwise_with_gw_hp (absent: off); needs compute capability >= 8.9 unless fp8.emulate")
+    emulate: bool = _key("fp8.emulate", (bool,), False, "run torchao's FP8 emulation (FP8 casts, high-precision matmuls) instead of FP8 kernels: any device, for tests")
+
+    @property
+    def enabled(self) -> bool:
+        return self.recipe is not None
+
+
+# TrainConfig attribute -> section class, in the order their keys are checked and listed.
+SECTIONS: dict[str, type] = {"model": ModelSection, "checkpoint": CheckpointSection, "data": DataSection,
+                             "eval": EvalSection, "schedule": ScheduleSection, "topology": TopologySection,
+                             "optimizer": OptimizerSection, "lora": LoraSection, "fp8": Fp8Section}
 OUR_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
-    "model_path": ((str,), REQUIRED, "train_ds.py: a converted pipeline model dir (hg_to_pp); train_ds_zero.py: an HF model dir; with from_scratch either: any dir with config.json + tokenizer"),
-    "from_scratch": ((bool,), False, "random init from model_path/config.json instead of loading weights"),
-    "save_path": ((str,), REQUIRED, "output directory for checkpoints and metrics.jsonl"),
-    "data_path": ((str, list), None, "training file (.json, .jsonl or .parquet) or a list of them (concatenated in order); required unless synthetic_data is set"),
-    "synthetic_data": ((bool,), False, "random full-length samples (benchmarks); ignores data_path"),
-    "eval_data_path": ((str, list), None, "held-out file(s), same formats as data_path: eval loss every eval_interval steps and at the end"),
-    "eval_ratio": (_NUM, 0.0, "share of data_path's samples held out for the eval loss (chosen with seed, never trained on); in [0, 1), 0 = none"),
-    "eval_interval": ((int,), 0, "evaluate every N steps (0 = only at the end); needs eval_data_path or eval_ratio"),
-    "n_epoches": ((int,), 1, "passes over the data"),
-    "max_steps": ((int,), 0, "stop after this many optimizer steps (0 = no limit)"),
-    "max_seq_len": ((int,), REQUIRED, "samples are truncated to / padded to this many tokens"),
-    "template": ((str,), "builtin", "builtin: the seed's prompt templates; chat: the tokenizer's own chat_template (loss on assistant turns)"),
-    "pad_to_multiple_of": ((int,), 64, "pad each micro-batch to its longest sample rounded up to this (0: always max_seq_len)"),
-    "use_grad_ckpt": ((bool,), False, "activation checkpointing in every block"),
-    "use_flash_attn": ((bool,), False, "flash-attn kernels (needs the flash-attn package) instead of PyTorch SDPA"),
-    "packing": ((bool,), False, "pack several samples into each max_seq_len row (positions restart per sample, attention stays inside it); batch sizes then count rows"),
-    "fused_head_loss": ((bool,), True, "pipeline: LM head + cross entropy chunk by chunk, so the [tokens, vocab] logits never exist whole"),
-    "compile_blocks": ((bool, str), "auto", "pipeline: torch.compile each block (fuses norms, RoPE, activations; ALiBi through FlexAttention); the first step compiles; auto = on when training on CUDA GPUs"),
-    "moe_grouped_gemm": ((bool,), True, "mixture-of-experts families: all experts of a block as one grouped GEMM (no host sync) instead of a loop over experts"),
-    "moe_bias_update_rate": (_NUM, 0.0, "sigmoid-routed MoE (DeepSeek-V3 architecture): auxiliary-loss-free balancing, e_score_correction_bias += rate * sign(mean load - expert load) after each step (0 = the biases stay frozen; DeepSeek-V3 pretrained with 0.001)"),
-    "profile_step": ((int,), 0, "profile this optimizer step with torch.profiler: save_path/profile/rank{R}.{txt,json} (0 = off)"),
-    "synthetic_min_len": ((int,), 0, "synthetic_data: sample lengths uniform in [synthetic_min_len, synthetic_max_len] (0 = all full length)"),
-    "synthetic_max_len": ((int,), 0, "synthetic_data with synthetic_min_len: longest sample (0 = max_seq_len)"),
-    "aux_max_z_loss.weight": (_NUM, 0.0, "weight of mean(max_logit^2) added to the loss"),
-    "optimizer.no_wd_kws": ((list,), ["bias", "norm", "layernorm"], "regexes: parameter names matching one get no weight decay"),
-    "model_topo.process_topology.axes": ((list,), ["pipe", "data"], "must be [pipe, data]"),
-    "model_topo.process_topology.dims": ((list,), None, "[pipeline stages, data-parallel replicas]; product = world size; required by train_ds.py, ignored by train_ds_zero.py"),
-    "model_topo.parts": ((list, str), "auto", "layers per stage summing to L+2, or 'auto'"),
-    "save_interval": ((int,), 0, "checkpoint every N steps (0 = only the final one)"),
-    "save_final": ((bool,), True, "write checkpoint_final at the end (benchmarks turn it off)"),
-    "keep_last_n": ((int,), 2, "periodic checkpoints kept (the newest complete one is never pruned)"),
-    "max_bad_steps": ((int,), 5, "consecutive NaN/Inf steps tolerated before stopping (bf16/fp32)"),
-    "resume": ((bool,), False, "continue from the newest complete checkpoint in save_path"),
-    "overwrite": ((bool,), False, "resume: false into a save_path that holds another run's checkpoints or metrics: move them into save_path/replaced-<time>/ and start again (without it such a run is refused)"),
-    "resume_allow_changes": ((bool,), False, "resume: true although the data files, tokenizer, seed or batch geometry differ from the checkpoint's run fingerprint (one warning naming the change; without it the resume is refused)"),
-    "seed": ((int,), 42, "seed for init, shuffling and dropout"),
-    "trust_remote_code": ((bool,), False, "allow the tokenizer's remote code"),
-    "num_workers": ((int,), 1, "DataLoader workers that tokenize"),
-    "lora.r": ((int,), None, "LoRA rank; setting any lora key trains low-rank adapters on frozen base weights (absent: full fine-tuning)"),
-    "lora.alpha": (_NUM, None, "LoRA scaling numerator: updates are scaled by alpha / r (default: r)"),
-    "lora.dropout": (_NUM, 0.0, "dropout on the adapters' input, in [0, 1)"),
-    "lora.target_modules": ((list,), None, "names of the linear layers that get adapters, as in the family's HF model (e.g. q_proj, v_proj)"),
-    "lora.modules_to_save": ((list,), [], "names of modules trained in full next to the adapters (e.g. embed_tokens, lm_head)"),
-    "lora.quantize": ((str,), None, "nf4: hold the frozen base linears of the blocks in 4-bit NF4 (QLoRA, torchao's NF4Tensor; train_ds.py); absent: the training dtype"),
-    "fp8.recipe": ((str,), None, "FP8 training of the blocks' linear layers with torchao's Float8: tensorwise, rowwise or rowwise_with_gw_hp (absent: off); needs compute capability >= 8.9 unless fp8.emulate"),
-    "fp8.emulate": ((bool,), False, "run torchao's FP8 emulation (FP8 casts, high-precision matmuls) instead of FP8 kernels: any device, for tests"),
-}
+    f.metadata["key"]: (f.metadata["types"], f.metadata["default"], f.metadata["help"])
+    for section in SECTIONS.values() for f in fields(section)}
+
+
+def _section(cls: type, ours: Mapping[str, Any]):
+    return cls(**{f.name: ours[f.metadata["key"]] for f in fields(cls)})
+
+
+def precision_of(ds: Mapping[str, Any]) -> str:
+    """The run's precision, decided here only: 'bf16' or 'fp16' when that DeepSpeed section is enabled, else 'fp32'."""
+    def enabled(section) -> bool:
+        return isinstance(section, dict) and section.get("enabled") in (True, "true", "True", 1)
+
+    if enabled(ds.get("bf16")):
+        return "bf16"
+    return "fp16" if enabled(ds.get("fp16")) else "fp32"
 
 # DeepSpeed's top-level keys, passed to DeepSpeed as given (numeric strings of optimizer/scheduler params
 # become numbers); their insides are checked by check_deepspeed.
@@ -108,9 +193,23 @@ class TrainConfig:
     ds: Mapping[str, Any]
     path: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    # The typed sections of `ours` (SECTIONS), filled in from it: what the trainers read.
+    model: ModelSection = field(init=False)
+    checkpoint: CheckpointSection = field(init=False)
+    data: DataSection = field(init=False)
+    eval: EvalSection = field(init=False)
+    schedule: ScheduleSection = field(init=False)
+    topology: TopologySection = field(init=False)
+    optimizer: OptimizerSection = field(init=False)
+    lora: LoraSection = field(init=False)
+    fp8: Fp8Section = field(init=False)
+    precision: str = field(init=False)  # 'bf16', 'fp16' or 'fp32' (precision_of the DeepSpeed keys)
 
     def __post_init__(self):
         object.__setattr__(self, "ours", MappingProxyType(dict(self.ours)))
+        for name, cls in SECTIONS.items():
+            object.__setattr__(self, name, _section(cls, self.ours))
+        object.__setattr__(self, "precision", precision_of(self.ds))
 
     def __getitem__(self, dotted: str) -> Any:
         return self.ours[dotted]

@@ -1,14 +1,13 @@
-"""Partitioning a family's layer list into pipeline stages, and the PipelineModule that honours it.
+"""Partitioning a family's layer list into pipeline stages (the PipelineModule that honours a partition is
+training/ds/pipeline_module.py's).
 
 `parts` counts *logical* layers (embedding, L blocks, head = L + 2), as in the seed's README. A tied
 model's spec list has one more entry (the head that reuses the embedding, `TiedLayerSpec` with a
-`forward_fn`); it carries no weights of its own and always rides with the last stage.
+`forward_fn`); it carries no weights of its own and always rides with the last stage
+(`models.family.parts_to_boundaries`).
 """
 from __future__ import annotations
 
-from deepspeed.pipe import PipelineModule
-
-from models.family import parts_to_boundaries
 from utils.config import ConfigError, check_parts_sum
 
 
@@ -51,12 +50,6 @@ def resolve_parts(parts, costs: list[float], num_stages: int) -> list[int]:
     return list(parts)
 
 
-# Logical layer counts per stage -> DeepSpeed's stage boundaries over the spec list (a trailing tied head belongs
-# to the last stage). One function, in models/family.py (`ResolvedModel.stage_bounds` needs no spec count);
-# this name is kept for the trainers' current imports.
-spec_bounds = parts_to_boundaries
-
-
 def describe_parts(parts: list[int], costs: list[float]) -> str:
     total = sum(costs) or 1.0
     out, start = [], 0
@@ -65,25 +58,3 @@ def describe_parts(parts: list[int], costs: list[float]) -> str:
         out.append(f"stage {stage}: layers {start}..{start + p - 1} ({p}, {share:.1%} of compute)")
         start += p
     return "; ".join(out)
-
-
-class PartitionedPipelineModule(PipelineModule):
-    """A PipelineModule whose stage boundaries are given, instead of computed by DeepSpeed."""
-
-    def __init__(self, layers, bounds: list[int], **kwargs):
-        self._given_bounds = list(bounds)
-        super().__init__(layers=layers, partition_method="uniform", **kwargs)
-
-    def _partition_layers(self, method="uniform"):
-        self.parts = list(self._given_bounds)
-        stage_id = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    def _get_frozen_parameter_names(self, layer):
-        """The state_dict keys `save_checkpoint(exclude_frozen_parameters=True)` leaves out: every key that is not
-        a trained tensor. DeepSpeed's own version lists frozen parameter names, which a layer whose state_dict
-        renames its parameters (stacked MoE experts written per expert) does not have as keys (KeyError)."""
-        from models.lora import lora_state_dict
-
-        kept = lora_state_dict(layer)
-        return [key for key in layer.state_dict() if key not in kept]

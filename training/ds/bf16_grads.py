@@ -5,7 +5,11 @@ Every micro-batch, `BF16_Optimizer._update_hp_grad` adds each bf16 gradient into
 second reads it back (4 more). `hp.add_(lp)` promotes inside the one kernel and gives the same bits (bf16 ->
 fp32 is exact, the fp32 add is the same). Profiled on one H200 (the MoE family's 8x7b width, 2 blocks,
 8 micro-batches): the copies took 22 ms of a 566 ms step. `install()` swaps in that one-kernel add; the rest of
-the method is DeepSpeed 0.19.8's, and the test suite checks the buffers bit for bit against the original.
+the method is DeepSpeed 0.19.8's, and the test suite checks the buffers bit for bit against the original. A
+DeepSpeed whose method differs from the one copied keeps its own (training/ds/version.py warns).
+
+`drop_hp_grad(weight)`: the `_hp_grad` this method sets is what DeepSpeed's pipeline engine all-reduces for tied
+weights; a frozen weight never gets one.
 """
 from __future__ import annotations
 
@@ -32,12 +36,22 @@ def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads):
 
 
 ORIGINAL = None
+QUALIFIED = "deepspeed.runtime.bf16_optimizer:BF16_Optimizer._update_hp_grad"  # a key of version.COPIED
 
 
 def install() -> None:
-    """Replace `BF16_Optimizer._update_hp_grad` (idempotent)."""
+    """Replace `BF16_Optimizer._update_hp_grad` (idempotent), unless DeepSpeed's differs from the copied one."""
     global ORIGINAL
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    if BF16_Optimizer._update_hp_grad is not _update_hp_grad:
+
+    from training.ds.version import copy_is_current
+
+    if BF16_Optimizer._update_hp_grad is not _update_hp_grad and copy_is_current(QUALIFIED):
         ORIGINAL = BF16_Optimizer._update_hp_grad
+        _update_hp_grad.patched_over = ORIGINAL  # what version.py compares with the copy it was made from
         BF16_Optimizer._update_hp_grad = _update_hp_grad
+
+
+def drop_hp_grad(weight) -> None:
+    """Mark `weight` as having no fp32 gradient for the pipeline engine's tied-weight all-reduce."""
+    weight._hp_grad = None

@@ -1,0 +1,1 @@
+"""Command-line tools beside the trainers: the memory planner (`python -m tools.memory`) and the GPU host scripts."""
