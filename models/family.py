@@ -64,7 +64,7 @@ def even_parts(num_items: int, num_stages: int, ends_first: bool = True) -> list
     Example: 34 layers (llama-7b: 32 blocks + Enter + Exit) over 8 stages -> [5, 4, 4, 4, 4, 4, 4, 5].
     Else the middle stages first (1 .. P-2 in order, then the first, then the last), keeping the ends light:
     30 layers over 8 stages -> [3, 4, 4, 4, 4, 4, 4, 3].
-    (The trainer's `parts: auto` balances estimated compute instead: `utils.pipeline.balanced_parts`.)
+    (The trainer's `parts: auto` balances estimated compute instead: `training.partition.balanced_parts`.)
     """
     if num_stages < 1 or num_items < num_stages:
         raise ModelError(f"cannot split {num_items} pipeline layers over {num_stages} stages")

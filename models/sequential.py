@@ -57,6 +57,10 @@ class SequentialModel(nn.Module):
         out = self.outputs(input_ids, position_ids)
         return out[0] if isinstance(out, tuple) else out
 
+    def module_key(self, spec_index: int) -> str:
+        """The key in `layers` of the module that spec `spec_index` runs (a repeated tied spec: the first one's)."""
+        return self._steps[spec_index][0]
+
     def loss(self, input_ids: torch.Tensor, labels, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar loss of the last pipeline stage; `labels` [B,S] or `(labels, scale)` as in training."""
         return self.loss_fn(self.outputs(input_ids, position_ids), labels)
