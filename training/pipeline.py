@@ -248,8 +248,7 @@ class PipelineTrainer:
         for prm in module.parameters():
             prm.model_parallel = not getattr(prm, "ds_pipe_replicated", False)
         ds = plan.ds
-        fp32 = not any(isinstance(ds.get(k), dict) and ds[k].get("enabled") for k in ("fp16", "bf16"))
-        plain_fp32 = fp32 and not int(ds.get("zero_optimization", {}).get("stage", 0))
+        plain_fp32 = cfg.precision == "fp32" and not int(ds.get("zero_optimization", {}).get("stage", 0))
         max_norm = float(ds.get("gradient_clipping", 1.0))  # DeepSpeed's default is 1.0
         if plain_fp32:
             ds["gradient_clipping"] = 0.0  # StepGuard measures the norm before clipping, then clips

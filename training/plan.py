@@ -11,7 +11,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
+
 from utils.config import Fp8Section, TrainConfig, resolve_batch
+
+
+DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # of `TrainConfig.precision`
 
 
 @dataclass(frozen=True)

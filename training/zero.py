@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.plan import DTYPE
 from training.transforms import Transforms
 from utils.config import ConfigError, TrainConfig
 from utils.metrics import log
@@ -101,7 +102,7 @@ class ZeroTrainer:
         if rank == 0:
             attn = getattr(self.engine.module.config, "_attn_implementation", None) or m.attn
             log(f"{m.hf_cfg.get('model_type')}: {count_params(self.engine.module) / 1e6:.1f}M parameters, ZeRO stage "
-                f"{m.stage} over {plan.world} ranks, attention {attn}, {model_dtype(ds)}", rank)
+                f"{m.stage} over {plan.world} ranks, attention {attn}, {DTYPE[cfg.precision]}", rank)
         self.engine.train()
 
     def make_feeder(self, cfg: TrainConfig, plan, device):
@@ -265,14 +266,6 @@ def choose_attention(cfg: TrainConfig, model_cls=None) -> tuple[str, str | None]
     return "sdpa", None
 
 
-def model_dtype(ds: dict) -> torch.dtype:
-    if (ds.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # Model under zero.Init
 
@@ -318,7 +311,7 @@ def build_model(cfg: TrainConfig, ds: dict, from_weights: bool, attn: str = "sdp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     def build(attn_impl: str):
-        kwargs = dict(attn_implementation=attn_impl, dtype=model_dtype(ds),
+        kwargs = dict(attn_implementation=attn_impl, dtype=DTYPE[cfg.precision],
                       trust_remote_code=cfg.model.trust_remote_code)
         torch.manual_seed(cfg.schedule.seed)
         if from_weights:
