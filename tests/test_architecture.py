@@ -105,3 +105,20 @@ def test_training_reads_the_config_through_its_sections():
     config_reads = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in sorted((ROOT / "training").rglob("*.py"))
                     for m in re.finditer(r"\bcfg(\.ours)?\[[^]]*\]", path.read_text(encoding="utf-8"))]
     assert not config_reads, config_reads
+
+
+def test_both_trainers_implement_the_declared_strategy():
+    """`training.strategy.Trainer` is what the loop calls: both trainers have every method, with its parameters."""
+    import inspect
+
+    from training.pipeline import PipelineTrainer
+    from training.strategy import Trainer
+    from training.zero import ZeroTrainer
+
+    methods = [n for n, v in vars(Trainer).items() if callable(v) and not n.startswith("_")]
+    assert {"check", "dims", "prepare_model", "build", "step", "save_extras"} <= set(methods)
+    for cls in (PipelineTrainer, ZeroTrainer):
+        assert isinstance(cls(), Trainer), cls
+        for name in methods:
+            assert list(inspect.signature(getattr(cls, name)).parameters) == \
+                list(inspect.signature(getattr(Trainer, name)).parameters), (cls, name)

@@ -8,6 +8,8 @@ after writing a checkpoint.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import errno
 import os
@@ -15,6 +17,10 @@ import sys
 
 from utils.config import ConfigError, load_config, parse_overrides
 from utils.metrics import log
+
+
+if TYPE_CHECKING:
+    from training.strategy import Trainer
 
 
 def parse_args(description: str, argv=None) -> tuple[argparse.Namespace, dict]:
@@ -25,7 +31,7 @@ def parse_args(description: str, argv=None) -> tuple[argparse.Namespace, dict]:
     return args, parse_overrides(rest)
 
 
-def run_cli(trainer, description: str, argv=None) -> int:
+def run_cli(trainer: Trainer, description: str, argv=None) -> int:
     """Load the config, run `training.loop.train(cfg, trainer)`, turn what it raises into an exit code."""
     try:
         args, overrides = parse_args(description, argv)

@@ -4,6 +4,8 @@ and a clean stop when any rank got SIGINT/SIGTERM; every `eval_interval` steps a
 eval loss (training/evaluate.py); at the end rank stats and the final checkpoint."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import os
 import sys
@@ -16,7 +18,11 @@ from utils.config import TrainConfig
 from utils.metrics import log
 
 
-def train(cfg: TrainConfig, trainer) -> int:
+if TYPE_CHECKING:
+    from training.strategy import Trainer
+
+
+def train(cfg: TrainConfig, trainer: Trainer) -> int:
     import torch.distributed as dist
 
     from training.distributed import init_distributed

@@ -160,9 +160,6 @@ class PipelineTrainer:
                               "fused_head_loss: true (DeepSpeed clears bf16 gradients after the fused head wrote "
                               "its own); remove the key (default true) or set fused_head_loss: false")
 
-    def data_parallel(self, cfg: TrainConfig, world: int) -> int:
-        return cfg.dims[1]
-
     def dims(self, cfg: TrainConfig, world: int) -> list[int]:
         return list(cfg.dims)
 

@@ -5,7 +5,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,9 @@ from training.distributed import launched_world_size
 from training.plan import RunPlan, plan
 from utils.config import ConfigError, TrainConfig, preflight
 from utils.metrics import log
+
+if TYPE_CHECKING:
+    from training.strategy import Trainer
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Plan:
     run: RunPlan | None = None  # the pure plan (training.plan) these were derived from: precision, LoRA, FP8, ...
 
 
-def plan_run(cfg: TrainConfig, trainer) -> Plan:
+def plan_run(cfg: TrainConfig, trainer: Trainer) -> Plan:
     from data import DataError
     from models import ModelError
     from training.checkpoints import choose_resume_tag

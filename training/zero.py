@@ -58,9 +58,6 @@ class ZeroTrainer:
                               "to each other here")
         zero_stage(cfg.ds)  # a mapping, or the error
 
-    def data_parallel(self, cfg: TrainConfig, world: int) -> int:
-        return world
-
     def dims(self, cfg: TrainConfig, world: int) -> list[int]:
         return [1, world]
 
