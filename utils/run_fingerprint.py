@@ -58,16 +58,17 @@ def tokenizer_files(model_path: str) -> dict[str, str]:
 
 
 def of_run(cfg, tbs: int, mbs: int, gas: int, dp: int) -> dict:
-    """This run's fingerprint (without `samples`/`steps_per_epoch`, added once the data is loaded)."""
-    synthetic = cfg.data.synthetic_data
+    """This run's fingerprint (without `samples`/`steps_per_epoch`, added once the data is loaded); `cfg` is read by
+    dotted key, the names the fingerprint records (a `TrainConfig` or a mapping of them)."""
+    synthetic = cfg["synthetic_data"]
     return {
         "version": VERSION,
-        "data": [] if synthetic else [file_entry(p) for p in data_paths(cfg.data.path)],
-        "eval_data": [file_entry(p) for p in data_paths(cfg.eval.data_path)],
-        "tokenizer": {} if synthetic else tokenizer_files(cfg.model.path),
-        "seed": cfg.schedule.seed, "train_batch_size": tbs, "micro_batch": mbs, "grad_accum": gas, "data_parallel": dp,
-        "max_seq_len": cfg.data.max_seq_len, "packing": cfg.data.packing, "template": cfg.data.template,
-        "eval_ratio": cfg.eval.ratio,
+        "data": [] if synthetic else [file_entry(p) for p in data_paths(cfg["data_path"])],
+        "eval_data": [file_entry(p) for p in data_paths(cfg["eval_data_path"])],
+        "tokenizer": {} if synthetic else tokenizer_files(cfg["model_path"]),
+        "seed": cfg["seed"], "train_batch_size": tbs, "micro_batch": mbs, "grad_accum": gas, "data_parallel": dp,
+        "max_seq_len": cfg["max_seq_len"], "packing": cfg["packing"], "template": cfg["template"],
+        "eval_ratio": cfg["eval_ratio"],
     }
 
 
