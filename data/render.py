@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -126,13 +127,19 @@ def mid_text_anchor(tokenizer) -> tuple[str, list[int]] | None:
         return found
 
 
-def encode(tokenizer, text: str, at_start: bool = True) -> list[int]:
+def encode(tokenizer, text: str, at_start: bool = True, keep: int | None = None) -> list[int]:
     """Token ids of one piece of text: no bos/eos added, special-token text treated as plain text.
 
-    `at_start=False` encodes the piece as it reads in the middle of a sample (see `_find_anchor`).
+    `at_start=False` encodes the piece as it reads in the middle of a sample (see `_find_anchor`). A text
+    longer than `LONG_TEXT` is encoded in chunks, and with `keep` only its first `keep` ids are kept
+    (`Ids`; see "Long texts" below).
     """
     if not text:
         return []
+    if len(text) > LONG_TEXT:
+        ids = batch_encoder(tokenizer).long(text, at_start, keep)
+        if ids is not None:
+            return ids
     anchor = None if at_start else mid_text_anchor(tokenizer)
     if anchor is not None:
         ids = _strip_anchor(tokenizer, anchor[0], text, anchor[1])
@@ -220,33 +227,37 @@ def render_validated(sample: dict, tokenizer, max_seq_len: int | None = None, te
         rendered.type = "messages"
         return rendered
     eos_id = eos_id_of(tokenizer)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    spans: list[tuple[int, int]] = []
     segments = segments_of(sample)
+    piece_ids = []
+    at_start = True  # until a segment encodes to something (`_segment_ids` of each segment, pieces kept apart)
     for segment in segments:
-        ids = _segment_ids(tokenizer, segment, eos_id, at_start=not input_ids)
-        spans.append((len(input_ids), len(input_ids) + len(ids)))
-        input_ids += ids
-        labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
-    eos_text = tokenizer.eos_token
-    rendered = Rendered(input_ids, labels, False, sample["type"],
-                        [(segment.text(eos_text), segment.trained) for segment in segments], len(input_ids))
-    if max_seq_len is not None and len(input_ids) > max_seq_len:
-        return truncate(rendered, spans, max_seq_len, tokenizer)
+        for number, chunk in enumerate(segment.chunks):
+            piece_ids.append(encode(tokenizer, chunk, at_start and number == 0, max_seq_len))
+        at_start = at_start and len(segment.chunks) == 1 and not _length(piece_ids[-1])
+    input_ids, labels, spans, length = _assemble(segments, piece_ids, eos_id, max_seq_len, first_may_be_empty=True)
+    rendered = Rendered(input_ids, labels, False, sample["type"], [], length)
+    if max_seq_len is not None and length > max_seq_len:
+        return truncate(rendered, spans, max_seq_len, tokenizer, segments)
+    rendered.segments = _texts(segments, tokenizer.eos_token)
     return rendered
 
 
-def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int, tokenizer) -> Rendered:
+def _texts(segments: list[Segment], eos_text: str) -> list[tuple[str, bool]]:
+    return [(segment.text(eos_text), segment.trained) for segment in segments]
+
+
+def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int, tokenizer,
+             segments: list[Segment]) -> Rendered:
     """Keep the first `max_seq_len` tokens and make the last one eos, so the model still learns to stop.
 
     That eos is trained iff the token it replaces was trained (the cut fell inside a trained segment);
-    a cut inside a prompt leaves it masked. Segment texts are cut to match, for `--show`.
+    a cut inside a prompt leaves it masked. Segment texts are cut to match, for `--show`. `rendered` may
+    hold only the first `max_seq_len` ids (`full_length` counts all); `spans` are the segments' (start, end).
     """
     eos_id = eos_id_of(tokenizer)
     last = max_seq_len - 1
-    segments = []
-    for (start, end), (text, trained) in zip(spans, rendered.segments):
+    texts = []
+    for (start, end), segment in zip(spans, segments):
         if start > last:
             break
         already_ends_in_eos = last == end - 1 and rendered.input_ids[last] == eos_id
@@ -254,8 +265,10 @@ def truncate(rendered: Rendered, spans: list[tuple[int, int]], max_seq_len: int,
             kept = tokenizer.decode(rendered.input_ids[start:last], skip_special_tokens=False,
                                     clean_up_tokenization_spaces=False)
             text = kept + tokenizer.eos_token
-        segments.append((text, trained))
-    return replace(_cut(rendered, max_seq_len, eos_id), segments=segments)
+        else:
+            text = segment.text(tokenizer.eos_token)
+        texts.append((text, segment.trained))
+    return replace(_cut(rendered, max_seq_len, eos_id), segments=texts)
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -331,6 +344,74 @@ def _backend_encode(backend, texts: list[str]) -> list[list[int]]:
         backend.encode_special_tokens = old
 
 
+# ---------------------------------------------------------------------------------------------- long texts
+#
+# A tokenizer holds per-token state (ids, offsets, token strings, alignments of the normalized text) for
+# everything it encodes in one call, ~110 bytes per character for a byte-level BPE: one 50 MB document
+# took 5.6 GB. A text longer than `LONG_TEXT` characters is encoded in chunks, at most `CHUNK_CHARS` of
+# it per tokenizer call, each cut just before a space that sits between two non-space characters
+# (`_CUT`). There the pre-tokenizers in use start a new pre-token that no token spans (the GPT-2, Llama-3
+# and Qwen split regexes, Metaspace, whitespace splitting; SentencePiece vocabularies have no piece with
+# a word marker inside), so the chunks' ids put together are the text's ids. Chunks after the first are
+# encoded as mid-text pieces (the anchor of `_find_anchor`, for tokenizers that mark the start of a
+# text). This is checked per tokenizer, once, on a probe text cut at every such space
+# (`BatchEncoder.chunks_ok`); a tokenizer that fails it, or a text with no such space, is encoded whole
+# as before.
+#
+# A consumer that needs only the first ids (rendering with `max_seq_len`) passes `keep`: the ids after
+# the first `keep` are counted, not kept (`Ids`), so a long text's ids are never held whole either.
+
+LONG_TEXT = 1 << 20  # characters: a longer text is encoded in chunks
+CHUNK_CHARS = 1 << 18  # characters per tokenizer call; a cut is the first `_CUT` half of this past the last one
+_CUT = re.compile(r"(?<=\S) (?=\S)")
+# Text of the chunking probe, besides the tokenizer's own special and added tokens and the vocabulary's
+# pieces with a word boundary inside.
+_CHUNK_PROBE = (
+    "The quick brown fox's tail: it's 12,345.67 (approx.) -- \"quoted\" [x] {y} a+b=c; e.g. x/y CamelCase "
+    "snake_case https://example.com/a?b=c#d 1234567 89 0.5 ... !!! ?? I'm we'll they've you'd HE'S DON'T "
+    "caf\u00e9 cafe\u0301 na\u00efve \u00fcber Stra\u00dfe \u0301x \u4f60\u597d \u4e16\u754c "
+    "\u3053\u3093\u306b\u3061\u306f \u0645\u0631\u062d\u0628\u0627 \u043f\u0440\u0438\u0432\u0435\u0442 "
+    "\U0001f600 \U0001f44d\U0001f3fd x\u200by tab\tsep new\nline two\n\nlines cr\r\nlf two  spaces   three "
+    "\u00a0nbsp \u3000ideographic .\n x ,\n\ny def f(x):\n    return x  # comment\n\tindented 'single' "
+    "`code` <tag attr=\"v\"> </tag> &amp; \\ backslash \x00 nul \ufeff bom ")
+
+
+class Ids(list):
+    """Token ids of a text of which only the first ones are kept; `length` counts them all."""
+
+    __slots__ = ("length",)
+
+
+def _length(ids: list[int]) -> int:
+    """How many ids a list stands for (`Ids.length`, else its length)."""
+    return getattr(ids, "length", len(ids))
+
+
+def _chunk_starts(text: str, size: int) -> list[int]:
+    """Where the chunks of `text` start: 0, then each `_CUT` at least `size // 2` after the previous one."""
+    starts = [0]
+    while len(text) - starts[-1] > size:
+        cut = _CUT.search(text, starts[-1] + size // 2)
+        if cut is None:
+            break
+        starts.append(cut.start())
+    return starts
+
+
+def _chunk_probe(tokenizer) -> str:
+    """The probe text for `BatchEncoder.chunks_ok`: fixed text, the special and added tokens' texts beside
+    words, and every vocabulary piece with a space inside after a non-space (a token that could span a cut)."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str)]
+    added = [t for t in getattr(tokenizer, "get_added_vocab", dict)() if isinstance(t, str)]
+    words = [f"a{t} b {t}c {t} {t}{t} x" for t in dict.fromkeys(specials + added)]
+    spanning = []
+    with contextlib.suppress(Exception):  # a tokenizer without a vocabulary to read: the fixed probe only
+        inner = re.compile("[^\\s\u2581\u0120][\\s\u2581\u0120]")  # a space (or SentencePiece ▁, byte-level Ġ)
+        candidates = [i for token, i in tokenizer.get_vocab().items() if inner.search(token)]
+        spanning = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in candidates[:2000]]
+    return " ".join([_CHUNK_PROBE, *_PROBE_TEXTS, *words, *(f"x{t}x" for t in spanning), "end"])
+
+
 class BatchEncoder:
     """`encode(tokenizer, text, at_start)` for many pieces at once, with the same ids.
 
@@ -341,6 +422,58 @@ class BatchEncoder:
         self._tokenizer = weakref.ref(tokenizer)  # the cache below is keyed by the tokenizer: no strong ref
         self.anchor = mid_text_anchor(tokenizer)
         self.backend = _backend_of(tokenizer)
+        self._chunks_ok: bool | None = None
+
+    @property
+    def chunks_ok(self) -> bool:
+        """Whether a text cut at `_CUT` spaces, chunks encoded one by one, gets the ids of the whole text (checked
+        on `_chunk_probe` cut at every such space, at the start of a sample and in its middle)."""
+        if self._chunks_ok is None:
+            probe = _chunk_probe(self._tokenizer())
+            starts = [0] + [cut.start() for cut in _CUT.finditer(probe)]
+            self._chunks_ok = all(self._chunked(probe, starts, at_start) == self._whole([(probe, at_start)])[0]
+                                  for at_start in (True, False))
+        return self._chunks_ok
+
+    def long(self, text: str, at_start: bool = True, keep: int | None = None) -> list[int] | None:
+        """`encode(tokenizer, text, at_start)` of a text encoded in chunks (`_chunk_starts`), its first `keep`
+        ids kept (all when None) and the rest counted (`Ids`); None when it cannot be chunked."""
+        starts = _chunk_starts(text, CHUNK_CHARS)
+        if len(starts) == 1 or not self.chunks_ok:
+            return None
+        return self._chunked(text, starts, at_start, keep)
+
+    def _chunked(self, text: str, starts: list[int], at_start: bool, keep: int | None = None) -> list[int] | None:
+        """The ids of `text` cut at `starts`, chunks encoded in batches of about `CHUNK_CHARS` characters
+        (all in one batch for the probe); None when the anchor merges into a chunk."""
+        ends = starts[1:] + [len(text)]
+        kept: list[int] = []
+        length = 0
+        group = 0
+        while group < len(starts):
+            last, size = group, 0
+            while last < len(starts) and (last == group or size + ends[last] - starts[last] <= CHUNK_CHARS):
+                size += ends[last] - starts[last]
+                last += 1
+            mid = [self.anchor is not None and (k > 0 or not at_start) for k in range(group, last)]
+            texts = [self.anchor[0] + text[starts[k]:ends[k]] if m else text[starts[k]:ends[k]]
+                     for k, m in zip(range(group, last), mid)]
+            for got, m in zip(self.raw(texts), mid):
+                if m:
+                    cut = len(self.anchor[1])
+                    if got[:cut] != self.anchor[1]:
+                        return None
+                    got = got[cut:]
+                if keep is None or len(kept) < keep:
+                    kept += got if keep is None else got[:keep - len(kept)]
+                length += len(got)
+            del texts
+            group = last
+        if length == len(kept):
+            return kept
+        ids = Ids(kept)
+        ids.length = length
+        return ids
 
     def raw(self, texts: list[str]) -> list[list[int]]:
         """`_encode_raw` of every text."""
@@ -355,25 +488,39 @@ class BatchEncoder:
                                                        split_special_tokens=True)["input_ids"]]
         return [_encode_raw(tokenizer, text) for text in texts]
 
-    def encode(self, pieces: list[tuple[str, bool]]) -> list[list[int]]:
-        """`encode(tokenizer, text, at_start)` of every `(text, at_start)`; equal pieces share one list."""
+    def encode(self, pieces: list[tuple[str, bool]], keep: int | None = None) -> list[list[int]]:
+        """`encode(tokenizer, text, at_start, keep)` of every `(text, at_start)`; equal pieces share one list."""
         index: dict[tuple[str, bool], int] = {}
         slots = [index.setdefault(piece, len(index)) if piece[0] else -1 for piece in pieces]
         unique = list(index)
         ids: list[list[int]] = [[]] * len(unique)
-        raw_at = [i for i, (_, at_start) in enumerate(unique) if at_start or self.anchor is None]
-        mid_at = [i for i, (_, at_start) in enumerate(unique) if not at_start and self.anchor is not None]
+        whole = []
+        for i, (text, at_start) in enumerate(unique):
+            got = self.long(text, at_start, keep) if len(text) > LONG_TEXT else None
+            if got is None:
+                whole.append(i)
+            else:
+                ids[i] = got
+        for i, got in zip(whole, self._whole([unique[i] for i in whole])):
+            ids[i] = got
+        return [ids[slot] if slot >= 0 else [] for slot in slots]
+
+    def _whole(self, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+        """`encode` of every piece, each text encoded in one call (one batch call for all)."""
+        ids: list[list[int]] = [[]] * len(pieces)
+        raw_at = [i for i, (_, at_start) in enumerate(pieces) if at_start or self.anchor is None]
+        mid_at = [i for i, (_, at_start) in enumerate(pieces) if not at_start and self.anchor is not None]
         if mid_at:
             anchor, anchor_ids = self.anchor
             cut = len(anchor_ids)
-            for i, got in zip(mid_at, self.raw([anchor + unique[i][0] for i in mid_at])):
+            for i, got in zip(mid_at, self.raw([anchor + pieces[i][0] for i in mid_at])):
                 if got[:cut] == anchor_ids:
                     ids[i] = got[cut:]
                 else:  # anchor and text merged: encode the text alone, as `encode` does
                     raw_at.append(i)
-        for i, got in zip(raw_at, self.raw([unique[i][0] for i in raw_at])):
+        for i, got in zip(raw_at, self.raw([pieces[i][0] for i in raw_at])):
             ids[i] = got
-        return [ids[slot] if slot >= 0 else [] for slot in slots]
+        return ids
 
 
 _BATCH_ENCODER_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -396,25 +543,40 @@ def _pieces(segments: list[Segment]) -> list[tuple[str, bool]]:
     return pieces
 
 
-def _assemble(segments: list[Segment], piece_ids: list[list[int]], eos_id: int):
-    """(input_ids, labels, spans) from the pieces' ids; None when the first segment came out empty."""
+def _assemble(segments: list[Segment], piece_ids: list[list[int]], eos_id: int, keep: int | None = None,
+              first_may_be_empty: bool = False):
+    """(input_ids, labels, spans, length) from the pieces' ids (an eos between the chunks of a segment).
+
+    `input_ids` and `labels` hold the first `keep` tokens (all when None), `spans` each segment's
+    (start, end) and `length` counts every token (pieces may be `Ids`, clipped to `keep` themselves).
+    None when the first segment came out empty (`_pieces` encoded the next one as mid-text), unless
+    `first_may_be_empty` (`render_validated`, which encoded it as a text start).
+    """
     input_ids: list[int] = []
     labels: list[int] = []
     spans: list[tuple[int, int]] = []
-    k = 0
+    length = k = 0
     for segment in segments:
-        ids = list(piece_ids[k])
+        ids = piece_ids[k]
+        size = _length(ids)
         k += 1
-        for _ in segment.chunks[1:]:
-            ids.append(eos_id)
-            ids += piece_ids[k]
-            k += 1
-        if not ids and not input_ids:
+        if len(segment.chunks) > 1:
+            ids = list(ids)
+            for _ in segment.chunks[1:]:
+                ids.append(eos_id)
+                ids += piece_ids[k]
+                size += 1 + _length(piece_ids[k])
+                k += 1
+        if not size and not length and not first_may_be_empty:
             return None
-        spans.append((len(input_ids), len(input_ids) + len(ids)))
+        if keep is not None and len(input_ids) + len(ids) > keep:
+            # a clipped piece holds `keep` ids: the segment's first `keep` are right, and no more are needed
+            ids = ids[:max(keep - len(input_ids), 0)]
+        spans.append((length, length + size))
+        length += size
         input_ids += ids
         labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels, spans
+    return input_ids, labels, spans, length
 
 
 def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
@@ -439,22 +601,23 @@ def render_many(samples: list[dict], tokenizer, max_seq_len: int | None = None,
     encoder = batch_encoder(tokenizer)
     all_segments = [segments_of(sample) for sample in samples]
     layouts = [_pieces(segments) for segments in all_segments]
-    flat = encoder.encode([piece for pieces in layouts for piece in pieces])
+    flat = encoder.encode([piece for pieces in layouts for piece in pieces], max_seq_len)
     out, k = [], 0
     for sample, kind, segments, pieces in zip(samples, kinds, all_segments, layouts):
-        assembled = _assemble(segments, flat[k:k + len(pieces)], eos_id)
+        assembled = _assemble(segments, flat[k:k + len(pieces)], eos_id, max_seq_len)
         k += len(pieces)
         if assembled is None:
             rendered = render_validated(sample, tokenizer, max_seq_len)
             rendered.type = kind
             out.append(rendered)
             continue
-        input_ids, labels, spans = assembled
-        texts = [(segment.text(eos_text), segment.trained) for segment in segments] if keep_segments else []
-        rendered = Rendered(input_ids, labels, False, kind, texts, len(input_ids))
-        if max_seq_len is not None and len(input_ids) > max_seq_len:
-            rendered = truncate(rendered, spans, max_seq_len, tokenizer) if keep_segments else \
+        input_ids, labels, spans, length = assembled
+        rendered = Rendered(input_ids, labels, False, kind, [], length)
+        if max_seq_len is not None and length > max_seq_len:
+            rendered = truncate(rendered, spans, max_seq_len, tokenizer, segments) if keep_segments else \
                 _cut(rendered, max_seq_len, eos_id)
+        elif keep_segments:
+            rendered.segments = _texts(segments, eos_text)
         out.append(rendered)
     return out
 
@@ -503,7 +666,7 @@ def first_trained_positions(samples: list[dict], tokenizer, template: str = "bui
     encoder = batch_encoder(tokenizer)
     prefixes = [_masked_prefix(segments_of(sample)) for sample in samples]
     layouts = [_pieces(prefix) if prefix else [] for prefix in prefixes]
-    flat = encoder.encode([piece for pieces in layouts for piece in pieces])
+    flat = encoder.encode([piece for pieces in layouts for piece in pieces], keep=0)  # lengths are enough
     out, k = [], 0
     for sample, prefix, pieces in zip(samples, prefixes, layouts):
         ids = flat[k:k + len(pieces)]
@@ -511,14 +674,15 @@ def first_trained_positions(samples: list[dict], tokenizer, template: str = "bui
         if prefix == []:  # the first segment is trained and holds an eos: token 0 is trained
             out.append(0)
             continue
-        assembled = _assemble(prefix, ids, eos_id) if prefix else None
+        assembled = _assemble(prefix, ids, eos_id, keep=0) if prefix else None
         position = None
         if assembled is not None:
-            input_ids, labels, _ = assembled
+            _, _, spans, length = assembled
             if not prefix[-1].trained:  # the next segment is trained and not empty (it holds an eos)
-                position = len(input_ids)
-            else:
-                position = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+                position = length
+            else:  # the first token of a trained segment
+                position = next((start for (start, end), segment in zip(spans, prefix)
+                                 if segment.trained and end > start), None)
         if position is None:  # a layout not predicted here: render the whole sample
             position = _first_trained(render_validated(sample, tokenizer))
         out.append(position)
