@@ -14,7 +14,8 @@ status 2; so does a file in which no sample keeps a trained token (training refu
 
 Large files: the file is streamed (flat memory), samples are tokenized in batches with the fast
 tokenizer, `--workers W` spreads chunks of samples over W processes, and a progress bar with the
-throughput goes to stderr when it is a terminal.
+throughput goes to stderr when it is a terminal. Long samples: memory is bounded by the longest one (its
+JSON line, its parsed text and a chunk of it in the tokenizer; `data.render`, "Long texts").
 """
 from __future__ import annotations
 
@@ -246,6 +247,7 @@ def _chunks(path: str, jsonl: bool) -> Iterator[tuple[list[Record], DataError | 
                 if record is not None:
                     position[0] = offset + len(record.text)
                     yield record
+                del record  # a checked line is not held while the next one is read
     else:
         def records():
             return iter_array_records(path, progress=lambda read: position.__setitem__(0, read))
@@ -254,6 +256,7 @@ def _chunks(path: str, jsonl: bool) -> Iterator[tuple[list[Record], DataError | 
         for record in records():
             chunk.append(record)
             size += len(record.text)
+            del record
             if len(chunk) >= CHUNK_SAMPLES or size >= CHUNK_BYTES:
                 yield chunk, None, position[0]
                 chunk, size = [], 0
@@ -266,10 +269,12 @@ def _chunks(path: str, jsonl: bool) -> Iterator[tuple[list[Record], DataError | 
 
 def _results(chunks: Iterable[tuple[list[Record], DataError | None, int]], workers: int, job: Job,
              args) -> Iterator[tuple[Chunk, int]]:
-    """Checked chunks in file order; with workers, at most a few chunks in flight (flat memory)."""
+    """Checked chunks in file order; with workers, at most a few chunks in flight (flat memory), and a chunk
+    larger than they hold together (a very long sample) only once those before it are done."""
     if workers == 1:
         for records, error, position in chunks:
             yield check_chunk(records, error, job), position
+            del records  # not held while the next chunk is read
         return
     # Never fork: the parent may hold threads (torch's pool, the tokenizer's, a process group's when called
     # in-process) whose locks a forked child inherits held, and a worker that deadlocks hangs `result.get()`.
@@ -280,13 +285,17 @@ def _results(chunks: Iterable[tuple[list[Record], DataError | None, int]], worke
     with context.Pool(workers, initializer=_init_worker,
                       initargs=(worker_job, args.tokenizer, args.trust_remote_code)) as pool:
         pending: deque = deque()
+        in_flight = 0  # bytes of JSON of the pending chunks: a few chunks' worth, or one very long sample
         for records, error, position in chunks:
-            pending.append((pool.apply_async(check_chunk, (records, error)), position))
-            if len(pending) > 2 * workers:
-                result, at = pending.popleft()
+            size = sum(len(record.text) for record in records)
+            while pending and (len(pending) >= 2 * workers + 1 or in_flight + size > 4 * workers * CHUNK_BYTES):
+                result, at, done = pending.popleft()
+                in_flight -= done
                 yield result.get(), at
+            pending.append((pool.apply_async(check_chunk, (records, error)), position, size))
+            in_flight += size
         while pending:
-            result, at = pending.popleft()
+            result, at, _ = pending.popleft()
             yield result.get(), at
 
 

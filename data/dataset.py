@@ -25,6 +25,22 @@ from .render import IGNORE_INDEX, eos_id_of, first_trained_positions, load_token
 from .schema import DataError
 
 SCAN_BATCH = 512
+SCAN_CHARS = 1 << 20  # a scan batch also ends once its samples hold this many characters of text
+
+
+def _chars(sample) -> int:
+    """Characters of text in a parsed sample (its strings, dict keys included; any nesting depth)."""
+    total, stack = 0, [sample]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return total
 
 
 def warn_on_rank0(line: str) -> None:
@@ -43,6 +59,7 @@ class _TrainedScan:
         self.max_seq_len = max_seq_len
         self.notes = Notes(path, by_line=by_line)
         self.pending: list[tuple[int, int | None, dict]] = []
+        self.pending_chars = 0
         self.shortest_untrained = math.inf
 
     def visit(self, index: int, line: int | None, sample: dict, repeated: list[str]) -> None:
@@ -51,7 +68,8 @@ class _TrainedScan:
         for kind in round_notes(sample):
             self.notes.add(kind, index, line)
         self.pending.append((index, line, sample))
-        if len(self.pending) >= SCAN_BATCH:
+        self.pending_chars += _chars(sample)
+        if len(self.pending) >= SCAN_BATCH or self.pending_chars >= SCAN_CHARS:
             self.flush()
 
     def flush(self) -> None:
@@ -75,6 +93,7 @@ class _TrainedScan:
                 if position is not None:
                     self.shortest_untrained = min(self.shortest_untrained, position)
         self.pending = []
+        self.pending_chars = 0
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -324,14 +324,16 @@ def iter_jsonl_records(path: str) -> Iterator[tuple[int, Record | None]]:
     Only lines that do not start with `{` are parsed here (to tell a comment from a sample); the rest
     are handed on as bytes, so parsing can run elsewhere (in parallel).
     """
-    index, offset = 0, 0
+    index, offset, line_no = 0, 0, 0
     with _open(path) as handle:
-        for line_no, raw in enumerate(handle, 1):
+        for raw in handle:  # not enumerate(): it would hold the last line while reading the next
+            line_no += 1
             start, offset = offset, offset + len(raw)
             if not _is_object_line(raw) and _parse_line(path, raw, line_no, index) is ...:
                 yield start, None
                 continue
             yield start, Record(index, line_no, raw)
+            del raw  # not held while the next line is read (a long line is then in memory once, with the caller)
             index += 1
 
 
@@ -602,6 +604,7 @@ def _scan_jsonl(path: str, visit: Visitor | None = None) -> Iterator[tuple[int, 
         if visit is not None:
             visit(record.index, record.line, sample, repeated)
         yield offset, record.line, sample
+        del record, sample  # neither held while the next line is read and parsed
 
 
 def _array_samples(path: str, visit: Visitor | None = None) -> list[dict]:
@@ -644,7 +647,10 @@ class JsonlSamples:
     def __init__(self, path: str | os.PathLike, visit: Visitor | None = None):
         self.path = os.fspath(path)
         self._seen = _identity(self.path)
-        self._offsets = array("q", (offset for offset, _, _ in _scan_jsonl(self.path, visit)))
+        self._offsets = array("q")
+        for scanned in _scan_jsonl(self.path, visit):
+            self._offsets.append(scanned[0])
+            del scanned  # the sample is not held while the next line is read and parsed
         if not self._offsets:
             raise DataError(f"{self.path}: no samples")
         self._handle = None
