@@ -253,14 +253,14 @@ def test_trainer_build_dataset_refuses_before_any_model(tok, tmp_path):
     """The trainers' data entry point (training.setup.build_datasets, both trainers) raises the
     DataError that `plan_run` turns into one `error:` line before any model or process group."""
     from training import setup as train_ds
+    from utils.config import validate
 
     path = write_jsonl(tmp_path / "data.jsonl", [LONG_PROMPT] * 3)
-    cfg = {"synthetic_data": False, "data_path": str(path), "max_seq_len": 32, "packing": False, "seed": 0,
-           "template": "builtin", "eval_ratio": 0.0, "eval_data_path": None}
+    raw = {"model_path": str(tmp_path), "save_path": str(tmp_path / "out"), "data_path": str(path), "max_seq_len": 32,
+           "seed": 0, "train_micro_batch_size_per_gpu": 1}
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: no sample has a trained token .* max_seq_len 32"):
-        train_ds.build_datasets(cfg, tok, len(tok), 1)
-    cfg["max_seq_len"] = 1024
-    dataset, eval_dataset = train_ds.build_datasets(cfg, tok, len(tok), 1)
+        train_ds.build_datasets(validate(raw), tok, len(tok), 1)
+    dataset, eval_dataset = train_ds.build_datasets(validate(dict(raw, max_seq_len=1024)), tok, len(tok), 1)
     assert len(dataset) == 3 and eval_dataset is None
 
 
