@@ -350,8 +350,8 @@ def _backend_encode(backend, texts: list[str]) -> list[list[int]]:
 # everything it encodes in one call, ~110 bytes per character for a byte-level BPE: one 50 MB document
 # took 5.6 GB. A text longer than `LONG_TEXT` characters is encoded in chunks, at most `CHUNK_CHARS` of
 # it per tokenizer call, each cut just before a space that sits between two non-space characters
-# (`_CUT`). There the pre-tokenizers in use start a new pre-token that no token spans (the GPT-2, Llama-3
-# and Qwen split regexes, Metaspace, whitespace splitting; SentencePiece vocabularies have no piece with
+# (`_CUT`). There the pre-tokenizers in use start a new pre-token that no token spans (the byte-level
+# BPE split regexes, Metaspace, whitespace splitting; SentencePiece vocabularies have no piece with
 # a word marker inside), so the chunks' ids put together are the text's ids. Chunks after the first are
 # encoded as mid-text pieces (the anchor of `_find_anchor`, for tokenizers that mark the start of a
 # text). This is checked per tokenizer, once, on a probe text cut at every such space
