@@ -161,6 +161,9 @@ def test_cli_prints_the_table(plan_config):
     assert "fits 24 GiB" in lines[0]
     assert [line.split()[0] for line in lines[1:3]] == ["0", "1"] and lines[3].startswith("all stages:")
     assert "micro-batch 2 x seq 128" in res.stdout and "bf16" in res.stdout
+    earlier = run_cli("-m", "utils.memory", "--config", str(plan_config), "--max_seq_len=128",
+                      "--train_micro_batch_size_per_gpu=2", "--gpu-gib", "24")  # the planner's earlier name
+    assert earlier.returncode == 0 and earlier.stdout == res.stdout, earlier.stderr
 
 
 def test_cli_json_gpus_and_min_gpus(plan_config, capsys):
