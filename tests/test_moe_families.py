@@ -383,13 +383,12 @@ def test_unsupported_variants_are_one_line_errors(model_type, overrides, message
 def test_family_trains_in_two_stages_like_one_process(model_type, tmp_path):
     """train_ds.py, 2 pipeline stages on 2 CPU ranks: the first step's loss equals one process's; expert load
     per MoE block reaches metrics.jsonl; the routers of both stages were trained."""
-    from tests.conftest import run_cli, run_deepspeed, train_config
+    from tests.conftest import run_deepspeed, train_config
     from tests.test_train_families import one_process_first_step_loss
 
     hf, pp, out = tmp_path / "hf", tmp_path / "pp", tmp_path / "out"
     make_reference(family_config(model_type)).save_pretrained(hf)
-    res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(hf), "--save-path", str(pp))
-    assert res.returncode == 0, res.stderr
+    hg_to_pp(hf, pp, **QUIET)  # in-process (one process start less); the CLI: test_convert.py
     rate = {"moe_bias_update_rate": 0.01} if model_type == "deepseek_v3" else {}
     cfg = train_config(pp, out, dims=(2, 1), synthetic_data=True, max_steps=3, max_seq_len=32, data_path=None,
                        save_final=True, **{"optimizer.params.lr": 1e-2, **rate})

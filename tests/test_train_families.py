@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli, run_deepspeed, train_config
+from models.convert import hg_to_pp
+from tests.conftest import run_deepspeed, train_config
 from tests.test_families import make_baichuan, make_bloom, make_chatglm
 from tests.test_dense_families import DENSE, family_config, save_reference
 from tests.test_mixtral import make_tiny_mixtral
@@ -45,8 +46,7 @@ def one_process_first_step_loss(pp, cfg) -> float:
 def test_family_trains_in_two_stages_like_one_process(family, tmp_path):
     hf, pp = tmp_path / "hf", tmp_path / "pp"
     MAKERS[family](hf)
-    res = run_cli("convert_model.py", "hg_to_pp", "--input-path", str(hf), "--save-path", str(pp))
-    assert res.returncode == 0, res.stderr
+    hg_to_pp(hf, pp, log=lambda msg: None)  # in-process (one process start less); the CLI: test_convert.py
     out = tmp_path / "out"
     cfg = train_config(pp, out, dims=(2, 1), synthetic_data=True, max_steps=4, max_seq_len=32,
                        data_path=None, save_final=family == "mixtral", **{"optimizer.params.lr": 1e-2})
