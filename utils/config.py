@@ -1,7 +1,8 @@
 """One YAML file holds DeepSpeed's own keys (passed through) and ours; both are validated here.
 
-`load_config(path, overrides)` returns a `TrainConfig`: `.ours` (our keys, defaults filled in) and
-`.ds` (the dict handed to `deepspeed.initialize`). Every user mistake raises `ConfigError` whose
+`load_config(path, overrides)` returns a frozen `TrainConfig`: our keys in typed sections (`cfg.model.path`,
+`cfg.data.max_seq_len`, `cfg.lora.r`, ...: `SECTIONS`), `cfg.precision`, and `.ds` (DeepSpeed's keys, from which
+`training.plan` builds the dict handed to `deepspeed.initialize`). Every user mistake raises `ConfigError` whose
 message names the config file, the dotted key and what is accepted, so scripts can print one line and
 exit. DeepSpeed's keys are checked here too (`check_deepspeed`), before any model is built: optimizer and
 scheduler params against the constructors DeepSpeed would call, its pydantic sections strictly, then
@@ -186,9 +187,10 @@ _OUR_SECTIONS = {k.split(".")[0] for k in OUR_KEYS if "." in k} - DS_KEYS
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The validated config, built once (`validate`) and never changed: `ours` (read-only, every key of
-    OUR_KEYS with its default filled in) and `ds`, DeepSpeed's keys as the user wrote them; a run hands
-    DeepSpeed a new dict built from it (training.setup.plan_run), never this one."""
+    """The validated config, built once (`validate`) and never changed: the typed sections the code reads
+    (`cfg.model`, `cfg.data`, ...), `ours` (read-only, every key of OUR_KEYS with its default filled in, also
+    readable as `cfg["dotted.key"]`) and `ds`, DeepSpeed's keys as the user wrote them; a run hands DeepSpeed a
+    new dict built from it (training.plan.plan), never this one."""
     ours: Mapping[str, Any]
     ds: Mapping[str, Any]
     path: str = ""
