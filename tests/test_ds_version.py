@@ -13,7 +13,7 @@ from training.ds import bf16_grads, version
 
 @pytest.fixture
 def unchecked(monkeypatch):
-    """check_deepspeed() runs again in this test."""
+    """check_installed() runs again in this test."""
     monkeypatch.setattr(version, "_done", False)
 
 
@@ -26,8 +26,8 @@ def test_installed_deepspeed_passes_silently():
 def test_other_version_with_every_target_warns_once(monkeypatch, unchecked, capsys):
     monkeypatch.setattr(deepspeed, "__version__", "0.20.1")
     monkeypatch.delenv("RANK", raising=False)
-    version.check_deepspeed()
-    version.check_deepspeed()  # once per process
+    version.check_installed()
+    version.check_installed()  # once per process
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert "warning: deepspeed 0.20.1 is installed" in err[0] and "0.19.x (0.19.8)" in err[0]

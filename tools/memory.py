@@ -181,7 +181,8 @@ def setup_from_config(cfg: TrainConfig, gpus: int | None = None) -> Setup:
     torch_adam = bool((ds["optimizer"].get("params") or {}).get("torch_adam")) and name.lower() in ("adam", "adamw")
     zero = ds.get("zero_optimization") or {}
     return Setup(precision=run.precision, optimizer=name, state_bytes=state, zero_stage=run.zero_stage,
-                 offload=run.offload_optimizer and run.zero_stage == 1, grad_acc_fp32=acc in ("fp32", "float32", "float"),
+                 offload=run.offload_optimizer and run.zero_stage == 1,
+                 grad_acc_fp32=acc in ("fp32", "float32", "float"),
                  pipe=pipe, data=data, micro_batch=run.mbs, micro_batches=run.gas, seq=cfg.data.max_seq_len,
                  grad_ckpt=cfg.model.use_grad_ckpt, fused_head_loss=cfg.model.fused_head_loss, parts=parts,
                  torch_adam=torch_adam, reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))),

@@ -70,19 +70,20 @@ def save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch:
     untouched (this one never gets its COMPLETE marker)."""
     from utils import checkpoint as ckpt
 
+    save_path = cfg.checkpoint.save_path
     try:
         _save_checkpoint(cfg, trainer, plan, tag, step, epoch, final)
     except (OSError, RuntimeError) as e:
         text = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, RuntimeError):  # torch's writer says "unexpected pos 2176 vs 2064" for a full disk
-            full = disk_problem(cfg.checkpoint.save_path)
+            full = disk_problem(save_path)
             if full is None:
                 raise  # not a failed write: a bug, with its traceback
             text = full
-        newest = ckpt.newest_complete(cfg.checkpoint.save_path)
-        keep = (f"the newest complete checkpoint {os.path.join(cfg.checkpoint.save_path, newest)} is intact"
+        newest = ckpt.newest_complete(save_path)
+        keep = (f"the newest complete checkpoint {os.path.join(save_path, newest)} is intact"
                 if newest else "no complete checkpoint exists yet")
-        raise ckpt.CheckpointError(f"saving checkpoint {os.path.join(cfg.checkpoint.save_path, tag)} failed at step {step}: "
+        raise ckpt.CheckpointError(f"saving checkpoint {os.path.join(save_path, tag)} failed at step {step}: "
                                    f"{text}; {keep}: free space and resume with resume: true") from None
 
 
@@ -106,15 +107,16 @@ def _save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch
     from utils import checkpoint as ckpt
 
     rank = dist.get_rank()
-    os.makedirs(cfg.checkpoint.save_path, exist_ok=True)
+    save_path = cfg.checkpoint.save_path
+    os.makedirs(save_path, exist_ok=True)
     if rank == 0:
-        ckpt.invalidate(cfg.checkpoint.save_path, tag)  # a tag written again is incomplete until marked again
+        ckpt.invalidate(save_path, tag)  # a tag written again is incomplete until marked again
     dist.barrier()
     transforms = Transforms(cfg)  # LoRA: the trained tensors and their optimizer state only, plus LORA.json
-    trainer.engine_view.save_checkpoint(cfg.checkpoint.save_path, tag=tag, save_latest=False, client_state={"step": step,
+    trainer.engine_view.save_checkpoint(save_path, tag=tag, save_latest=False, client_state={"step": step,
                                         "epoch": epoch}, exclude_frozen_parameters=transforms.trained_only)
     dist.barrier()
-    tag_dir = os.path.join(cfg.checkpoint.save_path, tag)
+    tag_dir = os.path.join(save_path, tag)
     if rank == 0:
         ckpt.copy_model_files(cfg.model.path, tag_dir)
         transforms.write_meta(tag_dir)
@@ -122,10 +124,10 @@ def _save_checkpoint(cfg: TrainConfig, trainer, plan, tag: str, step: int, epoch
     dist.barrier()
     ckpt.write_manifest_shared(tag_dir)
     if rank == 0:
-        ckpt.mark_complete(cfg.checkpoint.save_path, tag, {"step": step, "epoch": epoch, "samples": step * plan.tbs,
-                                                    "trainer": trainer.name, "dims": trainer.dims(cfg, plan.world),
-                                                    **trainer.checkpoint_info(),
-                                                    **({"fingerprint": plan.fingerprint} if plan.fingerprint else {})})
-        removed = ckpt.prune(cfg.checkpoint.save_path, cfg.checkpoint.keep_last_n)
+        ckpt.mark_complete(save_path, tag, {"step": step, "epoch": epoch, "samples": step * plan.tbs,
+                                            "trainer": trainer.name, "dims": trainer.dims(cfg, plan.world),
+                                            **trainer.checkpoint_info(),
+                                            **({"fingerprint": plan.fingerprint} if plan.fingerprint else {})})
+        removed = ckpt.prune(save_path, cfg.checkpoint.keep_last_n)
         log(f"saved checkpoint {tag_dir} (step {step})" + (f", pruned {', '.join(removed)}" if removed else ""), rank)
     dist.barrier()

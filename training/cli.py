@@ -8,16 +8,14 @@ after writing a checkpoint.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import argparse
 import errno
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from utils.config import ConfigError, load_config, parse_overrides
 from utils.metrics import log
-
 
 if TYPE_CHECKING:
     from training.strategy import Trainer
@@ -35,20 +33,19 @@ def run_cli(trainer: Trainer, description: str, argv=None) -> int:
     """Load the config, run `training.loop.train(cfg, trainer)`, turn what it raises into an exit code."""
     try:
         args, overrides = parse_args(description, argv)
-        from training.ds import check_deepspeed
+        from training.ds import check_installed
 
-        check_deepspeed()  # the DeepSpeed internals training/ds patches exist (else one line, exit 2)
+        check_installed()  # the DeepSpeed internals training/ds patches exist (else one line, exit 2)
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from models import ModelError
     from training.loop import train
+    from training import save_path
+    from training.guard import BadStepsError
     from utils import preempt
     from utils.checkpoint import CheckpointError
-    from training.guard import BadStepsError
-
-    from training import save_path
 
     restore_signals = preempt.install()
     rank = int(os.environ.get("RANK", "0"))
@@ -73,8 +70,8 @@ def run_cli(trainer: Trainer, description: str, argv=None) -> int:
         if e.errno not in DISK_ERRNOS:
             raise
         where = e.filename or cfg.checkpoint.save_path
-        print(f"error: {where}: {e.strerror} while training; the newest complete checkpoint in {cfg.checkpoint.save_path} "
-              f"is intact: free space and resume with resume: true", file=sys.stderr)
+        print(f"error: {where}: {e.strerror} while training; the newest complete checkpoint in "
+              f"{cfg.checkpoint.save_path} is intact: free space and resume with resume: true", file=sys.stderr)
         return 2
     finally:
         save_path.release()

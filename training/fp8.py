@@ -46,7 +46,7 @@ class Fp8Transform(Transform):
 
     @property
     def enabled(self) -> bool:
-        return self.recipe is not None
+        return self.cfg.fp8.enabled
 
     def _check(self) -> None:
         from models import ModelError

@@ -4,19 +4,17 @@ and a clean stop when any rank got SIGINT/SIGTERM; every `eval_interval` steps a
 eval loss (training/evaluate.py); at the end rank stats and the final checkpoint."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from training import evaluate
 from training.checkpoints import load_checkpoint, save_checkpoint
 from training.setup import plan_run
 from utils.config import TrainConfig
 from utils.metrics import log
-
 
 if TYPE_CHECKING:
     from training.strategy import Trainer
@@ -26,8 +24,8 @@ def train(cfg: TrainConfig, trainer: Trainer) -> int:
     import torch.distributed as dist
 
     from training.distributed import init_distributed
-    from utils import preempt
     from training.guard import BadStepCounter
+    from utils import preempt
     from utils.run_fingerprint import DataWatch
     from utils.metrics import MetricsWriter, peak_mem_gib, step_row, write_rank_stats
 
@@ -35,7 +33,8 @@ def train(cfg: TrainConfig, trainer: Trainer) -> int:
     device = init_distributed()
     rank = dist.get_rank()
     trainer.build(cfg, plan, device, rank)
-    view = trainer.engine_view  # this step's lr and the precision, not the engine (training/ds/engine.py)
+    view = trainer.engine_view  # this step's lr, not the engine (training/ds/engine.py)
+    fp16 = cfg.precision == "fp16"  # fp16's loss scaler skips an overflowed step itself: no bad step
     step = load_checkpoint(cfg, trainer, plan.resume_tag, rank) if cfg.checkpoint.resume else 0
     feeder = trainer.make_feeder(cfg, plan, device)
     flops_per_token_per_gpu = trainer.flops_per_token(cfg, plan) / plan.world
@@ -66,15 +65,15 @@ def train(cfg: TrainConfig, trainer: Trainer) -> int:
             t0 = time.perf_counter()
             if step + 1 == cfg.schedule.profile_step:
                 from utils.profile import profile_call
-                loss = profile_call(lambda: trainer.step(feeder), os.path.join(cfg.checkpoint.save_path, "profile"), rank,
-                                    device, {"stage": trainer.stage, "step": step + 1})
+                loss = profile_call(lambda: trainer.step(feeder), os.path.join(cfg.checkpoint.save_path, "profile"),
+                                    rank, device, {"stage": trainer.stage, "step": step + 1})
             else:
                 loss = trainer.step(feeder)
             dt = time.perf_counter() - t0
             extra = trainer.step_metrics()
             step += 1
             norm = trainer.grad_norm()
-            skipped = not view.fp16 and norm is not None and not math.isfinite(norm)
+            skipped = not fp16 and norm is not None and not math.isfinite(norm)
             if skipped and rank == 0:
                 log(f"step {step}: loss {loss}, gradient norm {norm}: optimizer step skipped", rank)
             if metrics is not None:
@@ -86,12 +85,13 @@ def train(cfg: TrainConfig, trainer: Trainer) -> int:
                                tps=f"{row['tokens_per_s']:.0f}", tflops=f"{row['tflops_per_gpu']:.1f}")
                 bar.set_postfix(**postfix, **shown_eval)
                 bar.update(1)
-            if not view.fp16:
+            if not fp16:
                 bad_steps.update(step, norm)  # raises BadStepsError past max_bad_steps in a row
             if step < total_steps and (changed := watch.changed()):
                 preempt.request(preempt.DATA_CHANGED, changed)
             stop = preempt.agreed(device) if step < total_steps else 0  # a signal on any rank: all stop now
-            if step < total_steps and (stop or cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+            interval = cfg.checkpoint.save_interval
+            if step < total_steps and (stop or interval and step % interval == 0):
                 save_checkpoint(cfg, trainer, plan, f"global_step{step}", step, epoch)
             if stop:
                 if bar is not None:
@@ -116,6 +116,6 @@ def train(cfg: TrainConfig, trainer: Trainer) -> int:
         save_checkpoint(cfg, trainer, plan, "checkpoint_final", step, epoch, final=True)
     if metrics is not None:
         metrics.close()
-    log(f"done: {step} steps" + (f", final checkpoint {cfg.checkpoint.save_path}/checkpoint_final" if cfg.checkpoint.save_final
-                                 else ""), rank)
+    final = f", final checkpoint {cfg.checkpoint.save_path}/checkpoint_final" if cfg.checkpoint.save_final else ""
+    log(f"done: {step} steps{final}", rank)
     return 0

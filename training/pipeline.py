@@ -153,7 +153,8 @@ class PipelineTrainer:
                               f"but {world} were launched (set dims so that pipe x data = {world})")
         bf16 = cfg.ds.get("bf16") or {}
         zero = int((cfg.ds.get("zero_optimization") or {}).get("stage", 0))
-        if bf16.get("enabled") and bf16.get("immediate_grad_update") is False and cfg.model.fused_head_loss and not zero:
+        if (cfg.precision == "bf16" and bf16.get("immediate_grad_update") is False and cfg.model.fused_head_loss
+                and not zero):
             # DeepSpeed's BF16_Optimizer zeroes the bf16 gradients once backward has started, after the fused
             # head has already handed autograd its weight gradient: that gradient would be lost every step.
             raise ConfigError("bf16.immediate_grad_update: false drops the LM head's gradient with "

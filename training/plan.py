@@ -2,8 +2,8 @@
 
 `plan(cfg, dims)` is pure: the same config and `[pipe, data]` give the same `RunPlan` on every rank, in the
 trainers (`training.setup.plan_run` wraps it with what needs files: tokenizer, data, resume point), in the
-memory planner (`tools/memory.py`) and in the benchmarks. Precision, batch geometry, the DeepSpeed dict handed
-to `deepspeed.initialize`, LoRA and FP8 and the eval split are decided here and nowhere else.
+memory planner (`tools/memory.py`) and in the benchmarks. Batch geometry, the DeepSpeed dict handed to
+`deepspeed.initialize` and LoRA are decided here (precision: `TrainConfig.precision`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from utils.config import Fp8Section, TrainConfig, resolve_batch
+from utils.config import TrainConfig, resolve_batch
 
 
 DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # of `TrainConfig.precision`
@@ -33,14 +33,8 @@ class RunPlan:
     ds: Mapping[str, Any]
     speed_defaults: tuple[str, ...]
     lora: Any  # models.lora.LoraConfig, None: full fine-tuning
-    fp8: Fp8Section | None  # None: off
-    eval_split: str  # 'none', 'file' (eval_data_path) or 'ratio' (eval_ratio of data_path held out)
     zero_stage: int
     offload_optimizer: bool  # zero_optimization.offload_optimizer.device is set (not none)
-
-    @property
-    def world(self) -> int:
-        return self.pipe * self.dp
 
 
 def plan(cfg: TrainConfig, dims: tuple[int, int] | list[int]) -> RunPlan:
@@ -51,10 +45,9 @@ def plan(cfg: TrainConfig, dims: tuple[int, int] | list[int]) -> RunPlan:
     tbs, mbs, gas = resolve_batch(ds, dp)
     zero = ds.get("zero_optimization") or {}
     offload = str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", "")
-    eval_split = "file" if cfg.eval.data_path else "ratio" if cfg.eval.ratio else "none"
     return RunPlan(pipe=pipe, dp=dp, tbs=tbs, mbs=mbs, gas=gas, precision=cfg.precision, ds=ds,
-                   speed_defaults=applied, lora=lora_config(cfg), fp8=cfg.fp8 if cfg.fp8.enabled else None,
-                   eval_split=eval_split, zero_stage=int(zero.get("stage", 0) or 0), offload_optimizer=offload)
+                   speed_defaults=applied, lora=lora_config(cfg), zero_stage=int(zero.get("stage", 0) or 0),
+                   offload_optimizer=offload)
 
 
 def lora_config(cfg: TrainConfig):

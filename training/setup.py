@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from training.distributed import launched_world_size
-from training.plan import RunPlan, plan
+from training.plan import plan
 from utils.config import ConfigError, TrainConfig, preflight
 from utils.metrics import log
 
@@ -38,16 +38,14 @@ class Plan:
     eval_dataset: Any = None  # eval_data_path's samples or eval_ratio's held-out share (never trained on)
     fingerprint: dict | None = None  # utils.run_fingerprint of this run (rank 0 only: it writes the markers)
     data_identity: dict | None = None  # (size, mtime_ns) of each data file before it was read (DataWatch)
-    run: RunPlan | None = None  # the pure plan (training.plan) these were derived from: precision, LoRA, FP8, ...
 
 
 def plan_run(cfg: TrainConfig, trainer: Trainer) -> Plan:
     from data import DataError
-    from models import ModelError
-    from training.checkpoints import choose_resume_tag
     from data.batching import BatchPlan
-
+    from models import ModelError
     from training import save_path
+    from training.checkpoints import choose_resume_tag
     from utils import run_fingerprint
 
     world = launched_world_size()
@@ -56,21 +54,20 @@ def plan_run(cfg: TrainConfig, trainer: Trainer) -> Plan:
     preflight(cfg, trainer.name)  # optimizer present, ZeRO stage allowed, save_path writable
     if rank0:
         save_path.acquire(cfg.checkpoint.save_path)  # one live run per save_path (released by run_cli)
-    previous = [] if cfg.checkpoint.resume else save_path.check_fresh(cfg.checkpoint.save_path, cfg.checkpoint.overwrite)
+    previous = [] if cfg.checkpoint.resume else \
+        save_path.check_fresh(cfg.checkpoint.save_path, cfg.checkpoint.overwrite)
     run = plan(cfg, trainer.dims(cfg, world))
     if run.speed_defaults and rank0:
         log(f"speed defaults (unset in the config): {', '.join(run.speed_defaults)}")
     ds, dp, tbs, mbs, gas = run.ds, run.dp, run.tbs, run.mbs, run.gas
-    files = [] if cfg.data.synthetic_data else run_fingerprint.data_paths(cfg.data.path)
-    files += run_fingerprint.data_paths(cfg.eval.data_path)
     named = [("eval_data_path", cfg.eval.data_path)]
     if not cfg.data.synthetic_data:
         named.insert(0, ("data_path", cfg.data.path))
-    for key, value in named:
-        for path in run_fingerprint.data_paths(value):
-            if not os.path.isfile(path):
-                raise ConfigError(f"{key}: file not found: {path}")
-    identities = {path: run_fingerprint.identity(path) for path in files}
+    files = [(key, path) for key, value in named for path in run_fingerprint.data_paths(value)]
+    for key, path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: file not found: {path}")
+    identities = {path: run_fingerprint.identity(path) for _, path in files}
     fingerprint = run_fingerprint.of_run(cfg, tbs, mbs, gas, dp) if rank0 else None
     resume_tag = choose_resume_tag(cfg, trainer, world)
     if resume_tag is not None and fingerprint is not None:
@@ -97,7 +94,7 @@ def plan_run(cfg: TrainConfig, trainer: Trainer) -> Plan:
         moved = save_path.move_aside(cfg.checkpoint.save_path)
         log(f"overwrite: the previous run's files ({save_path.describe(previous)}) moved to {moved}")
     return Plan(world, dp, ds, tbs, mbs, gas, model, tokenizer, dataset, steps_per_epoch, total_steps, resume_tag,
-                eval_dataset, fingerprint, identities, run)
+                eval_dataset, fingerprint, identities)
 
 
 def check_fingerprint(cfg: TrainConfig, tag: str, fingerprint: dict) -> None:

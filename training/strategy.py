@@ -17,7 +17,7 @@ from utils.config import TrainConfig
 @runtime_checkable
 class Trainer(Protocol):
     name: str  # 'pipeline' or 'zero': written into every checkpoint; resume refuses another trainer's
-    engine_view: EngineView | None  # after build: this step's lr, the precision, checkpoint save/load
+    engine_view: EngineView | None  # after build: this step's lr, checkpoint save/load
     reporter: bool  # this rank writes metrics.jsonl and the progress bar (after build)
     stage: int  # pipeline stage of this rank (0 for ZeRO)
     dp_rank: int  # data-parallel rank

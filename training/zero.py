@@ -108,7 +108,8 @@ class ZeroTrainer:
         from data.batching import BatchPlan, PipeFeeder
 
         pad_id = pad_id_of(plan.tokenizer) if plan.tokenizer is not None else 0
-        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.world, cfg.schedule.seed)
+        batches = BatchPlan(len(plan.dataset), plan.tbs, plan.mbs, plan.gas, self.dp_rank, plan.world,
+                            cfg.schedule.seed)
         return PipeFeeder(plan.dataset, batches, pad_id, cfg.data.max_seq_len, cfg.data.num_workers,
                           sum_over_dp=summer(device) if plan.world > 1 else None,
                           pad_multiple=cfg.data.pad_to_multiple_of)
@@ -193,8 +194,9 @@ def note_ignored_topology(cfg: TrainConfig, world: int, rank: int) -> None:
     if dims is not None and list(dims) != [1, world]:
         log(f"model_topo.process_topology.dims {list(dims)} ignored: ZeRO runs all {world} ranks as "
             f"data-parallel replicas (dims [1, {world}])", rank)
+    # transformers' model keeps its router biases (no moe_bias_update_rate)
     ignored = (["compile_blocks"] if cfg.model.compile_blocks is True else []) + (
-        ["moe_bias_update_rate"] if cfg.model.moe_bias_update_rate else [])  # transformers' model keeps its router biases
+        ["moe_bias_update_rate"] if cfg.model.moe_bias_update_rate else [])
     if ignored:
         log(f"{', '.join(ignored)}: apply to train_ds.py's pipeline layers only; ignored for the HF model here",
             rank)

@@ -90,10 +90,6 @@ class EvalSection:
     ratio: float = _key("eval_ratio", _NUM, 0.0, "share of data_path's samples held out for the eval loss (chosen with seed, never trained on); in [0, 1), 0 = none")
     interval: int = _key("eval_interval", (int,), 0, "evaluate every N steps (0 = only at the end); needs eval_data_path or eval_ratio")
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.data_path or self.ratio)
-
 
 @dataclass(frozen=True)
 class ScheduleSection:

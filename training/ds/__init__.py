@@ -1,5 +1,5 @@
-"""Every DeepSpeed patch and every access to a DeepSpeed private name lives in this package (it checks the
-installed DeepSpeed once, at import: training/ds/version.py).
+"""Every DeepSpeed patch and every access to a DeepSpeed private name lives in this package (the installed
+DeepSpeed is checked once, by training.cli before the config: training/ds/version.py:check_installed).
 
   version.py          the one version check: the internals below exist (refused if not), 0.19.x (warned if not)
   engine.py           EngineView: what the loop and the checkpoint code ask of a trainer's engine
@@ -8,8 +8,6 @@ installed DeepSpeed once, at import: training/ds/version.py).
                       layer_specs
   safe_load.py        weights_only loads for DeepSpeed's load_checkpoint (its checkpoint engine, torch.load)
 """
-from training.ds.version import DeepSpeedVersionError, check_deepspeed
+from training.ds.version import DeepSpeedVersionError, check_installed
 
-check_deepspeed()
-
-__all__ = ["DeepSpeedVersionError", "check_deepspeed"]
+__all__ = ["DeepSpeedVersionError", "check_installed"]

@@ -1,8 +1,8 @@
 """What the step loop and the checkpoint code ask of either trainer's DeepSpeed engine, and nothing else.
 
 `trainer.engine_view` is an `EngineView` over the engine `deepspeed.initialize` made (PipelineEngine or
-DeepSpeedEngine); the loop reads this step's learning rate and the precision from it, training/checkpoints.py
-saves and loads through it (loads always with weights_only=True, training/ds/safe_load.py).
+DeepSpeedEngine); the loop reads this step's learning rate from it (the precision is `TrainConfig.precision`),
+training/checkpoints.py saves and loads through it (loads always with weights_only=True, training/ds/safe_load.py).
 """
 from __future__ import annotations
 
@@ -15,19 +15,6 @@ class EngineView:
         """The first parameter group's learning rate: this step's until the optimizer steps (DeepSpeed steps
         the scheduler after the optimizer)."""
         return self._engine.get_lr()[0]
-
-    @property
-    def precision(self) -> str:
-        """'fp16', 'bf16' or 'fp32': the engine's training precision."""
-        if self._engine.fp16_enabled():
-            return "fp16"
-        return "bf16" if self._engine.bfloat16_enabled() else "fp32"
-
-    @property
-    def fp16(self) -> bool:
-        """fp16's loss scaler skips a step whose gradients overflowed by itself (and lowers the scale): such a
-        step is no bad step."""
-        return self.precision == "fp16"
 
     def save_checkpoint(self, save_dir: str, **kwargs) -> None:
         """DeepSpeed's files of checkpoint `tag` (every rank writes its part)."""

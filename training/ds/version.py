@@ -11,8 +11,8 @@ reads it, a class it subclasses or allow-lists) and at the installed version:
 - a copied DeepSpeed method (`COPIED`) whose original's source changed: its patch is left out
   (`copy_is_current`), DeepSpeed's own method runs (same result, slower), and the warning says so.
 
-`check_deepspeed()` runs it once per process (importing training.ds runs it; training.cli calls it before the
-config is checked against DeepSpeed, so the refusal is one line, not a traceback).
+`check_installed()` runs it once per process: training.cli calls it before the config is checked against
+DeepSpeed (utils.config.check_deepspeed), so the refusal is one line, not a traceback.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def check(installed: str | None = None) -> str | None:
     return "; ".join(notes) + f" (pip install deepspeed=={CHECKED} runs what was tested)"
 
 
-def check_deepspeed() -> None:
+def check_installed() -> None:
     """`check()` once per process; its warning is one line on rank 0."""
     global _done
     if _done:
